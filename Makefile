@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`. Both are idempotent:
+# the venv is created and packages installed only when missing or when pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+REF_VENV := .venv-ref
+REF_STAMP := $(REF_VENV)/.installed
+
+.PHONY: demo test test-slow test-ref lint format data clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(REF_STAMP): pyproject.toml
+	test -x $(REF_VENV)/bin/python || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -c "import torch" 2>/dev/null || $(REF_VENV)/bin/python -m pip install --quiet $(TORCH_PIN)
+	$(REF_VENV)/bin/python -m pip install --quiet -e '.[test,ref]'
+	touch $@
+
+data: $(STAMP)
+	$(PY) -m minillm.data.builtin
+
+# The main job. Until the training pipeline lands: built-in corpus -> tokenizer -> generate API on a fresh tiny model.
+demo: data
+	$(PY) -m minillm.quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Slow tests (CLI subprocesses, real corpus build) and reference parity tests (transformers/TRL in .venv-ref).
+test-slow: $(STAMP) $(REF_STAMP)
+	$(PY) -m pytest -q -m slow
+	$(REF_VENV)/bin/python -m pytest -q -m ref
+
+lint: $(STAMP)
+	$(PY) -m ruff check minillm tests
+	$(PY) -m ruff format --check minillm tests
+
+format: $(STAMP)
+	$(PY) -m ruff format minillm tests
+	$(PY) -m ruff check --fix minillm tests
+
+clean:
+	rm -rf $(VENV) $(REF_VENV) *.egg-info .pytest_cache .ruff_cache

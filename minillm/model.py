@@ -1,0 +1,331 @@
+"""MiniGPT: the one decoder-only backbone every stage trains.
+
+Architecture choices, all in this file:
+- pre-norm decoder blocks: x + attn(norm(x)), then x + mlp(norm(x));
+- RMSNorm computed in fp32 and cast back;
+- rotary position embeddings in the "rotate-half" layout (first half / second half of each head), the layout
+  Hugging Face Llama uses, so exported weights need no permutation; `rope_theta` configurable;
+- grouped-query attention: `n_kv_head` key/value heads shared by `n_head` query heads (equal = plain MHA),
+  computed with `torch.nn.functional.scaled_dot_product_attention`;
+- SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases anywhere;
+- optional mixture-of-experts MLP: softmax router, top-k experts, optional shared expert behind a sigmoid gate,
+  and a load-balancing auxiliary loss that `forward` returns (the caller adds it to its loss);
+- tied input/output embeddings (option), dropout on attention probabilities and residual branches;
+- GPT-2 style init: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layer);
+- a preallocated KV cache for decoding; `position_ids` and `attention_mask` let left-padded batches and packed
+  documents (positions restarting at 0, block-diagonal attention) run through the same forward.
+
+Parameter names follow Hugging Face Llama (`embed_tokens`, `layers.N.self_attn.q_proj`, ...) so the export is a
+rename-free prefix. No Lightning import here: the model is plain PyTorch.
+
+Shapes: B batch, T new tokens, S attended positions (cache + new), C width, H heads, K kv heads, D head dim,
+V vocabulary, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a MiniGPT. Also the Hydra schema of the `model` group and the `minillm.json` saved with weights."""
+
+    vocab_size: int = 0  # 0 = take it from the tokenizer when the model is built
+    block_size: int = 256  # longest sequence the model is trained on
+    n_layer: int = 6
+    n_embd: int = 256
+    n_head: int = 8
+    n_kv_head: int = 4  # must divide n_head; == n_head is plain multi-head attention
+    intermediate_size: int = 0  # SwiGLU width (per expert); 0 = 8/3 * n_embd rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    # mixture of experts (n_experts = 0: dense MLP)
+    n_experts: int = 0
+    n_experts_per_tok: int = 2
+    n_shared_experts: int = 0  # width of the shared expert, in units of intermediate_size
+    aux_loss_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.n_layer > 0, f"n_layer must be > 0, got {self.n_layer}"),
+            (self.n_head > 0 and self.n_embd % self.n_head == 0,
+             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
+            (self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
+             f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})"),
+            (self.n_head > 0 and (self.n_embd // self.n_head) % 2 == 0,
+             f"head size n_embd / n_head = {self.n_embd // max(self.n_head, 1)} must be even for RoPE"),
+            (self.block_size > 0, f"block_size must be > 0, got {self.block_size}"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}"),
+            (self.n_experts == 0 or 0 < self.n_experts_per_tok <= self.n_experts,
+             f"n_experts_per_tok ({self.n_experts_per_tok}) must be in 1..n_experts ({self.n_experts})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid model config: {message}")
+
+    @property
+    def ffn_dim(self) -> int:
+        """SwiGLU hidden width: intermediate_size, or 8/3 * n_embd rounded up to a multiple of 64."""
+        return self.intermediate_size if self.intermediate_size > 0 else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only=True
+    aux_loss: torch.Tensor  # scalar; MoE load-balancing loss already scaled by aux_loss_coef, 0 when dense
+    cache: Optional[KVCache] = None
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, B, K, max_len, D). `length` positions are filled."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new (B, K, T, D) keys/values after the filled part; return everything so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (*positions.shape, D) in the rotate-half layout (frequencies repeated twice)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (B, T, D). Rotates pairs (i, i + D/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, mask, layer: int, cache: Optional[KVCache]) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=None if isinstance(mask, str) else mask,
+            is_causal=mask == "causal" if isinstance(mask, str) else False,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, n_embd: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Top-k mixture of SwiGLU experts with an optional always-on shared expert (Qwen2-MoE layout)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.n_experts = config.n_experts_per_tok, config.n_experts
+        self.gate = nn.Linear(config.n_embd, config.n_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(SwiGLU(config.n_embd, config.ffn_dim) for _ in range(config.n_experts))
+        self.shared_expert = None
+        if config.n_shared_experts > 0:
+            self.shared_expert = SwiGLU(config.n_embd, config.ffn_dim * config.n_shared_experts)
+            self.shared_expert_gate = nn.Linear(config.n_embd, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)  # (N, C), N = B*T
+        probs = F.softmax(self.gate(flat).float(), dim=-1)  # (N, E), router in fp32
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        # Switch-Transformer balance loss: E * sum_e (fraction of routed slots to e) * (mean router prob of e);
+        # equals 1 for a perfectly uniform router, grows as routing concentrates.
+        routed = F.one_hot(chosen, self.n_experts).float().sum(1).mean(0) / self.top_k  # (E,)
+        aux = self.n_experts * (routed * probs.mean(0)).sum()
+        return out.view(B, T, C), aux
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MoE(config) if config.is_moe else SwiGLU(config.n_embd, config.ffn_dim)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, layer, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache))
+        h = self.mlp(self.post_attention_layernorm(x))
+        h, aux = h if isinstance(h, tuple) else (h, x.new_zeros((), dtype=torch.float32))
+        return x + self.resid_dropout(h), aux
+
+
+class MiniGPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("invalid model config: vocab_size must be set (it comes from the tokenizer)")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+        residual_std = config.init_std / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without the token embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, p.device, p.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: Optional[torch.Tensor] = None,  # (B, T); default: continue after the cache
+        attention_mask: Optional[torch.Tensor] = None,  # (B, S) 1 = real token, or (B, T, S) bool, True = attend
+        cache: Optional[KVCache] = None,
+        last_only: bool = False,  # compute logits for the last position only (decoding)
+    ) -> ModelOutput:
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        cos, sin = rope_tables(self.config.head_dim, position_ids, self.config.rope_theta)  # (B, T, D)
+        mask = attention_bias(attention_mask, T, past, input_ids.device)
+        x = self.drop(self.embed_tokens(input_ids))  # (B, T, C)
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.layers):
+            x, aux = block(x, cos, sin, mask, i, cache)
+            aux_total = aux_total + aux
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x[:, -1:] if last_only else x)
+        aux_loss = self.config.aux_loss_coef * aux_total / self.config.n_layer if self.config.is_moe else aux_total
+        return ModelOutput(logits=self.lm_head(x), aux_loss=aux_loss, cache=cache)
+
+
+def attention_bias(attention_mask: Optional[torch.Tensor], T: int, past: int, device) -> torch.Tensor | str | None:
+    """The mask SDPA gets: "causal" (fast path), None (one new token, nothing masked) or a (B, 1, T, S) bool.
+
+    A 2-D mask marks real tokens (left padding = 0); a 3-D mask is taken as given (packed documents) and made
+    causal. Every query may attend to itself, so rows of padding never become all -inf (NaN).
+    """
+    if attention_mask is None:
+        if past == 0:
+            return "causal"
+        if T == 1:
+            return None
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = (k_pos <= q_pos)[None]  # (1, T, S)
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            if attention_mask.shape[1] != S:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions; cache + input is {S}")
+            allowed = allowed & attention_mask.bool()[:, None, :]
+        else:
+            allowed = allowed & attention_mask.bool()
+    allowed = allowed | (k_pos == q_pos)[None]
+    return allowed[:, None]  # (B, 1, T, S)
+
+
+def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal (B, T, T) mask for packed documents whose positions restart at 0 at each new document."""
+    doc = (position_ids == 0).cumsum(dim=1)  # (B, T) document index of each token
+    return doc[:, :, None] == doc[:, None, :]

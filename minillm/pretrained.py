@@ -1,0 +1,158 @@
+"""The one on-disk format for trained weights: a Hugging Face style folder.
+
+    config.json          LlamaForCausalLM config for dense models (a minillm config for MoE)
+    model.safetensors    weights under Llama tensor names (`model.layers.0.self_attn.q_proj.weight`, ...);
+                         with tied embeddings `lm_head.weight` is left out, as HF does
+    tokenizer.model      the sentencepiece model
+    minillm.json         our ModelConfig, format version, tokenizer sha256, kind (lm / reward)
+
+`load_pretrained` also opens a Lightning training checkpoint (`*.ckpt`, loaded with weights_only=True): its
+`hyper_parameters["model"]` is the ModelConfig, its `state_dict` holds the backbone under a `model.` prefix and
+the tokenizer is the `tokenizer.model` beside it (or one folder up).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minillm.model import MiniGPT, ModelConfig
+from minillm.tokenizer import MODEL_FILE, Tokenizer
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "config.json", "minillm.json"
+HF_PREFIX = "model."  # HF keeps everything but lm_head under `model.`
+
+
+def to_hf_state_dict(model: MiniGPT) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            if model.config.tie_embeddings:
+                continue
+            out[name] = tensor
+        else:
+            out[HF_PREFIX + name] = tensor
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def from_hf_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(HF_PREFIX): v for k, v in tensors.items()}
+
+
+def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
+    common = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": "float32",
+    }
+    if config.is_moe:  # not loadable by transformers yet: the interop work decides the MoE layout
+        return {"architectures": ["MiniGPTMoE"], "model_type": "minillm_moe", **common}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.0, **common}
+
+
+def save_pretrained(model: MiniGPT, tokenizer: Tokenizer, out_dir: str | Path, kind: str = "lm") -> Path:
+    """Write the folder described above; returns it."""
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size {model.config.vocab_size} != tokenizer vocab size {tokenizer.vocab_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state_dict(model), out / WEIGHTS_FILE, metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(hf_config(model.config, tokenizer), indent=2))
+    tokenizer.save(out)
+    meta = {"format_version": FORMAT_VERSION, "kind": kind, "tokenizer_sha256": tokenizer.sha256,
+            "model": asdict(model.config)}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _model_config(d: dict, where: Path) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown model config keys {unknown}; written by a newer minillm?")
+    return ModelConfig(**d)
+
+
+def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MiniGPT, Tokenizer]:
+    """(model in eval mode, tokenizer) from an exported folder or a training checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}: expected an exported folder or a .ckpt file")
+    if path.is_file():
+        return _load_checkpoint(path, map_location)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} has no {META_FILE}: not a minillm model folder")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta['format_version']} is newer than this minillm "
+                         f"({FORMAT_VERSION}); upgrade minillm")
+    tokenizer = Tokenizer(path)
+    _check_tokenizer(meta.get("tokenizer_sha256"), tokenizer, meta_path)
+    model = MiniGPT(_model_config(meta["model"], meta_path))
+    state = from_hf_state_dict(load_file(path / WEIGHTS_FILE, device=str(map_location)))
+    _load_state(model, state, path / WEIGHTS_FILE)
+    return model.eval(), tokenizer
+
+
+def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer]:
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle payload, not a checkpoint at all
+        raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
+    try:
+        hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+        config = _model_config(dict(hparams["model"]), path)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a minillm training checkpoint (missing {e})") from e
+    candidates = [path.parent / MODEL_FILE, path.parent.parent / MODEL_FILE]
+    tok_path = next((c for c in candidates if c.is_file()), None)
+    if tok_path is None:
+        raise FileNotFoundError(f"no {MODEL_FILE} next to {path}; looked at {[str(c) for c in candidates]}")
+    tokenizer = Tokenizer(tok_path)
+    _check_tokenizer(hparams.get("tokenizer_sha256"), tokenizer, path)
+    model = MiniGPT(config)
+    backbone = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    _load_state(model, backbone, path)
+    return model.eval(), tokenizer
+
+
+def _check_tokenizer(expected: str | None, tokenizer: Tokenizer, where: Path) -> None:
+    if expected and expected != tokenizer.sha256:
+        raise ValueError(f"{where} was trained with tokenizer sha256 {expected[:12]}…, but {tokenizer.path} has "
+                         f"sha256 {tokenizer.sha256[:12]}…: use the tokenizer saved with these weights")
+
+
+def _load_state(model: MiniGPT, state: dict[str, torch.Tensor], where: Path) -> None:
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {names[:5]}{' …' if len(names) > 5 else ''}"
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names
+        )
+        raise ValueError(f"{where} does not match its model config ({detail})")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,193 @@
+"""Tokenizer: a sentencepiece BPE model with byte fallback, plus the one chat template.
+
+Lossless by construction: identity normalisation, extra whitespace kept, no dummy prefix, byte fallback, so
+any UTF-8 text (Chinese, full-width punctuation, emoji, newlines, runs of spaces) decodes to itself.
+Special ids are fixed: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, 4 <|im_start|>, 5 <|im_end|>. The chat markers are
+sentencepiece *control* symbols: only `apply_chat_template` inserts them by id; the same text typed by a user
+encodes as ordinary pieces and cannot end a turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "tokenizer.model"
+SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+TRAINER_VERSION = 1  # bump when the training recipe below changes: cached tokenizers are then retrained
+
+
+@dataclass
+class TokenizerConfig:
+    """How to train the tokenizer. Also the Hydra schema of the `tokenizer` group."""
+
+    vocab_size: int = 8192
+    character_coverage: float = 0.9995  # rarer characters are spelled with byte pieces
+    max_sentences: int = 2_000_000  # lines sampled for training (sentencepiece's input_sentence_size)
+    cache_dir: str = "data/tokenizers"
+    retrain: bool = False  # overwrite a cached tokenizer with the same key
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 300:
+            raise ValueError(f"tokenizer.vocab_size must be >= 300 (256 byte pieces + specials), got {self.vocab_size}")
+
+
+class Tokenizer:
+    """Encode/decode with a trained sentencepiece model; knows its special ids and its own sha256."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        self.path = path / MODEL_FILE if path.is_dir() else path
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no tokenizer model at {self.path}: train one or point at a folder with {MODEL_FILE}")
+        self._proto = self.path.read_bytes()
+        self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        self.sha256 = hashlib.sha256(self._proto).hexdigest()
+        self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
+        self.im_start_id, self.im_end_id = self.sp.piece_to_id(IM_START), self.sp.piece_to_id(IM_END)
+        if self.im_end_id == self.sp.unk_id():
+            raise ValueError(f"{self.path} has no {IM_END} control symbol: it was not trained by minillm")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MODEL_FILE).write_bytes(self._proto)
+        return directory / MODEL_FILE
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def train_tokenizer(lines: Iterable[str], out_dir: str | Path, config: TokenizerConfig) -> Tokenizer:
+    """Train a BPE tokenizer on an iterable of text lines and save `tokenizer.model` in out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=proto,
+            model_type="bpe",
+            vocab_size=config.vocab_size,
+            character_coverage=config.character_coverage,
+            input_sentence_size=config.max_sentences,
+            shuffle_input_sentence=True,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=1 << 16,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            pad_piece=SPECIAL_TOKENS["pad"], unk_piece=SPECIAL_TOKENS["unk"],
+            bos_piece=SPECIAL_TOKENS["bos"], eos_piece=SPECIAL_TOKENS["eos"],
+            control_symbols=[IM_START, IM_END],
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise ValueError(f"tokenizer training failed ({e}); for a small corpus lower tokenizer.vocab_size") from e
+    (out_dir / MODEL_FILE).write_bytes(proto.getvalue())
+    return Tokenizer(out_dir)
+
+
+def _iter_lines(files: list[Path]) -> Iterator[str]:
+    """Text lines of .txt files and of the "text" field of .jsonl records."""
+    for f in files:
+        with f.open(encoding="utf-8") as fh:
+            for line in fh:
+                text = json.loads(line).get("text", "") if f.suffix == ".jsonl" else line
+                yield from (s for s in text.split("\n") if s.strip())
+
+
+def corpus_fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def get_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
+    """The tokenizer for these corpus files and settings: from the cache when trained before, else trained now.
+
+    The cache key is (corpus content, vocab size, settings, trainer version), so changing any of them trains
+    a new tokenizer in a new folder and ids never change under existing weights.
+    """
+    if not files:
+        raise FileNotFoundError("no corpus files given to train the tokenizer on")
+    settings = {k: v for k, v in asdict(config).items() if k not in ("cache_dir", "retrain")}
+    key_src = json.dumps({"corpus": corpus_fingerprint(files), "settings": settings, "v": TRAINER_VERSION})
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    out_dir = Path(config.cache_dir) / f"bpe{config.vocab_size}-{key}"
+    if (out_dir / MODEL_FILE).is_file() and not config.retrain:
+        log.info("tokenizer: reusing %s", out_dir)
+        return Tokenizer(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    log.info("tokenizer: training vocab %d on %d files -> %s", config.vocab_size, len(files), out_dir)
+    tok = train_tokenizer(_iter_lines(files), out_dir, config)
+    (out_dir / "tokenizer_train.json").write_text(json.dumps(json.loads(key_src) | {"files": [str(f) for f in files]}, indent=2))
+    return tok
+
+
+@dataclass
+class ChatEncoding:
+    ids: list[int]
+    assistant_mask: list[int] = field(default_factory=list)  # 1 on tokens the assistant wrote (and its <|im_end|>)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> ChatEncoding:
+    """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, markers inserted by id.
+
+    The assistant mask is 1 on each assistant message's content and its closing <|im_end|> (what SFT learns
+    to write), 0 on headers, user/system text and the newline after each turn. With add_generation_prompt the
+    ids end with `<|im_start|>assistant\\n`, ready for generation.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    newline = tokenizer.encode("\n")
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+        header = [tokenizer.im_start_id] + tokenizer.encode(f"{role}\n")
+        body = tokenizer.encode(content) + [tokenizer.im_end_id]
+        learn = 1 if role == "assistant" else 0
+        ids += header + body + newline
+        mask += [0] * len(header) + [learn] * len(body) + [0] * len(newline)
+    if add_generation_prompt:
+        prompt = [tokenizer.im_start_id] + tokenizer.encode("assistant\n")
+        ids += prompt
+        mask += [0] * len(prompt)
+    return ChatEncoding(ids=ids, assistant_mask=mask)
