@@ -30,6 +30,8 @@ demo: data
 	$(PY) -m minillm.quickstart
 
 test: $(STAMP)
+	$(PY) -m ruff check minillm tests
+	$(PY) -m ruff format --check minillm tests
 	$(PY) -m pytest -q
 
 # Slow tests (CLI subprocesses, real corpus build) and reference parity tests (transformers/TRL in .venv-ref).

@@ -7,9 +7,9 @@ the command line does, so a typo or a wrong type fails at compose time.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir

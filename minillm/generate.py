@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from minillm.model import MiniGPT
 from minillm.pretrained import load_pretrained
@@ -59,6 +59,7 @@ class GenerationConfig:
 
 # ---- logit processing: pure functions on (B, V) float logits ----
 
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Tokens already seen: positive logits are divided by the penalty, negative ones multiplied."""
     if penalty == 1.0:
@@ -97,6 +98,7 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, config: GenerationC
 
 # ---- decoding ----
 
+
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
     was_training = model.training
@@ -118,9 +120,10 @@ def _prepare(model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Fit prompt + new tokens into block_size: cap the new tokens, drop the oldest prompt tokens if needed."""
     block = model.config.block_size
     if input_ids.shape[1] >= block:
-        log.warning("prompt of %d tokens does not fit block_size %d: keeping the last %d",
-                    input_ids.shape[1], block, block - 1)
-        input_ids, attention_mask = input_ids[:, -(block - 1):], attention_mask[:, -(block - 1):]
+        log.warning(
+            "prompt of %d tokens does not fit block_size %d: keeping the last %d", input_ids.shape[1], block, block - 1
+        )
+        input_ids, attention_mask = input_ids[:, -(block - 1) :], attention_mask[:, -(block - 1) :]
     return input_ids, attention_mask, min(max_new_tokens, block - input_ids.shape[1])
 
 
@@ -134,13 +137,23 @@ def _prefill(model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tens
     positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P), left padding -> start at 0
     padded = not bool(attention_mask.all())
     cache = model.new_cache(input_ids.shape[0], max_len)
-    out = model(input_ids, position_ids=positions, attention_mask=attention_mask if padded else None,
-                cache=cache, last_only=True)
+    out = model(
+        input_ids,
+        position_ids=positions,
+        attention_mask=attention_mask if padded else None,
+        cache=cache,
+        last_only=True,
+    )
     return out, cache, positions[:, -1] + 1, attention_mask if padded else None
 
 
-def _sample_steps(model: MiniGPT, tokenizer: Tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  config: GenerationConfig) -> Iterator[torch.Tensor]:
+def _sample_steps(
+    model: MiniGPT,
+    tokenizer: Tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), until all rows stopped; rows already stopped get -1."""
     input_ids, attention_mask, max_new = _prepare(model, input_ids, attention_mask, config.max_new_tokens)
     if max_new <= 0:
@@ -176,8 +189,13 @@ def _sample_steps(model: MiniGPT, tokenizer: Tokenizer, input_ids: torch.Tensor,
         positions = positions + 1
 
 
-def _beam_search(model: MiniGPT, tokenizer: Tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 config: GenerationConfig) -> list[list[int]]:
+def _beam_search(
+    model: MiniGPT,
+    tokenizer: Tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+) -> list[list[int]]:
     """Best continuation per row. A row is done once num_beams hypotheses ended in EOS (early stopping)."""
     input_ids, attention_mask, max_new = _prepare(model, input_ids, attention_mask, config.max_new_tokens)
     B, K, V = input_ids.shape[0], config.num_beams, model.config.vocab_size
@@ -218,14 +236,14 @@ def _beam_search(model: MiniGPT, tokenizer: Tokenizer, input_ids: torch.Tensor, 
                 if kept == K:
                     break
             done[b] = len(hypotheses[b]) >= K
+        source = (torch.arange(B, device=logp.device)[:, None] * K + next_beam).view(-1)  # (B*K,)
+        beams = [beams[s] + [t] for s, t in zip(source.tolist(), next_token.view(-1).tolist())]
+        beam_scores = next_scores
         if all(done) or step == max_new - 1:
             break
-        source = (torch.arange(B, device=logp.device)[:, None] * K + next_beam).view(-1)  # (B*K,)
         cache.reorder(source)
-        beams = [beams[s] + [t] for s, t in zip(source.tolist(), next_token.view(-1).tolist())]
         seen = seen[source]
         seen[torch.arange(B * K, device=logp.device), next_token.view(-1)] = True
-        beam_scores = next_scores
         positions = positions[source]
         if mask is not None:
             mask = torch.cat([mask[source], mask.new_ones(B * K, 1)], dim=1)
@@ -239,8 +257,13 @@ def _beam_search(model: MiniGPT, tokenizer: Tokenizer, input_ids: torch.Tensor, 
     return [max(h, key=lambda x: x[0])[1] if h else [] for h in hypotheses]
 
 
-def _generate_ids(model: MiniGPT, tokenizer: Tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  config: GenerationConfig) -> list[list[int]]:
+def _generate_ids(
+    model: MiniGPT,
+    tokenizer: Tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+) -> list[list[int]]:
     """New token ids per row, ending with the EOS token when one was produced (no padding)."""
     if config.num_beams > 1:
         return _beam_search(model, tokenizer, input_ids, attention_mask, config)
@@ -264,8 +287,8 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
         if s:
-            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -279,8 +302,9 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def generate(model: MiniGPT, tokenizer: Tokenizer, prompts: str | Sequence[str],
-             config: Optional[GenerationConfig] = None) -> str | list[str]:
+def generate(
+    model: MiniGPT, tokenizer: Tokenizer, prompts: str | Sequence[str], config: Optional[GenerationConfig] = None
+) -> str | list[str]:
     """Continue one prompt (returns a string) or a batch of prompts (returns a list); only the new text."""
     config = config or GenerationConfig()
     batch = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -291,7 +315,9 @@ def generate(model: MiniGPT, tokenizer: Tokenizer, prompts: str | Sequence[str],
     return texts[0] if isinstance(prompts, str) else texts
 
 
-def stream(model: MiniGPT, tokenizer: Tokenizer, prompt: str, config: Optional[GenerationConfig] = None) -> Iterator[str]:
+def stream(
+    model: MiniGPT, tokenizer: Tokenizer, prompt: str, config: Optional[GenerationConfig] = None
+) -> Iterator[str]:
     """Yield the continuation of one prompt piece by piece as it is generated.
 
     A character spelled by several byte-fallback tokens (an emoji, a rare Chinese character) is held back
@@ -313,11 +339,11 @@ def stream(model: MiniGPT, tokenizer: Tokenizer, prompt: str, config: Optional[G
             text = _to_text(tokenizer, ids, config)
             complete = text.rstrip("\ufffd")  # an unfinished UTF-8 sequence decodes as U+FFFD
             if len(complete) > len(emitted):
-                yield complete[len(emitted):]
+                yield complete[len(emitted) :]
                 emitted = complete
     final = _to_text(tokenizer, ids, config)
     if len(final) > len(emitted):
-        yield final[len(emitted):]
+        yield final[len(emitted) :]
 
 
 class TextGenerator:
@@ -328,8 +354,12 @@ class TextGenerator:
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
 
-    def sample_generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                        config: Optional[GenerationConfig] = None) -> torch.Tensor:
+    def sample_generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        config: Optional[GenerationConfig] = None,
+    ) -> torch.Tensor:
         """(B, P) prompt ids (left-padded when attention_mask is given) -> (B, P + N) prompt + new ids.
 
         Rows that stopped early are padded with the pad id after their EOS token.

@@ -58,17 +58,25 @@ class ModelConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.n_layer > 0, f"n_layer must be > 0, got {self.n_layer}"),
-            (self.n_head > 0 and self.n_embd % self.n_head == 0,
-             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
-            (self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
-             f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})"),
-            (self.n_head > 0 and (self.n_embd // self.n_head) % 2 == 0,
-             f"head size n_embd / n_head = {self.n_embd // max(self.n_head, 1)} must be even for RoPE"),
+            (
+                self.n_head > 0 and self.n_embd % self.n_head == 0,
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
+            ),
+            (
+                self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
+                f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})",
+            ),
+            (
+                self.n_head > 0 and (self.n_embd // self.n_head) % 2 == 0,
+                f"head size n_embd / n_head = {self.n_embd // max(self.n_head, 1)} must be even for RoPE",
+            ),
             (self.block_size > 0, f"block_size must be > 0, got {self.block_size}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}"),
-            (self.n_experts == 0 or 0 < self.n_experts_per_tok <= self.n_experts,
-             f"n_experts_per_tok ({self.n_experts_per_tok}) must be in 1..n_experts ({self.n_experts})"),
+            (
+                self.n_experts == 0 or 0 < self.n_experts_per_tok <= self.n_experts,
+                f"n_experts_per_tok ({self.n_experts_per_tok}) must be in 1..n_experts ({self.n_experts})",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -113,8 +121,8 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -173,7 +181,9 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=None if isinstance(mask, str) else mask,
             is_causal=mask == "causal" if isinstance(mask, str) else False,
             dropout_p=self.dropout if self.training else 0.0,

@@ -65,8 +65,14 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
     }
     if config.is_moe:  # not loadable by transformers yet: the interop work decides the MoE layout
         return {"architectures": ["MiniGPTMoE"], "model_type": "minillm_moe", **common}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
-            "mlp_bias": False, "attention_dropout": 0.0, **common}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        **common,
+    }
 
 
 def save_pretrained(model: MiniGPT, tokenizer: Tokenizer, out_dir: str | Path, kind: str = "lm") -> Path:
@@ -78,8 +84,12 @@ def save_pretrained(model: MiniGPT, tokenizer: Tokenizer, out_dir: str | Path, k
     save_file(to_hf_state_dict(model), out / WEIGHTS_FILE, metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(hf_config(model.config, tokenizer), indent=2))
     tokenizer.save(out)
-    meta = {"format_version": FORMAT_VERSION, "kind": kind, "tokenizer_sha256": tokenizer.sha256,
-            "model": asdict(model.config)}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "tokenizer_sha256": tokenizer.sha256,
+        "model": asdict(model.config),
+    }
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -104,8 +114,10 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"{path} has no {META_FILE}: not a minillm model folder")
     meta = json.loads(meta_path.read_text())
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta['format_version']} is newer than this minillm "
-                         f"({FORMAT_VERSION}); upgrade minillm")
+        raise ValueError(
+            f"{meta_path}: format_version {meta['format_version']} is newer than this minillm "
+            f"({FORMAT_VERSION}); upgrade minillm"
+        )
     tokenizer = Tokenizer(path)
     _check_tokenizer(meta.get("tokenizer_sha256"), tokenizer, meta_path)
     model = MiniGPT(_model_config(meta["model"], meta_path))
@@ -138,21 +150,26 @@ def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer]:
 
 def _check_tokenizer(expected: str | None, tokenizer: Tokenizer, where: Path) -> None:
     if expected and expected != tokenizer.sha256:
-        raise ValueError(f"{where} was trained with tokenizer sha256 {expected[:12]}…, but {tokenizer.path} has "
-                         f"sha256 {tokenizer.sha256[:12]}…: use the tokenizer saved with these weights")
+        raise ValueError(
+            f"{where} was trained with tokenizer sha256 {expected[:12]}…, but {tokenizer.path} has "
+            f"sha256 {tokenizer.sha256[:12]}…: use the tokenizer saved with these weights"
+        )
 
 
 def _load_state(model: MiniGPT, state: dict[str, torch.Tensor], where: Path) -> None:
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+    expected = {
+        k: v.shape for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_embeddings)
+    }
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
     if missing or unexpected or wrong:
         detail = "; ".join(
             f"{label}: {names[:5]}{' …' if len(names) > 5 else ''}"
-            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if names
         )
         raise ValueError(f"{where} does not match its model config ({detail})")
     model.load_state_dict(state, strict=False)

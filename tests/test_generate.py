@@ -1,0 +1,231 @@
+import pytest
+import torch
+
+from minillm.generate import (
+    GenerationConfig,
+    TextGenerator,
+    apply_repetition_penalty,
+    generate,
+    left_pad,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from minillm.model import MiniGPT, ModelOutput
+from tests.conftest import micro_config
+
+NO_EOS = dict(eos_token_ids=[])  # untrained models may emit EOS at any time; some tests need full lengths
+
+
+class ScriptedModel(MiniGPT):
+    """A MiniGPT whose next token is dictated by a script (one entry per generation step)."""
+
+    def __init__(self, config, script: list[int]):
+        super().__init__(config)
+        self.script, self.calls = script, 0
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None, last_only=False):
+        out = super().forward(input_ids, position_ids, attention_mask, cache, last_only)  # keeps the cache going
+        logits = torch.full_like(out.logits, -1e4)
+        logits[..., self.script[min(self.calls, len(self.script) - 1)]] = 0.0
+        self.calls += 1
+        return ModelOutput(logits=logits, aux_loss=out.aux_loss, cache=out.cache)
+
+
+def scripted(tokenizer, script):
+    torch.manual_seed(0)
+    return ScriptedModel(micro_config(tokenizer.vocab_size), script)
+
+
+def byte_ids(tokenizer, text):
+    return [tokenizer.sp.piece_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+
+
+# ---- logit processors on hand-made distributions ----
+
+
+def kept(logits):
+    return set(torch.isfinite(logits[0]).nonzero().flatten().tolist())
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, -2.0, 4.0]])
+    assert kept(top_k_filter(logits, 2)) == {1, 4}
+    assert kept(top_k_filter(logits, 3)) == {1, 2, 4}
+    assert kept(top_k_filter(logits, 0)) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize(
+    "p, expected", [(0.4, {0}), (0.75, {0, 1}), (0.79, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2, 3, 4})]
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])
+    shuffled = torch.tensor([3, 0, 4, 1, 2])  # the filter must not depend on token order
+    logits = probs.log()[:, shuffled]
+    assert {int(shuffled[i]) for i in kept(top_p_filter(logits, p))} == expected
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=0), "temperature must be > 0"),
+        (dict(top_p=0), "top_p must be in"),
+        (dict(num_beams=2), "beam search is deterministic"),
+        (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+    ],
+)
+def test_generation_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**kwargs)
+
+
+# ---- decoding with a real (untrained) model ----
+
+
+def reference_greedy(model, ids, n):
+    """Greedy decoding by full forward passes, no cache."""
+    ids = list(ids)
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids
+
+
+def test_greedy_equals_argmax_of_full_forward_passes(micro_model, tokenizer):
+    prompt = tokenizer.encode("To be, or not")
+    gen = TextGenerator(micro_model, tokenizer)
+    out = gen.sample_generate(
+        torch.tensor([prompt]), config=GenerationConfig(max_new_tokens=12, do_sample=False, **NO_EOS)
+    )
+    with torch.no_grad():
+        assert out[0].tolist() == reference_greedy(micro_model, prompt, 12)
+
+
+def test_batched_left_padded_greedy_equals_each_prompt_alone(micro_model, tokenizer):
+    prompts = ["In the beginning God created", "你好", "The quick brown fox jumps over"]
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, repetition_penalty=1.3, **NO_EOS)
+    batched = generate(micro_model, tokenizer, prompts, config)
+    assert batched == [generate(micro_model, tokenizer, p, config) for p in prompts]
+
+
+def test_one_beam_is_greedy(micro_model, tokenizer):
+    prompts = ["To be", "And God said, Let there be"]
+    greedy = generate(micro_model, tokenizer, prompts, GenerationConfig(max_new_tokens=10, do_sample=False))
+    beam = generate(micro_model, tokenizer, prompts, GenerationConfig(max_new_tokens=10, do_sample=False, num_beams=1))
+    assert beam == greedy
+
+
+def sequence_logprob(model, prompt, new):
+    ids = torch.tensor([prompt + new])
+    with torch.no_grad():
+        logp = model(ids).logits[0, :-1].log_softmax(-1)
+    return sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(new))
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(micro_model, tokenizer):
+    prompt = tokenizer.encode("Hello, how are")
+    gen = TextGenerator(micro_model, tokenizer)
+    results = {}
+    for beams in (1, 4):
+        cfg = GenerationConfig(max_new_tokens=6, do_sample=False, num_beams=beams, **NO_EOS)
+        new = gen.sample_generate(torch.tensor([prompt]), config=cfg)[0, len(prompt) :].tolist()
+        assert len(new) == 6
+        results[beams] = sequence_logprob(micro_model, prompt, new)
+    assert results[4] >= results[1] - 1e-5
+
+
+def test_batched_beam_search_equals_each_prompt_alone(micro_model, tokenizer):
+    prompts = ["To be", "你好，世界"]
+    config = GenerationConfig(max_new_tokens=8, do_sample=False, num_beams=3, **NO_EOS)
+    assert generate(micro_model, tokenizer, prompts, config) == [
+        generate(micro_model, tokenizer, p, config) for p in prompts
+    ]
+
+
+def test_same_seed_same_sample_and_global_rng_untouched(micro_model, tokenizer):
+    config = GenerationConfig(max_new_tokens=20, seed=123, **NO_EOS)
+    torch.manual_seed(0)
+    rng_before = torch.get_rng_state()
+    first = generate(micro_model, tokenizer, "To be", config)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert generate(micro_model, tokenizer, "To be", config) == first
+    others = {
+        generate(micro_model, tokenizer, "To be", GenerationConfig(max_new_tokens=20, seed=s, **NO_EOS))
+        for s in range(4)
+    }
+    assert len(others) > 1
+    unseeded = GenerationConfig(max_new_tokens=20, **NO_EOS)
+    generate(micro_model, tokenizer, "To be", unseeded)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_low_temperature_sampling_is_greedy(micro_model, tokenizer):
+    greedy = generate(micro_model, tokenizer, "To be", GenerationConfig(max_new_tokens=10, do_sample=False, **NO_EOS))
+    cold = generate(
+        micro_model, tokenizer, "To be", GenerationConfig(max_new_tokens=10, temperature=1e-4, seed=5, **NO_EOS)
+    )
+    top1 = generate(micro_model, tokenizer, "To be", GenerationConfig(max_new_tokens=10, top_k=1, seed=6, **NO_EOS))
+    assert greedy == cold == top1
+
+
+def test_generation_restores_training_mode(micro_model, tokenizer):
+    micro_model.train()
+    generate(micro_model, tokenizer, "x", GenerationConfig(max_new_tokens=3))
+    assert micro_model.training
+
+
+def test_prompt_longer_than_block_size_keeps_its_end(micro_model, tokenizer, caplog):
+    long_prompt = "To be, or not to be, that is the question. " * 20
+    text = generate(micro_model, tokenizer, long_prompt, GenerationConfig(max_new_tokens=5, do_sample=False, **NO_EOS))
+    assert isinstance(text, str)
+    assert "does not fit block_size" in caplog.text
+
+
+# ---- stopping and streaming, with scripted models ----
+
+
+def test_eos_ends_generation_and_finished_rows_are_padded(tokenizer):
+    body = tokenizer.encode("ok then")
+    model = scripted(tokenizer, body + [tokenizer.eos_id] + tokenizer.encode(" never"))
+    gen = TextGenerator(model, tokenizer)
+    out = gen.sample_generate(torch.tensor([[7, 8]]), config=GenerationConfig(max_new_tokens=20, do_sample=False))
+    assert out[0].tolist() == [7, 8] + body + [tokenizer.eos_id]
+    model.calls = 0
+    assert gen.generate("hi", GenerationConfig(max_new_tokens=20, do_sample=False)) == "ok then"
+
+
+def test_stop_strings_cut_the_text_and_stop_the_row(tokenizer):
+    script = tokenizer.encode("The answer. STOP then more words follow")
+    model = scripted(tokenizer, script)
+    text = generate(
+        model, tokenizer, "q", GenerationConfig(max_new_tokens=40, do_sample=False, stop=["STOP"], **NO_EOS)
+    )
+    assert text == "The answer. "
+    assert model.calls < len(script)  # stopped right after the stop string appeared
+
+
+def test_stream_yields_an_emoji_whole(tokenizer):
+    script = tokenizer.encode("Hi ") + byte_ids(tokenizer, "😀") + tokenizer.encode(" ok") + [tokenizer.eos_id]
+    model = scripted(tokenizer, script)
+    pieces = list(stream(model, tokenizer, "x", GenerationConfig(max_new_tokens=50, do_sample=False)))
+    assert "".join(pieces) == "Hi 😀 ok"
+    assert "😀" in pieces or any(p.startswith("😀") for p in pieces)
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stream_matches_generate(micro_model, tokenizer):
+    config = GenerationConfig(max_new_tokens=15, seed=3, top_p=0.9)
+    assert "".join(stream(micro_model, tokenizer, "你好", config)) == generate(micro_model, tokenizer, "你好", config)
+
+
+def test_left_pad_helper():
+    ids, mask = left_pad([[5, 6, 7], [9]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -1,0 +1,124 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minillm.generate import load_model
+from minillm.model import MiniGPT
+from minillm.pretrained import save_pretrained
+from minillm.tokenizer import TokenizerConfig, train_tokenizer
+from tests.conftest import FIXTURES, micro_config
+
+
+def same_logits(a, b, vocab):
+    ids = torch.randint(0, vocab, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}, {"n_experts": 4, "n_shared_experts": 1}])
+def test_exported_folder_round_trips(tokenizer, tmp_path, overrides):
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(tokenizer.vocab_size, **overrides))
+    out = save_pretrained(model, tokenizer, tmp_path / "final")
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model", "minillm.json"}
+    loaded, tok = load_model(str(out))
+    assert not loaded.training and tok.sha256 == tokenizer.sha256
+    same_logits(model, loaded, tokenizer.vocab_size)
+    meta = json.loads((out / "minillm.json").read_text())
+    assert meta["kind"] == "lm" and meta["tokenizer_sha256"] == tokenizer.sha256 and meta["format_version"] == 1
+
+
+def test_exported_folder_uses_llama_names_and_config(tokenizer, tmp_path):
+    model = MiniGPT(micro_config(tokenizer.vocab_size))
+    out = save_pretrained(model, tokenizer, tmp_path / "final")
+    tensors = load_file(out / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.weight" in tensors
+    assert "model.embed_tokens.weight" in tensors and "model.norm.weight" in tensors
+    assert "lm_head.weight" not in tensors  # tied: HF recomputes it from the embedding
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (4, 2, 192)
+    untied = save_pretrained(
+        MiniGPT(micro_config(tokenizer.vocab_size, tie_embeddings=False)), tokenizer, tmp_path / "u"
+    )
+    assert "lm_head.weight" in load_file(untied / "model.safetensors")
+
+
+def write_checkpoint(path, model, tokenizer):
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    hparams = {"model": dict(model.config.__dict__), "tokenizer_sha256": tokenizer.sha256}
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "global_step": 3}, path)
+
+
+def test_training_checkpoint_loads_with_the_tokenizer_beside_it(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(tokenizer.vocab_size))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    tokenizer.save(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000003.ckpt"
+    write_checkpoint(ckpt, model, tokenizer)
+    loaded, _ = load_model(str(ckpt))
+    same_logits(model, loaded, tokenizer.vocab_size)
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tokenizer, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = tmp_path / "evil.ckpt"
+    with ckpt.open("wb") as f:
+        pickle.dump({"state_dict": {}, "hyper_parameters": Payload()}, f, protocol=2)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_model(str(ckpt))
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tokenizer, tmp_path):
+    model = MiniGPT(micro_config(tokenizer.vocab_size))
+    ckpt = tmp_path / "last.ckpt"
+    write_checkpoint(ckpt, model, tokenizer)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"cannot load checkpoint {ckpt}"):
+        load_model(str(ckpt))
+
+
+def test_weights_with_another_tokenizer_are_refused(tokenizer, tmp_path):
+    out = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "final")
+    lines = (FIXTURES / "corpus.txt").read_text(encoding="utf-8").splitlines() * 10
+    other = train_tokenizer(
+        lines + ["zebra quantum flux capacitor"] * 50,
+        tmp_path / "other",
+        TokenizerConfig(vocab_size=512, character_coverage=1.0),
+    )
+    assert other.sha256 != tokenizer.sha256
+    other.save(out)  # overwrite the folder's tokenizer
+    with pytest.raises(ValueError, match=f"tokenizer sha256 {tokenizer.sha256[:12]}.*sha256 {other.sha256[:12]}"):
+        load_model(str(out))
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tokenizer, tmp_path):
+    out = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "final")
+    meta = json.loads((out / "minillm.json").read_text())
+    meta["model"]["n_embd"] = 128
+    (out / "minillm.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="wrong shape: .*embed_tokens"):
+        load_model(str(out))
+    meta["model"]["n_embd"], meta["model"]["n_layer"] = 64, 3
+    (out / "minillm.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"missing: \['layers.2"):
+        load_model(str(out))
+
+
+def test_missing_or_foreign_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        load_model(str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no minillm.json"):
+        load_model(str(tmp_path / "empty"))

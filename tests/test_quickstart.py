@@ -1,0 +1,32 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minillm.generate import load_model
+
+
+@pytest.mark.slow
+def test_quickstart_builds_data_and_tokenizer_and_generates(tmp_path):
+    """What `make demo` runs, from an empty working directory (downloads the real corpus packages)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "minillm.quickstart", "seed=3"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "6,524,160 parameters" in out
+    for mode in ("[greedy]", "[beam search, 3 beams]", "[stream]", "[TextGenerator.sample_generate]"):
+        assert mode in out
+    assert (tmp_path / "data/builtin/manifest.json").is_file()
+    tokenizers = list((tmp_path / "data/tokenizers").glob("bpe8192-*/tokenizer.model"))
+    assert len(tokenizers) == 1
+    model, tokenizer = load_model(str(tmp_path / "outputs/quickstart/init"))
+    assert tokenizer.vocab_size == model.config.vocab_size == 8192
+    assert tokenizer.decode(tokenizer.encode("你好，MiniGPT！")) == "你好，MiniGPT！"
+    # A second run reuses the data and the tokenizer.
+    again = subprocess.run(
+        [sys.executable, "-m", "minillm.quickstart", "seed=3"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "reusing" in again.stderr and "is current" in again.stderr
+    assert again.stdout.split("[stream]")[0].split("\n", 1)[1] == out.split("[stream]")[0].split("\n", 1)[1]

@@ -1,0 +1,107 @@
+import pytest
+
+from minillm.tokenizer import Tokenizer, TokenizerConfig, apply_chat_template, get_tokenizer
+from tests.conftest import FIXTURES
+
+ROUND_TRIP = [
+    "To be, or not to be, that is the question.",
+    "你好，MiniGPT！今天天气很好。「引号」",  # Chinese with full-width punctuation
+    "emoji 😀🎉 and 👩‍💻 mixed",
+    "line one\nline two\n\n\nafter blank lines\r\n",
+    "   leading spaces, runs of     spaces, trailing   ",
+    "\ttabs\tand 1234567890 digits",
+    "unseen characters: Ωμέγα ж ☃ 𝔘",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_any_text_round_trips_exactly(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_special_ids_are_fixed(tokenizer):
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 2, 3)
+    assert (tokenizer.im_start_id, tokenizer.im_end_id) == (4, 5)
+    assert tokenizer.vocab_size == 512
+
+
+def test_chat_markers_typed_by_a_user_are_ordinary_text(tokenizer):
+    text = "please print <|im_end|> and <|im_start|>assistant literally"
+    ids = tokenizer.encode(text)
+    assert tokenizer.im_end_id not in ids and tokenizer.im_start_id not in ids
+    assert tokenizer.decode(ids) == text
+    enc = apply_chat_template(tokenizer, [{"role": "user", "content": text}])
+    assert enc.ids.count(tokenizer.im_end_id) == 1  # only the one the template closes the turn with
+
+
+def test_chat_template_mask_covers_exactly_the_assistant_tokens(tokenizer):
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello, how are you?"},
+        {"role": "assistant", "content": "I am fine."},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+    ]
+    enc = apply_chat_template(tokenizer, messages)
+    assert len(enc.ids) == len(enc.assistant_mask)
+    learned = [t for t, m in zip(enc.ids, enc.assistant_mask) if m]
+    expected = []
+    for m in messages:
+        if m["role"] == "assistant":
+            expected += tokenizer.encode(m["content"]) + [tokenizer.im_end_id]
+    assert learned == expected
+    # The rendered text is ChatML.
+    rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    pieces = [tokenizer.id_to_piece(t) if t in (4, 5) else tokenizer.decode([t]) for t in enc.ids]
+    assert "".join(pieces).replace("▁", " ") == rendered
+
+
+def test_generation_prompt_opens_an_assistant_turn(tokenizer):
+    enc = apply_chat_template(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    tail = [tokenizer.im_start_id] + tokenizer.encode("assistant\n")
+    assert enc.ids[-len(tail) :] == tail
+    assert not any(enc.assistant_mask)
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
+        ([{"role": "user", "content": 3}], "content must be a string"),
+    ],
+)
+def test_chat_template_rejects_bad_messages(tokenizer, messages, message):
+    with pytest.raises(ValueError, match=message):
+        apply_chat_template(tokenizer, messages)
+
+
+def test_trained_tokenizers_are_cached_by_corpus_and_settings(tmp_path):
+    corpus = tmp_path / "a.txt"
+    corpus.write_text((FIXTURES / "corpus.txt").read_text(encoding="utf-8") * 20, encoding="utf-8")
+    config = TokenizerConfig(vocab_size=400, character_coverage=1.0, cache_dir=str(tmp_path / "cache"))
+    first = get_tokenizer([corpus], config)
+    stamp = first.path.stat().st_mtime_ns
+    again = get_tokenizer([corpus], config)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp  # reused, not retrained
+    retrained = get_tokenizer([corpus], TokenizerConfig(**{**config.__dict__, "retrain": True}))
+    assert retrained.path == first.path and retrained.path.stat().st_mtime_ns != stamp
+    other_vocab = get_tokenizer([corpus], TokenizerConfig(**{**config.__dict__, "vocab_size": 410}))
+    assert other_vocab.path != first.path and other_vocab.vocab_size == 410
+    corpus.write_text((FIXTURES / "corpus.txt").read_text(encoding="utf-8") * 21, encoding="utf-8")
+    assert get_tokenizer([corpus], config).path != first.path
+    assert retrained.sha256 == Tokenizer(first.path).sha256
+
+
+def test_too_small_vocab_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="tokenizer.vocab_size must be >= 300"):
+        TokenizerConfig(vocab_size=100)
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text("".join(chr(0x4E00 + i) for i in range(400)) + "\n", encoding="utf-8")
+    config = TokenizerConfig(vocab_size=300, character_coverage=1.0, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="Adjust tokenizer.vocab_size"):
+        get_tokenizer([corpus], config)
+
+
+def test_missing_tokenizer_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
+        Tokenizer(tmp_path / "nothing")
