@@ -37,6 +37,7 @@ from torch import nn
 class ModelConfig:
     """Shape of a MiniGPT. Also the Hydra schema of the `model` group and the `minillm.json` saved with weights."""
 
+    name: str = "custom"  # the preset's name; names the run directory
     vocab_size: int = 0  # 0 = take it from the tokenizer when the model is built
     block_size: int = 256  # longest sequence the model is trained on
     n_layer: int = 6

@@ -7,8 +7,8 @@
     minillm.json         our ModelConfig, format version, tokenizer sha256, kind (lm / reward)
 
 `load_pretrained` also opens a Lightning training checkpoint (`*.ckpt`, loaded with weights_only=True): its
-`hyper_parameters["model"]` is the ModelConfig, its `state_dict` holds the backbone under a `model.` prefix and
-the tokenizer is the `tokenizer.model` beside it (or one folder up).
+`hyper_parameters["config"]["model"]` is the ModelConfig, its `state_dict` holds the backbone under a `model.`
+prefix and the tokenizer is the `tokenizer.model` beside it (or one folder up).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer]:
         raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
     try:
         hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-        config = _model_config(dict(hparams["model"]), path)
+        config = _model_config(dict(hparams["config"]["model"]), path)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a minillm training checkpoint (missing {e})") from e
     candidates = [path.parent / MODEL_FILE, path.parent.parent / MODEL_FILE]

@@ -53,13 +53,23 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"no tokenizer model at {self.path}: train one or point at a folder with {MODEL_FILE}"
             )
-        self._proto = self.path.read_bytes()
-        self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
-        self.sha256 = hashlib.sha256(self._proto).hexdigest()
+        self._load(self.path.read_bytes())
+
+    def _load(self, proto: bytes) -> None:
+        self._proto = proto
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.sha256 = hashlib.sha256(proto).hexdigest()
         self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
         self.im_start_id, self.im_end_id = self.sp.piece_to_id(IM_START), self.sp.piece_to_id(IM_END)
         if self.im_end_id == self.sp.unk_id():
             raise ValueError(f"{self.path} has no {IM_END} control symbol: it was not trained by minillm")
+
+    def __getstate__(self) -> dict:  # for worker processes (tokenization with num_proc > 1)
+        return {"path": self.path, "proto": self._proto}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+        self._load(state["proto"])
 
     @property
     def vocab_size(self) -> int:

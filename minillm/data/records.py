@@ -1,0 +1,128 @@
+"""Reading records from data files, one line at a time, with errors that name the file and the line.
+
+`.jsonl`: one JSON object per line (blank lines skipped). `.txt`: paragraphs (blank-line separated) joined into
+records of at most ~4000 characters. A JSON array file, a malformed line or a record without the expected field
+is a `DataError` naming file:line, or — with `data.skip_bad_records=true` — skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+TXT_RECORD_CHARS = 4000
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line) and what to do."""
+
+
+def chunk_paragraphs(paragraphs: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Join consecutive paragraphs (blank line between) into pieces of at most ~max_chars."""
+    piece: list[str] = []
+    size = 0
+    for p in paragraphs:
+        if piece and size + len(p) > max_chars:
+            yield "\n\n".join(piece)
+            piece, size = [], 0
+        piece.append(p)
+        size += len(p) + 2
+    if piece:
+        yield "\n\n".join(piece)
+
+
+def _txt_paragraphs(path: Path) -> Iterator[str]:
+    block: list[str] = []
+    with _open(path) as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield "\n".join(block)
+                block = []
+    if block:
+        yield "\n".join(block)
+
+
+def _open(path: Path):
+    return path.open(encoding="utf-8", errors="strict")
+
+
+class BadRecords:
+    """Counts skipped records per file (for dataset_stats.json) or raises, depending on skip_bad_records."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip = skip
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, str] = {}
+
+    def __call__(self, path: Path, lineno: int, problem: str) -> None:
+        where = f"{path}:{lineno}"
+        if not self.skip:
+            raise DataError(f"{where}: {problem}. Fix the record, or set data.skip_bad_records=true to skip such lines")
+        self.counts[str(path)] = self.counts.get(str(path), 0) + 1
+        self.examples.setdefault(str(path), f"{where}: {problem}")
+
+
+def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line."""
+    try:
+        with _open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                stripped = line.strip()
+                if not stripped:
+                    continue
+                if lineno == 1 and stripped.startswith("["):
+                    raise DataError(
+                        f"{path}:1: this looks like a JSON array; JSON Lines is expected (one object per line). "
+                        f'Convert it, e.g. python -c "import json,sys; [print(json.dumps(r, ensure_ascii=False)) '
+                        f'for r in json.load(open(sys.argv[1]))]" {path} > {path.with_suffix(".jsonl")}'
+                    )
+                try:
+                    obj = json.loads(stripped)
+                except json.JSONDecodeError as e:
+                    bad(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+                    continue
+                if not isinstance(obj, dict):
+                    bad(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+                    continue
+                yield lineno, obj
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode the file as UTF-8") from e
+
+
+def read_texts(path: Path, bad: BadRecords, field: str = "text") -> Iterator[str]:
+    """The pretraining texts of a .jsonl ({"text": ...}) or .txt file."""
+    if path.suffix == ".txt":
+        try:
+            yield from chunk_paragraphs(_txt_paragraphs(path), TXT_RECORD_CHARS)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as UTF-8") from e
+        return
+    for lineno, obj in read_jsonl(path, bad):
+        text = obj.get(field)
+        if not isinstance(text, str):
+            got = "missing" if text is None else f"a {type(text).__name__}"
+            bad(path, lineno, f'field "{field}" must be a string, it is {got} (keys: {sorted(obj)[:8]})')
+            continue
+        if text:
+            yield text
+
+
+def record_fraction(record: object, salt: str) -> float:
+    """A stable number in [0, 1) from the record's content: used to split and to sample deterministically."""
+    payload = record if isinstance(record, str) else json.dumps(record, ensure_ascii=False, sort_keys=True)
+    digest = hashlib.sha256(f"{salt}\0{payload}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_held_out(record: object, ratio: float) -> bool:
+    """Validation split by content hash: adding records never moves existing ones between splits."""
+    return record_fraction(record, "val") < ratio
+
+
+def is_sampled(record: object, ratio: float) -> bool:
+    return ratio >= 1.0 or record_fraction(record, "sample") < ratio

@@ -1,0 +1,208 @@
+"""The run directory: which checkpoint to resume, refusing to mix runs, and the config snapshot.
+
+<run_dir>/checkpoints/   step-000400.ckpt, last.ckpt, best.ckpt, minillm.json, tokenizer.model
+<run_dir>/final/         the exported model (a completed fit only)
+<run_dir>/logs/          metrics.csv (CSV logger), tb/ (TensorBoard)
+<run_dir>/training_config_snapshot.json  dataset_stats.json  loss.png  train.log
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SNAPSHOT = "training_config_snapshot.json"
+# Keys that may change between an interrupted run and its resume without changing what is trained.
+RESUME_FREE_KEYS = (
+    "resume",
+    "resume_allow_changes",
+    "overwrite",
+    "debug",
+    "prompt",
+    "optimized_metric",
+    "data.num_workers",
+    "data.num_proc",
+    "data.cache_dir",
+    "data.dir",
+    "tokenizer.retrain",
+    "tokenizer.cache_dir",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "callbacks.progress",
+    "logger",
+)
+SHAPE_KEYS = (
+    "vocab_size",
+    "block_size",
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "n_kv_head",
+    "intermediate_size",
+    "n_experts",
+    "n_shared_experts",
+    "tie_embeddings",
+)
+
+
+class ResumeError(ValueError):
+    pass
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents (tensors memory-mapped), loaded safely; a clear error when it can't be."""
+    if not path.is_file():
+        raise ResumeError(f"resume: no checkpoint at {path}; use resume=auto or an existing .ckpt file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, corrupt, or carrying objects that need pickle
+        raise ResumeError(
+            f"resume: cannot load {path} ({type(e).__name__}: {str(e)[:200]}); "
+            "the file is corrupt or not a minillm checkpoint. Nothing was changed."
+        ) from e
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The loadable checkpoint with the highest step (an unreadable newer one is skipped with a warning)."""
+    best: tuple[int, int, Path] | None = None
+    for path in checkpoint_files(run_dir):
+        try:
+            step = int(read_checkpoint(path).get("global_step", -1))
+        except ResumeError as e:
+            log.warning("resume=auto: skipping %s, it does not load (%s)", path, e.__cause__)
+            continue
+        rank = (step, path.name.startswith("step-"), path)  # on a tie prefer step-*.ckpt
+        best = rank if best is None or rank[:2] > best[:2] else best
+    return best[2] if best else None
+
+
+def resolve_resume(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start. Checks only; changes nothing on disk."""
+    if resume == "auto":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir / "checkpoints")
+        else:
+            log.info("resume=auto: resuming from %s", path)
+        return path
+    if resume:
+        read_checkpoint(Path(resume))
+        return Path(resume)
+    existing = checkpoint_files(run_dir)
+    if existing and not overwrite:
+        raise ResumeError(
+            f"{run_dir} already holds checkpoints ({', '.join(p.name for p in existing[:4])}…). Continue it with "
+            "resume=auto, start elsewhere with run_dir=<new dir>, or replace it with overwrite=true"
+        )
+    return None
+
+
+def clear_for_overwrite(run_dir: Path) -> None:
+    for name in ("checkpoints", "final", "logs"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    log.warning("overwrite=true: removed the previous checkpoints, logs and final/ of %s", run_dir)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every trained-on setting that differs."""
+    a, b = _flatten(old), _flatten(new)
+
+    def free(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in RESUME_FREE_KEYS)
+
+    return [
+        f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
+        for k in sorted(set(a) | set(b))
+        if not free(k) and a.get(k) != b.get(k)
+    ]
+
+
+def check_resume(path: Path, config: dict, tokenizer_sha256: str, allow_changes: bool) -> None:
+    """Refuse a resume whose model shape or tokenizer differ, or (unless allowed) whose hyper-parameters do."""
+    hparams = read_checkpoint(path).get("hyper_parameters") or {}
+    old = hparams.get("config")
+    if not isinstance(old, dict):
+        raise ResumeError(f"{path} carries no minillm config: it was not written by minillm.train")
+    shape = [
+        f"model.{k}: {old['model'].get(k)!r} -> {config['model'].get(k)!r}"
+        for k in SHAPE_KEYS
+        if old["model"].get(k) != config["model"].get(k)
+    ]
+    if shape:
+        raise ResumeError(
+            f"{path} is a checkpoint of a different model shape ({'; '.join(shape)}); resume it with "
+            "the same model preset, or start a new run_dir"
+        )
+    if hparams.get("tokenizer_sha256") != tokenizer_sha256:
+        raise ResumeError(
+            f"{path} was trained with tokenizer sha256 {str(hparams.get('tokenizer_sha256'))[:12]}…, "
+            f"this run's tokenizer is {tokenizer_sha256[:12]}… (the corpus or tokenizer settings "
+            "changed); resume with the original data, or start a new run_dir"
+        )
+    diffs = config_differences(old, config)
+    if diffs and not allow_changes:
+        raise ResumeError(
+            f"resuming {path} with changed settings:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse the original values, or add resume_allow_changes=true to resume anyway"
+        )
+    for d in diffs:
+        log.warning("resume with a changed setting: %s", d)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_snapshot(run_dir: Path, config: dict, device: str) -> Path:
+    import lightning
+
+    from minillm import __version__
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    snapshot = {
+        "config": config,
+        "versions": {
+            "minillm": __version__,
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "python": platform.python_version(),
+        },
+        "device": device,
+        "git_commit": _git_commit(),
+        "command": sys.argv,
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = run_dir / SNAPSHOT
+    path.write_text(json.dumps(snapshot, indent=2, ensure_ascii=False), encoding="utf-8")
+    return path

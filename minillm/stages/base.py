@@ -1,0 +1,121 @@
+"""LMModule: what every stage shares — the backbone, AdamW with warmup + cosine, logging, the non-finite step
+guard and RNG state in checkpoints. A stage subclasses it once and writes its training/validation steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+
+import lightning as L
+import numpy as np
+import torch
+
+from minillm.config import OptimConfig
+from minillm.model import MiniGPT, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class LMModule(L.LightningModule):
+    data_subdir = "pretrain"  # where the stage's files live in a data dir
+
+    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
+        """`config` is the whole resolved run config as plain dicts (checkpoints load with weights_only=True)."""
+        super().__init__()
+        self.save_hyperparameters()  # once, here: {"config": ..., "tokenizer_sha256": ...}
+        self.optim = OptimConfig(**config["optim"])
+        self.max_steps = int(config["trainer"].get("max_steps") or -1)
+        self.model = MiniGPT(ModelConfig(**config["model"]))
+        self.stop_reason: str | None = None  # set by callbacks that end training early (interrupt, non-finite)
+        self.nonfinite_streak = 0
+        self.skipped_steps = 0
+        self._rng_to_restore: dict | None = None
+        self._last_loss: torch.Tensor | None = None
+        self._tokens = 0
+        self._clock: float | None = None
+
+    # ---- optimizer and schedule ----
+    def configure_optimizers(self):
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr,
+            betas=tuple(self.optim.betas),
+            eps=self.optim.eps,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warmup to 1, then cosine down to min_lr_ratio at max_steps (constant after)."""
+        warmup, floor = self.optim.warmup_steps, self.optim.min_lr_ratio
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.max_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (self.max_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # ---- logging shared by stages ----
+    def log_train(self, loss: torch.Tensor, tokens: int, **extra: torch.Tensor) -> None:
+        self._last_loss = loss.detach()
+        self._tokens = tokens
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        for name, value in extra.items():
+            self.log(f"train/{name}", value)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._clock is not None:
+            self.log("train/tokens_per_s", self._tokens / max(now - self._clock, 1e-9), prog_bar=True)
+        self._clock = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # ---- the non-finite guard: skip the update, the same decision on every rank ----
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        finite = self._last_loss is None or bool(torch.isfinite(self._last_loss))
+        finite = finite and all(bool(torch.isfinite(g).all()) for g in grads)
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.nonfinite_streak = 0
+            return
+        for p in self.parameters():
+            p.grad = None  # AdamW leaves parameters without gradients untouched: the step is skipped
+        self.nonfinite_streak += 1
+        self.skipped_steps += 1
+        log.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+            self.global_step,
+            self.nonfinite_streak,
+        )
+
+    # ---- exact resume: RNG states travel in the checkpoint as plain lists and tensors ----
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        version, state, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint["rng"] = {
+            "python": [version, list(state), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng is None:
+            return
+        version, state, gauss = rng["python"]
+        random.setstate((version, tuple(state), gauss))
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

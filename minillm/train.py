@@ -1,0 +1,127 @@
+"""python -m minillm.train stage=<stage> model=<preset> [overrides]  — and `build()` for notebooks.
+
+run = build(["stage=pretrain", "model=tiny", "trainer.max_steps=50"])
+batch = next(iter(run.datamodule.train_dataloader()))
+run.fit()
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from minillm import rundir
+from minillm.callbacks.interrupt import InterruptCallback
+from minillm.config import compose, resolved_dict, to_config
+from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
+from minillm.stages import STAGES, LMModule
+from minillm.tokenizer import get_tokenizer
+
+log = logging.getLogger("minillm")
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built exactly as the command line builds it."""
+
+    config: DictConfig
+    datamodule: MiniLLMDataModule
+    module: LMModule
+    trainer: L.Trainer
+    ckpt_path: Path | None
+    run_dir: Path
+
+    def fit(self) -> int:
+        """Train; returns the process exit code (0, 130/143 after an interrupt, 1 after a non-finite halt)."""
+        self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
+        interrupt = next((c for c in self.trainer.callbacks if isinstance(c, InterruptCallback)), None)
+        if interrupt is not None and interrupt.received:
+            return interrupt.exit_code
+        return 1 if self.module.stop_reason == "nonfinite" else 0
+
+    @property
+    def metric(self) -> float | None:
+        value = self.trainer.callback_metrics.get(self.config.optimized_metric)
+        return None if value is None else float(value)
+
+
+def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect: bool = False) -> Run:
+    """Compose (or take) the config, check the run dir, then build data, trainer and stage module.
+
+    `inspect=True` (debug, notebooks): no run-dir checks, no files written, no loggers or callbacks.
+    """
+    cfg = compose(overrides) if cfg is None else cfg
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir  # one directory per sweep job
+    typed = to_config(cfg)  # validates every schema value
+    if typed.stage.name not in STAGES:
+        raise ValueError(f"stage={typed.stage.name} has no module; known stages: {sorted(STAGES)}")
+    stage_cls = STAGES[typed.stage.name]
+    run_dir = Path(typed.run_dir)
+    ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
+
+    files = find_files(resolve_data_dir(typed.data), stage_cls.data_subdir)
+    tokenizer = get_tokenizer(files, typed.tokenizer)
+    if typed.model.vocab_size not in (0, tokenizer.vocab_size):
+        raise ValueError(
+            f"model.vocab_size={typed.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
+            "pieces; leave model.vocab_size at 0 (taken from the tokenizer) or set tokenizer.vocab_size"
+        )
+    cfg.model.vocab_size = tokenizer.vocab_size
+    config = resolved_dict(cfg)
+    if ckpt_path is not None:
+        rundir.check_resume(ckpt_path, config, tokenizer.sha256, typed.resume_allow_changes)
+
+    callbacks, loggers = [], []
+    if not inspect:  # instantiate Lightning objects first: a bad value fails before any tensor exists
+        callback_cfgs = {k: v for k, v in cfg.callbacks.items() if v is not None}
+        if typed.data.val_ratio == 0:
+            callback_cfgs = {k: v for k, v in callback_cfgs.items() if not str(v.get("monitor", "")).startswith("val/")}
+        callbacks = [hydra.utils.instantiate(c) for c in callback_cfgs.values()]
+        loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
+    trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False, "default_root_dir": str(run_dir)}
+    if inspect:
+        trainer_kwargs |= {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, **trainer_kwargs)
+
+    if not inspect and ckpt_path is None and typed.overwrite:
+        rundir.clear_for_overwrite(run_dir)
+    L.seed_everything(typed.seed, workers=True, verbose=False)
+    datamodule = MiniLLMDataModule(typed.data, files, tokenizer, typed.model.block_size, typed.seed)
+    datamodule.setup("fit")
+    if typed.data.val_ratio > 0 and len(datamodule.val) == 0:
+        raise ValueError(
+            f"the validation split is empty (data.val_ratio={typed.data.val_ratio}); raise "
+            "data.val_ratio, or set data.val_ratio=0 to train without validation"
+        )
+    module = stage_cls(config, tokenizer.sha256)
+    if not inspect and trainer.is_global_zero:
+        rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
+        datamodule.write_stats(run_dir / "dataset_stats.json")
+    return Run(cfg, datamodule, module, trainer, ckpt_path, run_dir)
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        run = build(cfg=cfg)
+    except (ValueError, FileNotFoundError) as e:  # errors a user can cause: the message says what to do
+        log.error("error: %s", e)
+        sys.exit(2)
+    code = run.fit()
+    if code:
+        sys.exit(code)
+    return run.metric
+
+
+if __name__ == "__main__":
+    main()
