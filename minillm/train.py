@@ -84,8 +84,10 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     callbacks, loggers = [], []
     if not inspect:  # instantiate Lightning objects first: a bad value fails before any tensor exists
         callback_cfgs = {k: v for k, v in cfg.callbacks.items() if v is not None}
-        if typed.data.val_ratio == 0:
+        if typed.data.val_ratio == 0:  # nothing to monitor
             callback_cfgs = {k: v for k, v in callback_cfgs.items() if not str(v.get("monitor", "")).startswith("val/")}
+        if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+            callback_cfgs = {k: v for k, v in callback_cfgs.items() if not v["_target_"].endswith("ProgressBar")}
         callbacks = [hydra.utils.instantiate(c) for c in callback_cfgs.values()]
         loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False, "default_root_dir": str(run_dir)}

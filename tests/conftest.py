@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -34,6 +35,64 @@ def _isolate(tmp_path, monkeypatch):
 def micro_config(vocab_size: int, **overrides) -> ModelConfig:
     shape = dict(vocab_size=vocab_size, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, block_size=64)
     return ModelConfig(**(shape | overrides))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A small data dir in the standard layout: pretrain/ with a .jsonl and a .txt source."""
+    root = tmp_path_factory.mktemp("data")
+    lines = [line for line in (FIXTURES / "corpus.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    (root / "pretrain").mkdir()
+    with (root / "pretrain" / "verses.jsonl").open("w", encoding="utf-8") as f:
+        for i in range(300):
+            text = " ".join(lines[(i + k) % len(lines)] for k in range(1 + i % 4))
+            f.write(json.dumps({"text": f"{i}: {text}"}, ensure_ascii=False) + "\n")
+    paragraphs = [f"Paragraph {i}.\n" + lines[i % len(lines)] for i in range(120)]
+    (root / "pretrain" / "prose.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
+    return root
+
+
+def micro_overrides(root: Path, data: Path, *extra: str) -> list[str]:
+    """A micro model on the fixture data, every cache and output under `root`."""
+    return [
+        "stage=pretrain",
+        "model=tiny",
+        "model.n_layer=2",
+        "model.n_embd=64",
+        "model.n_head=4",
+        "model.n_kv_head=2",
+        "model.block_size=32",
+        "tokenizer.vocab_size=512",
+        "tokenizer.character_coverage=1.0",
+        f"tokenizer.cache_dir={root}/tokenizers",
+        f"data.dir={data}",
+        f"data.cache_dir={root}/datasets",
+        "data.batch_size=4",
+        "data.val_ratio=0.1",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "optim.warmup_steps=2",
+        f"run_dir={root}/run",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _checkpoints_load_safely(tmp_path):
+    """Every checkpoint a test writes must load with weights_only=True (no pickled objects)."""
+    yield
+    for ckpt in tmp_path.rglob("*.ckpt"):
+        if ckpt.stat().st_size > 10_000:  # skip the deliberately broken ones
+            try:
+                torch.load(ckpt, map_location="cpu", weights_only=True)
+            except Exception as e:
+                if "evil" not in ckpt.name and "truncated" not in ckpt.name:
+                    raise AssertionError(f"{ckpt} does not load with weights_only=True: {e}") from e
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ class GradMonitor(L.Callback):
         if not self.halt_on_nonfinite or pl_module.nonfinite_streak < self.halt_on_nonfinite:
             return
         dirpath = self.dirpath or Path(trainer.default_root_dir) / "checkpoints"
-        path = dirpath / f"step-{trainer.global_step:06d}.ckpt"
+        path = dirpath / f"halt-step-{trainer.global_step:06d}.ckpt"
         trainer.save_checkpoint(path)
         log.error(
             "stopping: %d steps in a row had a non-finite loss or gradient (last at step %d); the last good "

@@ -53,7 +53,7 @@ class InterruptCallback(L.Callback):
         if not stop or trainer.fit_loop._should_accumulate():  # only at an optimizer-step boundary
             return
         self.received = self.received or signal.SIGTERM  # a rank that got nothing follows the others
-        self.saved_to = self.dirpath / f"step-{trainer.global_step:06d}.ckpt"
+        self.saved_to = self.dirpath / f"interrupt-step-{trainer.global_step:06d}.ckpt"
         trainer.save_checkpoint(self.saved_to)
         log.warning(
             "received interrupt signal — checkpoint saved to %s; rerun with resume=auto to continue", self.saved_to

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class LossPlot(L.Callback):
             return
         for logger in trainer.loggers:
             logger.save()
-        csv_logs = [Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if type(lg).__name__ == "CSVLogger"]
+        csv_logs = [Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, CSVLogger)]
         if not csv_logs or not csv_logs[0].is_file():
             log.warning("no CSV metrics log: loss.png not written (keep logger.csv)")
             return

@@ -1,0 +1,165 @@
+import csv
+import json
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+
+from minillm.callbacks.interrupt import InterruptCallback
+from minillm.generate import load_model
+from minillm.train import build
+from tests.conftest import micro_overrides
+
+
+def train_losses(run_dir):
+    with (run_dir / "logs" / "metrics.csv").open() as f:
+        return [(int(r["step"]), r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+class SignalAt(L.Callback):
+    """Sends a real signal to this process at the start of a given batch."""
+
+    def __init__(self, batch: int, sig=signal.SIGTERM):
+        self.batch, self.sig = batch, sig
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.batch:
+            os.kill(os.getpid(), self.sig)
+
+
+def test_tiny_pretrain_learns_and_writes_the_run_directory(tmp_path, data_dir):
+    run = build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=12", "optim.lr=3e-3"))
+    before = {k: v.clone() for k, v in run.module.model.state_dict().items()}
+    assert run.fit() == 0
+    run_dir = tmp_path / "run"
+    losses = [float(v) for _, v in train_losses(run_dir)]
+    assert len(losses) == 12 and all(map(lambda x: x == x, losses))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3  # it learns
+    after = run.module.model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # every parameter trained
+    for name in (
+        "training_config_snapshot.json",
+        "dataset_stats.json",
+        "loss.png",
+        "final/model.safetensors",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "checkpoints/tokenizer.model",
+        "logs/metrics.csv",
+    ):
+        assert (run_dir / name).is_file(), name
+    snapshot = json.loads((run_dir / "training_config_snapshot.json").read_text())
+    assert snapshot["config"]["optim"]["lr"] == 3e-3 and snapshot["versions"]["torch"] == torch.__version__
+    stats = json.loads((run_dir / "dataset_stats.json").read_text())
+    assert set(stats["sources"]) == {"verses", "prose"}
+    assert stats["sources"]["verses"]["raw_records"] == 300
+    verses = stats["sources"]["verses"]
+    assert verses["train_records"] + verses["val_records"] == 300 and verses["val_records"] > 0
+    assert 0.9 < stats["packing_efficiency"] <= 1.0
+    steps = sorted(int(p.stem.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*.ckpt"))
+    assert steps == [8, 10, 12]  # every 2 steps, the last 3 kept
+    model, tokenizer = load_model(str(run_dir / "final"))
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer.encode("In the beginning")])
+        torch.testing.assert_close(model(ids).logits, run.module.model.eval()(ids).logits)
+    ckpt_model, _ = load_model(str(run_dir / "checkpoints" / "last.ckpt"))
+    torch.testing.assert_close(ckpt_model(ids).logits, model(ids).logits)
+
+
+def test_interrupt_then_resume_reproduces_the_uninterrupted_losses(tmp_path, data_dir):
+    common = ["trainer.max_steps=8", "model.dropout=0.1", "trainer.val_check_interval=4"]
+    straight = build(micro_overrides(tmp_path / "a", data_dir, *common))
+    assert straight.fit() == 0
+    expected = train_losses(tmp_path / "a" / "run")
+
+    interrupted = build(micro_overrides(tmp_path / "b", data_dir, *common))
+    interrupted.trainer.callbacks.append(SignalAt(5))
+    assert interrupted.fit() == 128 + signal.SIGTERM
+    interrupt = next(c for c in interrupted.trainer.callbacks if isinstance(c, InterruptCallback))
+    assert interrupt.saved_to.name == "interrupt-step-000006.ckpt" and interrupt.saved_to.is_file()
+    assert not (tmp_path / "b" / "run" / "final").exists()  # no export after an interrupt
+    assert signal.getsignal(signal.SIGTERM) is not interrupt._handle  # handlers restored
+
+    resumed = build(micro_overrides(tmp_path / "b", data_dir, *common, "resume=auto"))
+    assert torch.load(resumed.ckpt_path, weights_only=True)["global_step"] == 6
+    assert resumed.fit() == 0
+    assert train_losses(tmp_path / "b" / "run") == expected  # bitwise: same floats, same steps
+    assert (tmp_path / "b" / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, data_dir, caplog):
+    caplog.set_level("INFO")
+    run = build(micro_overrides(tmp_path, data_dir, "resume=auto", "trainer.max_steps=2"))
+    assert run.ckpt_path is None
+    assert "no checkpoint" in caplog.text and "starting fresh" in caplog.text
+
+
+def test_a_fresh_run_never_mixes_with_existing_checkpoints(tmp_path, data_dir):
+    assert build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2")).fit() == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    stamp = ckpt.stat().st_mtime_ns
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume=auto.*run_dir=.*overwrite=true"):
+        build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2"))
+    assert ckpt.stat().st_mtime_ns == stamp
+    run = build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2", "overwrite=true"))
+    assert not ckpt.exists() and run.ckpt_path is None
+
+
+def test_resume_with_changed_hyperparameters_names_them(tmp_path, data_dir):
+    assert build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2")).fit() == 0
+    with pytest.raises(ValueError, match=r"optim\.lr: 0\.001 -> 0\.002(.|\n)*trainer\.max_steps: 2 -> 4"):
+        build(micro_overrides(tmp_path, data_dir, "resume=auto", "optim.lr=2e-3", "trainer.max_steps=4"))
+    run = build(micro_overrides(tmp_path, data_dir, "resume=auto", "trainer.max_steps=4", "resume_allow_changes=true"))
+    assert run.fit() == 0 and run.trainer.global_step == 4
+    with pytest.raises(ValueError, match="different model shape.*model.n_layer: 2 -> 3"):
+        build(micro_overrides(tmp_path, data_dir, "resume=auto", "model.n_layer=3", "resume_allow_changes=true"))
+
+
+def test_resume_auto_skips_a_truncated_newest_checkpoint(tmp_path, data_dir, caplog):
+    assert build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=4")).fit() == 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / "best.ckpt").unlink()
+    newest = ckpts / "step-000004.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    newest.rename(ckpts / "step-000004.truncated.ckpt")
+    run = build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=4", "resume=auto"))
+    assert run.ckpt_path.name == "step-000002.ckpt"
+    assert "does not load" in caplog.text
+
+
+@pytest.mark.parametrize("resume, message", [("missing.ckpt", "no checkpoint at"), ("bad.ckpt", "cannot load")])
+def test_resume_from_a_bad_path_is_a_clear_error(tmp_path, data_dir, resume, message):
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=message):
+        build(micro_overrides(tmp_path, data_dir, f"resume={tmp_path / resume}"))
+    assert (tmp_path / "bad.ckpt").read_bytes() == b"not a checkpoint"
+
+
+def test_nonfinite_steps_are_skipped_then_training_halts_with_a_checkpoint(tmp_path, data_dir):
+    run = build(
+        micro_overrides(tmp_path, data_dir, "trainer.max_steps=10", "callbacks.grad_monitor.halt_on_nonfinite=2")
+    )
+
+    class PoisonLoss(L.Callback):  # makes every step from step 3 on produce a NaN loss
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step >= 3:
+                pl_module.model.embed_tokens.weight.grad = None
+                batch["input_ids"][:] = 0
+                pl_module.model.norm.eps = float("nan")
+
+    run.trainer.callbacks.append(PoisonLoss())
+    weights = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights[trainer.global_step] = pl_module.model.layers[0].mlp.up_proj.weight.detach().clone()
+
+    run.trainer.callbacks.append(Snapshot())
+    assert run.fit() == 1
+    assert run.module.stop_reason == "nonfinite" and run.module.skipped_steps == 2
+    assert torch.equal(weights[3], weights[5])  # skipped steps did not move the weights
+    assert (tmp_path / "run" / "checkpoints" / "halt-step-000005.ckpt").is_file()
+    assert not (tmp_path / "run" / "final").exists()
