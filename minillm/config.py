@@ -8,7 +8,6 @@ any tensor exists. Everything else is typed here, so a typo or a wrong type fail
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +73,6 @@ class StageConfig:
 
 @dataclass
 class DebugConfig:
-    prompt: str = "To be, or not to be"
     max_new_tokens: int = 32
     show_tokens: int = 48  # how many token ids of the first row to print
 
@@ -95,6 +93,7 @@ class Config:
     resume: Optional[str] = None  # "auto" (latest loadable checkpoint of run_dir) or a .ckpt path
     resume_allow_changes: bool = False  # resume although hyper-parameters differ from the checkpoint's
     overwrite: bool = False  # start fresh in a run_dir that already holds checkpoints (they are deleted)
+    prompt: str = "To be, or not to be"  # what debug (and later eval) generates from
     optimized_metric: str = "val/loss"  # what a multirun job returns to the sweeper
 
 
@@ -123,7 +122,3 @@ def model_preset(name: str, **overrides) -> ModelConfig:
     """The `ModelConfig` of conf/model/<name>.yaml (plus `key=value` overrides), validated."""
     cfg = compose([f"model={name}", *(f"model.{k}={v}" for k, v in overrides.items())])
     return OmegaConf.to_object(cfg.model)
-
-
-def data_dir_default() -> Optional[str]:
-    return os.environ.get(DATA_DIR_ENV) or None

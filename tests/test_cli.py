@@ -1,0 +1,111 @@
+"""Entry points: debug and device in-process; train as a real subprocess (exit codes, signals, multirun)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from minillm import debug, device
+from tests.conftest import micro_overrides
+
+
+def test_debug_prints_the_batch_one_step_and_a_generation(tmp_path, data_dir, capsys):
+    debug.main(micro_overrides(tmp_path, data_dir, 'prompt="你好，MiniGPT！"'))
+    out = capsys.readouterr().out
+    assert "input_ids (4, 33)" in out and "targets (4, 32)" in out
+    assert "-- raw text of row 0" in out and "-- token ids: [" in out and "-- loss mask (1 = trained on): [1, 1" in out
+    loss = float(out.split("one optimizer step: loss ")[1].split(",")[0])
+    grad = float(out.split("grad norm ")[1].split()[0])
+    assert 0 < loss < 20 and 0 < grad < 1e3
+    assert "generate('你好，MiniGPT！') -> " in out
+    assert not (tmp_path / "run").exists()  # debug writes nothing
+
+
+def test_device_reports_and_writes_a_snapshot(tmp_path, capsys):
+    device.main([f"run_dir={tmp_path / 'dev'}"])
+    out = capsys.readouterr().out
+    assert out.startswith("device: cpu") and (tmp_path / "dev" / "training_config_snapshot.json").is_file()
+
+
+def train_cmd(root, data, *extra):
+    return [sys.executable, "-m", "minillm.train", *micro_overrides(root, data, *extra)]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_143_and_resume_auto_finishes(tmp_path, data_dir):
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, data_dir, "trainer.max_steps=100000", "trainer.val_check_interval=1000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = tmp_path / "run" / "logs" / "metrics.csv"
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "checkpoints" / "step-000004.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "received interrupt signal — checkpoint saved to" in out and "rerun with resume=auto" in out
+    assert not (tmp_path / "run" / "final").exists()
+    interrupted_at = max(int(r["step"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss"))
+
+    done = subprocess.run(
+        train_cmd(
+            tmp_path, data_dir, f"trainer.max_steps={interrupted_at + 4}", "resume=auto", "resume_allow_changes=true"
+        ),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_bad_override_exits_with_hydra_message(tmp_path, data_dir):
+    done = subprocess.run(train_cmd(tmp_path, data_dir, "optim.lrr=1"), capture_output=True, text=True)
+    assert done.returncode != 0 and "optim.lrr" in done.stderr
+
+
+@pytest.mark.slow
+def test_fresh_run_into_a_used_run_dir_exits_2_with_the_way_out(tmp_path, data_dir):
+    first = subprocess.run(train_cmd(tmp_path, data_dir, "trainer.max_steps=2"), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run(train_cmd(tmp_path, data_dir, "trainer.max_steps=2"), capture_output=True, text=True)
+    assert again.returncode == 2 and "resume=auto" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_multirun_sweep_makes_one_directory_per_job(tmp_path, data_dir):
+    overrides = [o for o in micro_overrides(tmp_path, data_dir, "trainer.max_steps=3") if not o.startswith("run_dir=")]
+    env = dict(os.environ)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minillm.train",
+            "-m",
+            *overrides,
+            "optim.lr=1e-3,3e-3",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = set()
+    for job in jobs:
+        assert (job / "final" / "model.safetensors").is_file() and (job / "logs" / "metrics.csv").is_file()
+
+        lrs.add(json.loads((job / "training_config_snapshot.json").read_text())["config"]["optim"]["lr"])
+    assert lrs == {1e-3, 3e-3}
+    assert not (tmp_path / "outputs").exists()  # nothing escaped into the default run dir

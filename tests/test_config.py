@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from minillm.config import CONF_DIR, compose, to_config
+from minillm.stages import STAGES
+
+PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+STAGE_FILES = sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def test_every_stage_yaml_has_a_module():
+    assert set(STAGE_FILES) == set(STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGE_FILES)
+@pytest.mark.parametrize("model", PRESETS)
+def test_every_stage_and_model_composes_into_valid_dataclasses(stage, model):
+    cfg = compose([f"stage={stage}", f"model={model}"])
+    typed = to_config(cfg)
+    assert typed.stage.name == stage and typed.model.name == model
+    assert cfg.run_dir == f"outputs/{stage}_{model}"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_compose_and_set_steps(experiment):
+    cfg = compose([f"experiment={experiment}"])
+    assert cfg.trainer.max_steps > 0 and cfg.callbacks.checkpoint.every_n_train_steps > 0
+
+
+def test_stage_defaults_apply_and_the_command_line_wins():
+    stage_file = OmegaConf.load(CONF_DIR / "stage" / "pretrain.yaml")
+    cfg = compose(["stage=pretrain"])
+    assert cfg.trainer.max_steps == stage_file.trainer.max_steps
+    assert cfg.optim.lr == stage_file.optim.lr
+    cfg = compose(["stage=pretrain", "trainer.max_steps=7", "optim.lr=0.5", "experiment=demo"])
+    assert cfg.trainer.max_steps == 7 and cfg.optim.lr == 0.5
+
+
+def test_every_trainer_callback_and_logger_yaml_instantiates(tmp_path):
+    cfg = compose([f"run_dir={tmp_path}"])
+    for group in ("callbacks", "logger"):
+        for name, node in cfg[group].items():
+            obj = hydra.utils.instantiate(node)
+            assert type(obj).__name__, f"{group}.{name}"
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model=nope", "nope"),
+        ("model.n_layr=3", "n_layr"),
+        ("trainer.max_stpes=3", "max_stpes"),
+        ("optim.lr=fast", "lr"),
+        ("data.batch_size=many", "batch_size"),
+        ("stage=nope", "nope"),
+    ],
+)
+def test_typos_and_wrong_types_fail_at_compose_time(override, fragment):
+    with pytest.raises(ConfigCompositionException, match=fragment):
+        compose([override])
+
+
+def test_invalid_values_fail_when_converted():
+    with pytest.raises(ValueError, match="data.batch_size must be >= 1"):
+        to_config(compose(["data.batch_size=0"]))
+
+
+def test_the_whole_config_tree_is_in_the_repo():
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    assert {
+        "model",
+        "stage",
+        "data",
+        "tokenizer",
+        "optim",
+        "trainer",
+        "callbacks",
+        "logger",
+        "experiment",
+        "debug",
+    } <= groups
+    assert Path(CONF_DIR / "train.yaml").is_file()
