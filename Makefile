@@ -25,9 +25,13 @@ $(REF_STAMP): pyproject.toml
 data: $(STAMP)
 	$(PY) -m minillm.data.builtin
 
-# The main job. Until the training pipeline lands: built-in corpus -> tokenizer -> generate API on a fresh tiny model.
+# The main job: pretrain model=tiny on the built-in corpus (resume=auto: a finished stage is not redone), then generate.
+DEMO_MODEL ?= tiny
+DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
 demo: data
-	$(PY) -m minillm.quickstart
+	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=demo resume=auto
+	$(PY) -m minillm.generate model_path=outputs/pretrain_$(DEMO_MODEL)/final $(DEMO_PROMPTS) \
+		max_new_tokens=48 temperature=0.8 top_p=0.9 repetition_penalty=1.1 seed=0
 
 test: $(STAMP)
 	$(PY) -m ruff check minillm tests

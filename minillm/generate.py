@@ -388,3 +388,33 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[MiniGPT, 
     """(model in eval mode on `device`, tokenizer) from an exported folder or a training checkpoint."""
     model, tokenizer = load_pretrained(path, map_location="cpu")
     return model.to(device), tokenizer
+
+
+def main(argv: list[str]) -> None:
+    """python -m minillm.generate model_path=DIR 'prompt="Hello, world"' [max_new_tokens=64 top_p=0.9 ...]
+
+    `prompt` may be a list (prompt='["To be","你好"]') for one batched call; every other key is a
+    GenerationConfig field. Values are parsed like Hydra overrides, so quote commas, `!` and non-ASCII text.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    values = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
+    if "model_path" not in values:
+        raise SystemExit("usage: python -m minillm.generate model_path=DIR 'prompt=\"text\"' [GenerationConfig fields]")
+    model_path, prompt = str(values.pop("model_path")), values.pop("prompt", "")
+    device = str(values.pop("device", "cpu"))
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerationConfig), values))
+        model, tokenizer = load_model(model_path, device)
+    except Exception as e:  # an unknown key, a wrong type, a missing folder: say which
+        raise SystemExit(f"error: {e}") from None
+    prompts = [str(p) for p in prompt] if isinstance(prompt, list) else [str(prompt)]
+    for p, text in zip(prompts, generate(model, tokenizer, prompts, config)):
+        print(f"{p}{text}\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
