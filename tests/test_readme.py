@@ -16,7 +16,7 @@ def test_readme_generate_example_runs(tokenizer, tmp_path, capsys):
     ]
     torch.manual_seed(0)
     folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
-    code = block.replace('"outputs/quickstart/init"', repr(str(folder)))
+    code = block.replace('"outputs/pretrain_tiny/final"', repr(str(folder)))
     namespace = {}
     exec(compile(code, str(README), "exec"), namespace)
     out = namespace["out"]

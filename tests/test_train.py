@@ -163,3 +163,35 @@ def test_nonfinite_steps_are_skipped_then_training_halts_with_a_checkpoint(tmp_p
     assert torch.equal(weights[3], weights[5])  # skipped steps did not move the weights
     assert (tmp_path / "run" / "checkpoints" / "halt-step-000005.ckpt").is_file()
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_resume_with_another_tokenizer_is_refused(tmp_path, data_dir):
+    assert build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2")).fit() == 0
+    with pytest.raises(ValueError, match="trained with tokenizer sha256 .* this run's tokenizer is"):
+        build(
+            micro_overrides(
+                tmp_path, data_dir, "resume=auto", "tokenizer.character_coverage=0.999", "resume_allow_changes=true"
+            )
+        )
+
+
+def test_grad_monitor_warns_on_a_spike_naming_the_step(caplog):
+    from types import SimpleNamespace
+
+    from minillm.callbacks.grad_monitor import GradMonitor
+
+    monitor = GradMonitor(spike_factor=5.0, window=20)
+    weight = torch.nn.Parameter(torch.zeros(4))
+    logged = {}
+    module = SimpleNamespace(parameters=lambda: [weight], log_dict=logged.update)
+    for step, scale in enumerate([1.0] * 12 + [50.0]):
+        weight.grad = torch.full((4,), scale / 2)  # norm = scale
+        monitor.on_before_optimizer_step(SimpleNamespace(global_step=step), module, None)
+    assert logged["grad/total_norm"] == pytest.approx(50.0) and logged["grad/nonfinite"] == 0
+    assert monitor.spikes == [12] and "step 12: gradient norm 50" in caplog.text
+    weight.grad = torch.tensor([1.0, float("nan"), 0.0, 0.0])
+    monitor.on_before_optimizer_step(SimpleNamespace(global_step=13), module, None)
+    assert logged["grad/nonfinite"] == 1 and len(monitor.history) == 13  # non-finite norms stay out of the median
+    restored = GradMonitor()
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.history == monitor.history and restored.spikes == [12]

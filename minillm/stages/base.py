@@ -78,8 +78,10 @@ class LMModule(L.LightningModule):
     # ---- the non-finite guard: skip the update, the same decision on every rank ----
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        finite = self._last_loss is None or bool(torch.isfinite(self._last_loss))
-        finite = finite and all(bool(torch.isfinite(g).all()) for g in grads)
+        checks = [torch.isfinite(g).all() for g in grads]
+        if self._last_loss is not None:
+            checks.append(torch.isfinite(self._last_loss))
+        finite = bool(torch.stack(checks).all()) if checks else True  # one device sync
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             self.nonfinite_streak = 0
