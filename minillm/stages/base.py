@@ -12,6 +12,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
+from torchmetrics import MeanMetric
 
 from minillm.config import OptimConfig
 from minillm.model import MiniGPT, ModelConfig
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 class LMModule(L.LightningModule):
     data_subdir = "pretrain"  # where the stage's files live in a data dir
+    data_kind = "text"  # what the data module builds: "text" (packed windows) or "chat" (conversations)
 
     def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
         """`config` is the whole resolved run config as plain dicts (checkpoints load with weights_only=True)."""
@@ -29,6 +31,7 @@ class LMModule(L.LightningModule):
         self.optim = OptimConfig(**config["optim"])
         self.max_steps = int(config["trainer"].get("max_steps") or -1)
         self.model = MiniGPT(ModelConfig(**config["model"]))
+        self.val_loss = MeanMetric()  # stages update it per batch, weighted by target tokens
         self.stop_reason: str | None = None  # set by callbacks that end training early (interrupt, non-finite)
         self.nonfinite_streak = 0
         self.skipped_steps = 0
@@ -74,6 +77,12 @@ class LMModule(L.LightningModule):
             self.log("train/tokens_per_s", self._tokens / max(now - self._clock, 1e-9), prog_bar=True)
         self._clock = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss))
+        self.val_loss.reset()
 
     # ---- the non-finite guard: skip the update, the same decision on every rank ----
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics import MeanMetric
 
 from minillm.losses import lm_loss
 from minillm.stages.base import LMModule
@@ -11,10 +10,6 @@ from minillm.stages.base import LMModule
 
 class PretrainModule(LMModule):
     data_subdir = "pretrain"
-
-    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
-        super().__init__(config, tokenizer_sha256)
-        self.val_loss = MeanMetric()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]  # (B, T + 1)
@@ -28,9 +23,3 @@ class PretrainModule(LMModule):
         ids = batch["input_ids"]
         loss = lm_loss(self.model(ids[:, :-1]).logits, ids[:, 1:])
         self.val_loss.update(loss, weight=ids[:, 1:].numel())
-
-    def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss))
-        self.val_loss.reset()
