@@ -43,6 +43,7 @@ class DataConfig:
     sample_ratio: float = 1.0  # global, multiplies each source's sample_ratio
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     skip_bad_records: bool = False  # skip and count malformed lines instead of failing
+    packing: bool = False  # chat data: several conversations per window (block-diagonal attention)
     num_workers: int = 0
     num_proc: int = 1  # processes for tokenization
     cache_dir: str = "data/cache/datasets"
@@ -69,6 +70,7 @@ class OptimConfig:
 @dataclass
 class StageConfig:
     name: str = "pretrain"
+    parent: Optional[str] = None  # the stage whose final/ weights init_from=auto starts from
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Config:
     logger: dict[str, Any] = field(default_factory=dict)
     seed: int = 1337
     run_dir: str = "outputs/${stage.name}_${model.name}"
+    init_from: Optional[str] = "auto"  # auto: outputs/<stage.parent>_<model.name>/final; or a folder / .ckpt; null
+    init_sha256: Optional[str] = None  # filled in by build(): sha256 of the init weights file
     resume: Optional[str] = None  # "auto" (latest loadable checkpoint of run_dir) or a .ckpt path
     resume_allow_changes: bool = False  # resume although hyper-parameters differ from the checkpoint's
     overwrite: bool = False  # start fresh in a run_dir that already holds checkpoints (they are deleted)

@@ -17,13 +17,13 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from minillm.model import MiniGPT
 from minillm.pretrained import load_pretrained
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import Tokenizer, apply_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +275,29 @@ def _generate_ids(
     return rows
 
 
-def _encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (B, P) ids and mask. An empty prompt starts from </s>, the document separator of pretraining."""
-    encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+Prompt = Union[str, list[dict]]  # plain text, or a conversation [{"role", "content"}, ...]
+
+
+def _is_conversation(prompt: object) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def _as_batch(prompts: Prompt | Sequence[Prompt]) -> tuple[list[Prompt], bool]:
+    """(list of prompts, whether a single prompt was given)."""
+    if isinstance(prompts, str) or _is_conversation(prompts):
+        return [prompts], True
+    return list(prompts), False
+
+
+def _encode_prompts(tokenizer: Tokenizer, prompts: Sequence[Prompt], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, P) ids and mask. A conversation is rendered with the chat template, ending with an open
+    assistant turn. An empty prompt starts from </s>, the document separator of pretraining."""
+    encoded = [
+        apply_chat_template(tokenizer, p, add_generation_prompt=True).ids
+        if _is_conversation(p)
+        else tokenizer.encode(p) or [tokenizer.eos_id]
+        for p in prompts
+    ]
     return left_pad(encoded, tokenizer.pad_id, device)
 
 
@@ -303,22 +323,23 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def generate(
-    model: MiniGPT, tokenizer: Tokenizer, prompts: str | Sequence[str], config: Optional[GenerationConfig] = None
+    model: MiniGPT, tokenizer: Tokenizer, prompts: Prompt | Sequence[Prompt], config: Optional[GenerationConfig] = None
 ) -> str | list[str]:
-    """Continue one prompt (returns a string) or a batch of prompts (returns a list); only the new text."""
+    """Continue one prompt (returns a string) or a batch (returns a list); only the new text. A prompt is text
+    or a conversation (a list of {"role", "content"} messages), which gets the assistant's reply."""
     config = config or GenerationConfig()
-    batch = [prompts] if isinstance(prompts, str) else list(prompts)
+    batch, single = _as_batch(prompts)
     with _eval_mode(model):
         input_ids, attention_mask = _encode_prompts(tokenizer, batch, _device(model))
         rows = _generate_ids(model, tokenizer, input_ids, attention_mask, config)
     texts = [_to_text(tokenizer, row, config) for row in rows]
-    return texts[0] if isinstance(prompts, str) else texts
+    return texts[0] if single else texts
 
 
 def stream(
-    model: MiniGPT, tokenizer: Tokenizer, prompt: str, config: Optional[GenerationConfig] = None
+    model: MiniGPT, tokenizer: Tokenizer, prompt: Prompt, config: Optional[GenerationConfig] = None
 ) -> Iterator[str]:
-    """Yield the continuation of one prompt piece by piece as it is generated.
+    """Yield the continuation of one prompt (text or conversation) piece by piece as it is generated.
 
     A character spelled by several byte-fallback tokens (an emoji, a rare Chinese character) is held back
     until all its bytes have arrived, so every yielded piece is whole text.
@@ -377,10 +398,12 @@ class TextGenerator:
             new[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         return torch.cat([input_ids, new], dim=1)
 
-    def generate(self, prompts: str | Sequence[str], config: Optional[GenerationConfig] = None) -> str | list[str]:
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], config: Optional[GenerationConfig] = None
+    ) -> str | list[str]:
         return generate(self.model, self.tokenizer, prompts, config)
 
-    def stream(self, prompt: str, config: Optional[GenerationConfig] = None) -> Iterator[str]:
+    def stream(self, prompt: Prompt, config: Optional[GenerationConfig] = None) -> Iterator[str]:
         return stream(self.model, self.tokenizer, prompt, config)
 
 
@@ -393,8 +416,9 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[MiniGPT, 
 def main(argv: list[str]) -> None:
     """python -m minillm.generate model_path=DIR 'prompt="Hello, world"' [max_new_tokens=64 top_p=0.9 ...]
 
-    `prompt` may be a list (prompt='["To be","你好"]') for one batched call; every other key is a
-    GenerationConfig field. Values are parsed like Hydra overrides, so quote commas, `!` and non-ASCII text.
+    `prompt` may be a list (prompt='["To be","你好"]') or `prompt_file=FILE` (one per line) for one batched call;
+    `chat=true` sends each prompt as a user message through the chat template (for SFT models); every other key
+    is a GenerationConfig field. Values are parsed like Hydra overrides, so quote commas, `!` and non-ASCII text.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
@@ -403,15 +427,19 @@ def main(argv: list[str]) -> None:
     if "model_path" not in values:
         raise SystemExit("usage: python -m minillm.generate model_path=DIR 'prompt=\"text\"' [GenerationConfig fields]")
     model_path, prompt = str(values.pop("model_path")), values.pop("prompt", "")
-    device = str(values.pop("device", "cpu"))
+    device, as_chat = str(values.pop("device", "cpu")), bool(values.pop("chat", False))
+    if "prompt_file" in values:  # one prompt per line
+        with open(str(values.pop("prompt_file")), encoding="utf-8") as f:
+            prompt = [line.rstrip("\n") for line in f if line.strip()]
     try:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerationConfig), values))
         model, tokenizer = load_model(model_path, device)
     except Exception as e:  # an unknown key, a wrong type, a missing folder: say which
         raise SystemExit(f"error: {e}") from None
     prompts = [str(p) for p in prompt] if isinstance(prompt, list) else [str(prompt)]
-    for p, text in zip(prompts, generate(model, tokenizer, prompts, config)):
-        print(f"{p}{text}\n")
+    inputs = [[{"role": "user", "content": p}] for p in prompts] if as_chat else prompts
+    for p, text in zip(prompts, generate(model, tokenizer, inputs, config)):
+        print(f"{p}\n→ {text}\n" if as_chat else f"{p}{text}\n")
 
 
 if __name__ == "__main__":

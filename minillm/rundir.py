@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -56,6 +57,44 @@ SHAPE_KEYS = (
 
 class ResumeError(ValueError):
     pass
+
+
+def resolve_init(init_from: str | None, parent: str | None, model_name: str) -> Path | None:
+    """The weights a stage starts from: its parent stage's final/ (init_from=auto), a given path, or none."""
+    if init_from in (None, "", "none", "null") or (init_from == "auto" and parent is None):
+        return None
+    if init_from == "auto":
+        path = Path("outputs") / f"{parent}_{model_name}" / "final"
+        if not (path / "minillm.json").is_file():
+            raise FileNotFoundError(
+                f"init_from=auto needs the {parent} stage's weights, but {path} does not exist. Run "
+                f"`python -m minillm.train stage={parent} model={model_name}` first, or set init_from=<exported "
+                "folder or .ckpt>"
+            )
+        return path
+    path = Path(init_from)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from={init_from}: no such folder or checkpoint")
+    return path
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of the weights file of an exported folder (model.safetensors) or of a checkpoint file."""
+    target = path / "model.safetensors" if path.is_dir() else path
+    h = hashlib.sha256()
+    with target.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_same_shape(init: dict, model: dict, where: Path) -> None:
+    diffs = [f"{k}: {init.get(k)!r} (init) vs {model.get(k)!r}" for k in SHAPE_KEYS if init.get(k) != model.get(k)]
+    if diffs:
+        raise ResumeError(
+            f"init_from={where} has a different architecture ({'; '.join(diffs)}); use the model "
+            "preset it was trained with"
+        )
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
@@ -162,6 +201,12 @@ def check_resume(path: Path, config: dict, tokenizer_sha256: str, allow_changes:
             f"{path} was trained with tokenizer sha256 {str(hparams.get('tokenizer_sha256'))[:12]}…, "
             f"this run's tokenizer is {tokenizer_sha256[:12]}… (the corpus or tokenizer settings "
             "changed); resume with the original data, or start a new run_dir"
+        )
+    if old.get("init_sha256") != config.get("init_sha256"):
+        raise ResumeError(
+            f"{path} started from init weights with sha256 {str(old.get('init_sha256'))[:12]}…, but "
+            f"{config.get('init_from')} now has {str(config.get('init_sha256'))[:12]}… (the parent "
+            "stage was retrained); start a new run_dir, or point init_from at the original weights"
         )
     diffs = config_differences(old, config)
     if diffs and not allow_changes:

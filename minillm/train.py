@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -23,6 +23,7 @@ from minillm import rundir
 from minillm.callbacks.interrupt import InterruptCallback
 from minillm.config import compose, resolved_dict, to_config
 from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
+from minillm.pretrained import load_pretrained
 from minillm.stages import STAGES, LMModule
 from minillm.tokenizer import get_tokenizer
 
@@ -69,8 +70,14 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     run_dir = Path(typed.run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
 
-    files = find_files(resolve_data_dir(typed.data), stage_cls.data_subdir)
-    tokenizer = get_tokenizer(files, typed.tokenizer)
+    patterns = ("*.jsonl", "*.txt") if stage_cls.data_kind == "text" else ("*.jsonl",)
+    files = find_files(resolve_data_dir(typed.data), stage_cls.data_subdir, patterns)
+    init_dir = rundir.resolve_init(typed.init_from, typed.stage.parent, typed.model.name)
+    if init_dir is not None:  # later stages take the tokenizer saved with their init weights
+        init_model, tokenizer = load_pretrained(init_dir)
+        cfg.init_from, cfg.init_sha256 = str(init_dir), rundir.weights_sha256(init_dir)
+    else:  # only pretraining trains a tokenizer
+        tokenizer = get_tokenizer(files, typed.tokenizer)
     if typed.model.vocab_size not in (0, tokenizer.vocab_size):
         raise ValueError(
             f"model.vocab_size={typed.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
@@ -78,6 +85,8 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         )
     cfg.model.vocab_size = tokenizer.vocab_size
     config = resolved_dict(cfg)
+    if init_dir is not None:
+        rundir.check_same_shape(asdict(init_model.config), config["model"], init_dir)
     if ckpt_path is not None:
         rundir.check_resume(ckpt_path, config, tokenizer.sha256, typed.resume_allow_changes)
 
@@ -98,7 +107,15 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     if not inspect and ckpt_path is None and typed.overwrite:
         rundir.clear_for_overwrite(run_dir)
     L.seed_everything(typed.seed, workers=True, verbose=False)
-    datamodule = MiniLLMDataModule(typed.data, files, tokenizer, typed.model.block_size, typed.seed)
+    datamodule = MiniLLMDataModule(
+        typed.data,
+        files,
+        tokenizer,
+        typed.model.block_size,
+        typed.seed,
+        kind=stage_cls.data_kind,
+        accumulate=int(cfg.trainer.accumulate_grad_batches),
+    )
     datamodule.setup("fit")
     if typed.data.val_ratio > 0 and len(datamodule.val) == 0:
         raise ValueError(
@@ -106,6 +123,9 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             "data.val_ratio, or set data.val_ratio=0 to train without validation"
         )
     module = stage_cls(config, tokenizer.sha256)
+    if init_dir is not None and ckpt_path is None:  # resume takes precedence over init_from
+        module.model.load_state_dict(init_model.state_dict())
+        log.info("initialised from %s (sha256 %s…)", init_dir, cfg.init_sha256[:12])
     if not inspect and trainer.is_global_zero:
         rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
         datamodule.write_stats(run_dir / "dataset_stats.json")

