@@ -43,7 +43,6 @@ RESUME_FREE_KEYS = (
 )
 SHAPE_KEYS = (
     "vocab_size",
-    "block_size",
     "n_layer",
     "n_embd",
     "n_head",

@@ -52,10 +52,10 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-def micro_overrides(root: Path, data: Path, *extra: str) -> list[str]:
+def micro_overrides(root: Path, data: Path, *extra: str, stage: str = "pretrain") -> list[str]:
     """A micro model on the fixture data, every cache and output under `root`."""
     return [
-        "stage=pretrain",
+        f"stage={stage}",
         "model=tiny",
         "model.n_layer=2",
         "model.n_embd=64",
@@ -80,6 +80,41 @@ def micro_overrides(root: Path, data: Path, *extra: str) -> list[str]:
         f"run_dir={root}/run",
         *extra,
     ]
+
+
+CHATS = [
+    [("user", "What is 2 + 3?"), ("assistant", "5")],
+    [("system", "You are terse."), ("user", "Hello"), ("assistant", "Hi."), ("user", "你好"), ("assistant", "你好！")],
+    [("user", "Recite the first line."), ("assistant", "In the beginning God created the heaven and the earth.")],
+    [("user", "Reverse the words: apple moon"), ("assistant", "moon apple")],
+]
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory) -> Path:
+    """A data dir with sft/ in two formats (minimind conversations and OpenAI messages)."""
+    root = tmp_path_factory.mktemp("chat")
+    (root / "sft").mkdir()
+    with (root / "sft" / "dialogues.jsonl").open("w", encoding="utf-8") as f:
+        for i in range(240):
+            turns = [{"role": r, "content": c} for r, c in CHATS[i % len(CHATS)]]
+            turns[-1]["content"] += f" ({i % 7})"
+            f.write(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
+    with (root / "sft" / "qa.jsonl").open("w", encoding="utf-8") as f:
+        for i in range(120):
+            msgs = [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, data_dir) -> Path:
+    """The final/ folder of a micro pretraining run (what SFT starts from)."""
+    from minillm.train import build
+
+    root = tmp_path_factory.mktemp("pretrained")
+    assert build(micro_overrides(root, data_dir, "trainer.max_steps=4")).fit() == 0
+    return root / "run" / "final"
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,215 @@
+import io
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from minillm import chat
+from minillm.data.datamodule import encode_chat
+from minillm.data.records import DataError, to_messages
+from minillm.generate import load_model
+from minillm.losses import IGNORE_INDEX
+from minillm.model import packed_attention_mask
+from minillm.train import build
+from tests.conftest import micro_overrides
+
+
+def sft(root, chat_dir, pretrained, *extra):
+    return micro_overrides(root, chat_dir, f"init_from={pretrained}", "data.val_ratio=0.1", *extra, stage="sft")
+
+
+FORMATS = {
+    "conversations": {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+    "messages": {
+        "messages": [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    },
+    "alpaca": {"instruction": "Greet", "input": "Bob", "output": "Hello, Bob!"},
+    "prompt_response": {"prompt": "Hi", "response": "Hello!"},
+    "multi_turn": {
+        "conversations": [
+            {"role": "user", "content": "A"},
+            {"role": "assistant", "content": "one"},
+            {"role": "user", "content": "B"},
+            {"role": "assistant", "content": "two"},
+        ]
+    },
+}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_labels_cover_exactly_the_assistant_tokens_in_every_format(tokenizer, name):
+    messages = to_messages(FORMATS[name])
+    ids, labels, truncated = encode_chat(tokenizer, messages, window=200)
+    assert not truncated and len(ids) == len(labels)
+    learned = [t for t in labels if t != IGNORE_INDEX]
+    expected = []
+    for m in messages:
+        if m["role"] == "assistant":
+            expected += tokenizer.encode(m["content"]) + [tokenizer.im_end_id]
+    assert learned == expected
+    if name == "alpaca":
+        assert messages[0]["content"] == "Greet\n\nBob"
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"conversations": []}, "the conversation is empty"),
+        ({"conversations": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'"),
+        ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant message"),
+        ({"text": "plain"}, "no chat fields"),
+    ],
+)
+def test_bad_conversations_are_named_with_file_and_line(tmp_path, tokenizer, record, message):
+    from minillm.config import DataConfig
+    from minillm.data.datamodule import MiniLLMDataModule
+
+    f = tmp_path / "sft" / "bad.jsonl"
+    f.parent.mkdir()
+    good = {"prompt": "Hi", "response": "Hello"}
+    f.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    dm = MiniLLMDataModule(DataConfig(cache_dir=str(tmp_path / "c"), batch_size=1), [f], tokenizer, 32, 0, kind="chat")
+    with pytest.raises(DataError, match=rf"bad\.jsonl:2: .*{message}"):
+        dm.setup()
+
+
+def test_truncation_drops_the_oldest_whole_turns_and_keeps_the_system_prompt(tokenizer):
+    messages = [{"role": "system", "content": "Sys."}]
+    for i in range(6):
+        messages += [
+            {"role": "user", "content": f"Question number {i}?"},
+            {"role": "assistant", "content": f"Answer number {i}."},
+        ]
+    full, _, _ = encode_chat(tokenizer, messages, window=10_000)
+    ids, labels, truncated = encode_chat(tokenizer, messages, window=len(full) - 5)
+    text = tokenizer.decode(ids)
+    assert truncated and text.startswith("system\nSys.")  # control tokens decode to nothing
+    assert "Question number 0?" not in text and "Answer number 5." in text
+    assert "Question number 1?" in text  # only whole exchanges were dropped
+    # A last answer that cannot fit is cut, never dropped: some of it is still learned.
+    long = [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": "word " * 200}]
+    ids, labels, truncated = encode_chat(tokenizer, long, window=40)
+    assert truncated and len(ids) == 40 and sum(t != IGNORE_INDEX for t in labels) > 15
+    # A prompt longer than the window keeps the end, where the answer is.
+    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    ids, labels, _ = encode_chat(tokenizer, long_prompt, window=40)
+    assert [t for t in labels if t != IGNORE_INDEX] == tokenizer.encode("ok") + [tokenizer.im_end_id]
+
+
+def test_packed_conversations_never_attend_across_boundaries(tmp_path, chat_dir, pretrained):
+    run = build(sft(tmp_path, chat_dir, pretrained, "data.packing=true", "model.block_size=160"), inspect=True)
+    row = run.datamodule.train[0]
+    positions = row["position_ids"]
+    starts = (positions == 0).nonzero().flatten().tolist() + [len(positions)]
+    assert len(starts) > 2  # several conversations share the window
+    model = run.module.model.eval()
+    with torch.no_grad():
+        packed = model(
+            row["input_ids"][None], position_ids=positions[None], attention_mask=packed_attention_mask(positions[None])
+        ).logits[0]
+        for a, b in zip(starts, starts[1:]):
+            alone = model(row["input_ids"][None, a:b]).logits[0]
+            torch.testing.assert_close(packed[a:b], alone, atol=1e-5, rtol=0)
+    assert 0.5 < run.datamodule.stats["packing_efficiency"] <= 1.0
+
+
+def test_sft_starts_from_the_pretrained_weights(tmp_path, chat_dir, pretrained):
+    run = build(sft(tmp_path, chat_dir, pretrained))
+    init, tokenizer = load_model(str(pretrained))
+    for name, tensor in init.state_dict().items():
+        assert torch.equal(run.module.model.state_dict()[name], tensor), name
+    assert run.datamodule.tokenizer.sha256 == tokenizer.sha256  # no tokenizer is trained for SFT
+    assert run.config.init_sha256 and run.config.init_from == str(pretrained)
+
+
+def test_sft_lowers_the_held_out_assistant_loss(tmp_path, chat_dir, pretrained):
+    run = build(
+        sft(
+            tmp_path,
+            chat_dir,
+            pretrained,
+            "trainer.max_steps=30",
+            "trainer.val_check_interval=30",
+            "optim.lr=3e-3",
+            "trainer.limit_val_batches=null",
+        )
+    )
+    before = L.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False
+    ).validate(run.module, datamodule=run.datamodule, verbose=False)[0]["val/loss"]
+    assert run.fit() == 0
+    after = float(run.trainer.callback_metrics["val/loss"])
+    assert after < before - 0.5
+    stats = json.loads((tmp_path / "run" / "dataset_stats.json").read_text())
+    assert stats["kind"] == "chat" and stats["sources"]["qa"]["train_assistant_tokens"] > 0
+    model, tokenizer = load_model(str(tmp_path / "run" / "final"))
+    snapshot = json.loads((tmp_path / "run" / "training_config_snapshot.json").read_text())
+    assert snapshot["config"]["init_sha256"] == run.config.init_sha256
+
+
+def test_gradient_accumulation_does_not_change_the_update(tmp_path, chat_dir, pretrained):
+    params = {}
+    for name, extra in {
+        "a1b4": ["data.batch_size=4"],
+        "a2b2": ["data.batch_size=2", "trainer.accumulate_grad_batches=2"],
+    }.items():
+        run = build(
+            sft(
+                tmp_path / name,
+                chat_dir,
+                pretrained,
+                "trainer.max_steps=1",
+                "trainer.gradient_clip_val=0",
+                "trainer.limit_val_batches=0",
+                "data.val_ratio=0",
+                *extra,
+            )
+        )
+        assert run.fit() == 0
+        params[name] = {k: v.clone() for k, v in run.module.model.state_dict().items()}
+    init, _ = load_model(str(pretrained))
+    moved = 0
+    for k, v in params["a1b4"].items():
+        torch.testing.assert_close(params["a2b2"][k], v, atol=1e-6, rtol=1e-5)
+        moved += not torch.equal(v, init.state_dict()[k])
+    assert moved > 0
+
+
+def test_init_from_auto_without_the_parent_run_says_what_to_run(tmp_path, chat_dir):
+    overrides = [o for o in micro_overrides(tmp_path, chat_dir, stage="sft")]
+    with pytest.raises(FileNotFoundError, match="python -m minillm.train stage=pretrain model=tiny"):
+        build(overrides)
+
+
+def test_resume_after_the_parent_weights_changed_is_refused(tmp_path, chat_dir, pretrained):
+    copy = tmp_path / "parent"
+    import shutil
+
+    shutil.copytree(pretrained, copy)
+    assert build(sft(tmp_path, chat_dir, copy, "trainer.max_steps=2")).fit() == 0
+    model, tok = load_model(str(copy))
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    from minillm.pretrained import save_pretrained
+
+    save_pretrained(model, tok, copy)
+    with pytest.raises(ValueError, match="parent stage was retrained"):
+        build(sft(tmp_path, chat_dir, copy, "trainer.max_steps=2", "resume=auto"))
+
+
+def test_architecture_mismatch_with_the_init_weights_is_an_error(tmp_path, chat_dir, pretrained):
+    with pytest.raises(ValueError, match="different architecture.*n_layer: 2 \\(init\\) vs 3"):
+        build(sft(tmp_path, chat_dir, pretrained, "model.n_layer=3"))
+
+
+def test_chat_cli_keeps_history_and_resets(pretrained, capsys):
+    stdin = io.StringIO("Hello\nWhat did I say?\n/reset\nAgain\n/exit\n")
+    out = io.StringIO()
+    chat.main([f"model_path={pretrained}", "max_new_tokens=4", "seed=0", 'system="Be brief."'], stdin=stdin, out=out)
+    text = out.getvalue()
+    assert text.count("bot> ") == 3 and "(history cleared)" in text and "you> Hello" in text
