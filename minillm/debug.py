@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     tok = run.datamodule.tokenizer
     batch = next(iter(run.datamodule.train_dataloader()))
     ids = batch["input_ids"]
-    targets = ids[:, 1:]
+    targets = batch.get("labels", ids)[:, 1:]  # chat stages: -100 outside the assistant tokens
     n = cfg.debug.show_tokens
     print(f"== config: stage={cfg.stage.name} model={cfg.model.name} ({run.module.model.num_parameters():,} params)")
     print(

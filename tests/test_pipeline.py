@@ -1,4 +1,5 @@
-"""The chain `make demo` runs, on the real built-in corpus, from an empty working directory (slow)."""
+"""The chain `make demo` runs (pretrain, generate, SFT, chat) on the real built-in corpus, from an empty
+working directory (slow)."""
 
 import os
 import subprocess
@@ -45,3 +46,35 @@ def test_pretrain_on_the_builtin_corpus_then_generate(tmp_path):
     )
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert "To be, or not to be" in gen.stdout and "你好，MiniGPT！" in gen.stdout
+
+    sft = [
+        sys.executable,
+        "-m",
+        "minillm.train",
+        "stage=sft",
+        "model=tiny",
+        "experiment=demo_sft",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "trainer.enable_progress_bar=false",
+        "resume=auto",
+    ]
+    done = subprocess.run(sft, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "initialised from outputs/pretrain_tiny/final" in done.stdout
+    chat = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "minillm.chat",
+            "model_path=outputs/sft_tiny/final",
+            "do_sample=false",
+            "max_new_tokens=8",
+        ],
+        input="What is 12 + 7?\n/exit\n",
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert chat.returncode == 0 and chat.stdout.count("bot> ") == 1, chat.stderr[-2000:]

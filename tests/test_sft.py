@@ -213,3 +213,13 @@ def test_chat_cli_keeps_history_and_resets(pretrained, capsys):
     chat.main([f"model_path={pretrained}", "max_new_tokens=4", "seed=0", 'system="Be brief."'], stdin=stdin, out=out)
     text = out.getvalue()
     assert text.count("bot> ") == 3 and "(history cleared)" in text and "you> Hello" in text
+
+
+def test_debug_shows_the_assistant_loss_mask_for_sft(tmp_path, chat_dir, pretrained, capsys):
+    from minillm import debug
+
+    debug.main(sft(tmp_path, chat_dir, pretrained))
+    out = capsys.readouterr().out
+    mask = json.loads(out.split("-- loss mask (1 = trained on): ")[1].split("\n")[0])
+    assert 0 in mask and 1 in mask  # prompts are not trained on, answers are
+    assert "== one optimizer step: loss" in out
