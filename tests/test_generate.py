@@ -25,6 +25,8 @@ class ScriptedModel(MiniGPT):
         self.script, self.calls = script, 0
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None, last_only=False):
+        if cache is not None and cache.length == 0:  # a new generation starts the script again
+            self.calls = 0
         out = super().forward(input_ids, position_ids, attention_mask, cache, last_only)  # keeps the cache going
         logits = torch.full_like(out.logits, -1e4)
         logits[..., self.script[min(self.calls, len(self.script) - 1)]] = 0.0
@@ -197,7 +199,6 @@ def test_eos_ends_generation_and_finished_rows_are_padded(tokenizer):
     gen = TextGenerator(model, tokenizer)
     out = gen.sample_generate(torch.tensor([[7, 8]]), config=GenerationConfig(max_new_tokens=20, do_sample=False))
     assert out[0].tolist() == [7, 8] + body + [tokenizer.eos_id]
-    model.calls = 0
     assert gen.generate("hi", GenerationConfig(max_new_tokens=20, do_sample=False)) == "ok then"
 
 

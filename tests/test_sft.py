@@ -223,3 +223,33 @@ def test_debug_shows_the_assistant_loss_mask_for_sft(tmp_path, chat_dir, pretrai
     mask = json.loads(out.split("-- loss mask (1 = trained on): ")[1].split("\n")[0])
     assert 0 in mask and 1 in mask  # prompts are not trained on, answers are
     assert "== one optimizer step: loss" in out
+
+
+def test_generate_cli_reads_a_prompt_file_and_speaks_chat(tmp_path, pretrained, capsys):
+    from minillm import generate
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is 2 + 3?\n\nHello\n", encoding="utf-8")
+    generate.main([f"model_path={pretrained}", f"prompt_file={prompts}", "chat=true", "max_new_tokens=3", "seed=1"])
+    out = capsys.readouterr().out
+    assert out.count("→ ") == 2 and "What is 2 + 3?" in out and "Hello" in out
+    with pytest.raises(SystemExit, match="max_new_tokenz"):
+        generate.main([f"model_path={pretrained}", "prompt=x", "max_new_tokenz=3"])
+
+
+def test_exact_match_counts_only_exact_replies(tokenizer):
+    from minillm.eval import exact_match
+    from tests.test_generate import scripted
+
+    records = [
+        {
+            "conversations": [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": "7"}],
+            "answer": "7",
+        }
+        for i in range(3)
+    ]
+    right = scripted(tokenizer, tokenizer.encode("7") + [tokenizer.im_end_id])
+    assert exact_match(right, tokenizer, records, batch_size=1)["exact_match"] == 1.0
+    wrong = scripted(tokenizer, tokenizer.encode("77") + [tokenizer.im_end_id])
+    result = exact_match(wrong, tokenizer, records, batch_size=1)
+    assert result["exact_match"] == 0.0 and result["examples"][0]["reply"] == "77"
