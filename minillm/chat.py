@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import sys
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
-
-from minillm.generate import GenerationConfig, load_model, stream
+from minillm.generate import config_from, load_model, parse_cli, stream
 
 DEFAULTS = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
 
 
 def main(argv: list[str], stdin=sys.stdin, out=sys.stdout) -> None:
-    values = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
+    values = parse_cli(argv)
     if "model_path" not in values:
         raise SystemExit('usage: python -m minillm.chat model_path=DIR [system="..."] [GenerationConfig fields]')
     model_path, device = str(values.pop("model_path")), str(values.pop("device", "cpu"))
     system = values.pop("system", None)
     try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerationConfig), DEFAULTS, values))
+        config = config_from(values, **DEFAULTS)
         model, tokenizer = load_model(model_path, device)
     except Exception as e:
         raise SystemExit(f"error: {e}") from None

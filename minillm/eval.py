@@ -11,9 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-
-from minillm.generate import GenerationConfig, generate, load_model
+from minillm.generate import GenerationConfig, generate, load_model, parse_cli
 from minillm.model import MiniGPT
 from minillm.tokenizer import Tokenizer
 
@@ -48,7 +46,7 @@ def exact_match(
 
 
 def main(argv: list[str]) -> None:
-    values = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
+    values = parse_cli(argv)
     if "model_path" not in values:
         raise SystemExit("usage: python -m minillm.eval model_path=DIR [family=verifiable] [limit=N]")
     family = str(values.get("family", "verifiable"))

@@ -413,6 +413,21 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[MiniGPT, 
     return model.to(device), tokenizer
 
 
+def parse_cli(argv: list[str]) -> dict:
+    """`key=value` arguments parsed like Hydra overrides (quotes, lists), as a dict."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
+
+
+def config_from(values: dict, **defaults) -> GenerationConfig:
+    """A GenerationConfig from CLI values over `defaults`; an unknown key or a wrong type names itself."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(OmegaConf.structured(GenerationConfig), defaults, values)
+    return OmegaConf.to_object(merged)
+
+
 def main(argv: list[str]) -> None:
     """python -m minillm.generate model_path=DIR 'prompt="Hello, world"' [max_new_tokens=64 top_p=0.9 ...]
 
@@ -420,10 +435,7 @@ def main(argv: list[str]) -> None:
     `chat=true` sends each prompt as a user message through the chat template (for SFT models); every other key
     is a GenerationConfig field. Values are parsed like Hydra overrides, so quote commas, `!` and non-ASCII text.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    values = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
+    values = parse_cli(argv)
     if "model_path" not in values:
         raise SystemExit("usage: python -m minillm.generate model_path=DIR 'prompt=\"text\"' [GenerationConfig fields]")
     model_path, prompt = str(values.pop("model_path")), values.pop("prompt", "")
@@ -432,7 +444,7 @@ def main(argv: list[str]) -> None:
         with open(str(values.pop("prompt_file")), encoding="utf-8") as f:
             prompt = [line.rstrip("\n") for line in f if line.strip()]
     try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerationConfig), values))
+        config = config_from(values)
         model, tokenizer = load_model(model_path, device)
     except Exception as e:  # an unknown key, a wrong type, a missing folder: say which
         raise SystemExit(f"error: {e}") from None
