@@ -168,3 +168,40 @@ def read_conversations(path: Path, bad: BadRecords) -> Iterator[str]:
             bad(path, lineno, messages)
             continue
         yield json.dumps(messages, ensure_ascii=False)
+
+
+def to_preference(obj: dict) -> dict | str:
+    """A preference record as {"prompt": [messages], "chosen": str, "rejected": str}, or what is wrong with it.
+
+    Formats: minimind {"chosen": [messages], "rejected": [messages]} (a shared conversation whose last
+    assistant message differs) and TRL {"prompt", "chosen", "rejected"}, each a string or a message list.
+    """
+    if "chosen" not in obj or "rejected" not in obj:
+        return f"a preference pair needs chosen and rejected (keys: {sorted(obj)[:8]})"
+
+    def completion(value) -> str | None:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+            return value[-1].get("content") if isinstance(value[-1].get("content"), str) else None
+        return None
+
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    else:  # minimind: the prompt is the conversation before the last message, identical on both sides
+        chosen, rejected = obj["chosen"], obj["rejected"]
+        if not (isinstance(chosen, list) and isinstance(rejected, list)) or chosen[:-1] != rejected[:-1]:
+            return "without a prompt field, chosen and rejected must be conversations that differ only at the end"
+        prompt = chosen[:-1]
+    checked = to_messages({"messages": list(prompt) + [{"role": "assistant", "content": "x"}]})
+    if isinstance(checked, str):
+        return f"prompt: {checked}"
+    chosen, rejected = completion(obj["chosen"]), completion(obj["rejected"])
+    if chosen is None or rejected is None:
+        return "chosen and rejected must be strings or conversations ending with an assistant message"
+    if not chosen.strip() or not rejected.strip():
+        return "empty completion"
+    if chosen == rejected:
+        return "chosen and rejected are the same"
+    return {"prompt": checked[:-1], "chosen": chosen, "rejected": rejected}
