@@ -74,6 +74,23 @@ class StageConfig:
 
 
 @dataclass
+class DPOConfig(StageConfig):
+    """stage=dpo hyper-parameters (conf/stage/dpo.yaml); names and meanings as in TRL's DPOConfig."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+    max_prompt_length: int = 128  # prompt tokens kept (the end of the prompt)
+    max_completion_length: int = 128  # completion tokens kept (the start)
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"stage.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"stage.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclass
 class DebugConfig:
     max_new_tokens: int = 32
     show_tokens: int = 48  # how many token ids of the first row to print
@@ -102,6 +119,8 @@ class Config:
 
 
 ConfigStore.instance().store(name="schema", node=Config)
+# Stage-specific schemas: a stage YAML pulls its own in with `- /stage_schema/<name>@stage` in its defaults.
+ConfigStore.instance().store(group="stage_schema", name="dpo", node=DPOConfig)
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

@@ -115,6 +115,11 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         typed.seed,
         kind=stage_cls.data_kind,
         accumulate=int(cfg.trainer.accumulate_grad_batches),
+        **{
+            k: getattr(typed.stage, k)
+            for k in ("max_prompt_length", "max_completion_length")
+            if hasattr(typed.stage, k)
+        },
     )
     datamodule.setup("fit")
     if typed.data.val_ratio > 0 and len(datamodule.val) == 0:
@@ -126,6 +131,10 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     if init_dir is not None and ckpt_path is None:  # resume takes precedence over init_from
         module.model.load_state_dict(init_model.state_dict())
         log.info("initialised from %s (sha256 %s…)", init_dir, cfg.init_sha256[:12])
+    if stage_cls.needs_reference:  # a frozen copy of the init weights, also when resuming
+        if init_dir is None:
+            raise ValueError(f"stage={typed.stage.name} compares against a reference model: set init_from")
+        module.set_reference(init_model)
     if not inspect and trainer.is_global_zero:
         rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
         datamodule.write_stats(run_dir / "dataset_stats.json")

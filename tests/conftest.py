@@ -108,6 +108,29 @@ def chat_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pref_dir(tmp_path_factory) -> Path:
+    """A data dir with preference/ in the TRL and the minimind formats."""
+    root = tmp_path_factory.mktemp("pref")
+    (root / "preference").mkdir()
+    with (root / "preference" / "sums.jsonl").open("w", encoding="utf-8") as f:
+        for i in range(160):
+            f.write(json.dumps({"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": str(i + 7)}) + "\n")
+    with (root / "preference" / "greetings.jsonl").open("w", encoding="utf-8") as f:
+        for i in range(80):
+            prompt = [{"role": "user", "content": f"Hello number {i}"}]
+            f.write(
+                json.dumps(
+                    {
+                        "chosen": prompt + [{"role": "assistant", "content": "Hi, friend."}],
+                        "rejected": prompt + [{"role": "assistant", "content": f"Go away {i}."}],
+                    }
+                )
+                + "\n"
+            )
+    return root
+
+
+@pytest.fixture(scope="session")
 def pretrained(tmp_path_factory, data_dir) -> Path:
     """The final/ folder of a micro pretraining run (what SFT starts from)."""
     from minillm.train import build

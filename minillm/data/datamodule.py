@@ -29,7 +29,15 @@ from torch.utils.data import DataLoader, Sampler
 from minillm.config import DATA_DIR_ENV, DataConfig, SourceConfig
 from minillm.data.builtin import DEFAULT_OUT as BUILTIN_DIR
 from minillm.data.builtin import build_builtin
-from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled, read_conversations, read_texts
+from minillm.data.records import (
+    BadRecords,
+    DataError,
+    is_held_out,
+    is_sampled,
+    read_conversations,
+    read_preferences,
+    read_texts,
+)
 from minillm.losses import IGNORE_INDEX
 from minillm.tokenizer import Tokenizer, apply_chat_template
 
@@ -85,7 +93,8 @@ def _rows(files: list[str], ratios: list[float], val_ratios: list[float], caps: 
         path = Path(name)
         bad = BadRecords(skip_bad)
         kept = 0
-        for text in read_texts(path, bad) if kind == "text" else read_conversations(path, bad):
+        reader = {"text": read_texts, "chat": read_conversations, "preference": read_preferences}[kind]
+        for text in reader(path, bad):
             if not is_sampled(text, ratio) or (cap is not None and kept >= cap):
                 yield {"source": path.stem, "text": "", "split": "unsampled"}
                 continue
@@ -173,10 +182,15 @@ class MiniLLMDataModule(L.LightningDataModule):
     per window with data.packing) with labels = -100 outside the assistant tokens, padded per batch."""
 
     def __init__(self, config: DataConfig, files: list[Path], tokenizer: Tokenizer, block_size: int, seed: int,
-                 kind: str = "text", accumulate: int = 1):
+                 kind: str = "text", accumulate: int = 1, max_prompt_length: int = 128,
+                 max_completion_length: int = 128):
         super().__init__()
-        if kind not in ("text", "chat"):
+        if kind not in ("text", "chat", "preference"):
             raise ValueError(f"unknown data kind {kind!r}")
+        if kind == "preference" and max_prompt_length + max_completion_length > block_size + 1:
+            raise ValueError(f"stage.max_prompt_length + stage.max_completion_length = "
+                             f"{max_prompt_length + max_completion_length} exceeds model.block_size + 1 = {block_size + 1}")
+        self.lengths = (max_prompt_length, max_completion_length)
         self.config, self.files, self.tokenizer = config, files, tokenizer
         self.block_size, self.seed, self.kind, self.accumulate = block_size, seed, kind, accumulate
         self.train: Dataset | None = None
@@ -211,14 +225,18 @@ class MiniLLMDataModule(L.LightningDataModule):
         except DatasetGenerationError as e:  # datasets wraps what the reader raised: show ours as it is
             cause = e.__cause__ or e.__context__
             raise (cause if isinstance(cause, DataError) else e) from None
-        packing = self.kind == "text" or self.config.packing
+        packing = self.kind == "text" or (self.kind == "chat" and self.config.packing)
         fingerprint = hashlib.sha256(
-            f"{rows._fingerprint}|{self.tokenizer.sha256}|{self.block_size}|{packing}|{PIPELINE_VERSION}".encode()
+            f"{rows._fingerprint}|{self.tokenizer.sha256}|{self.block_size}|{packing}|{self.lengths}|"
+            f"{PIPELINE_VERSION}".encode()
         ).hexdigest()[:32]
         tokenized = rows.filter(lambda s: s in ("train", "val"), input_columns="split", new_fingerprint=f"sel-{fingerprint}")
         window = self.block_size + 1
-        tokenize = (_tokenize, {"tokenizer": self.tokenizer}) if self.kind == "text" else (
-            _tokenize_chat, {"tokenizer": self.tokenizer, "window": window})
+        tokenize = {
+            "text": (_tokenize, {"tokenizer": self.tokenizer}),
+            "chat": (_tokenize_chat, {"tokenizer": self.tokenizer, "window": window}),
+            "preference": (_tokenize_pair, {"tokenizer": self.tokenizer, "lengths": self.lengths}),
+        }[self.kind]
         tokenized = tokenized.map(
             tokenize[0], batched=True, fn_kwargs=tokenize[1], num_proc=self._num_proc(len(tokenized)),
             new_fingerprint=f"tok-{fingerprint}", desc="tokenize",
@@ -260,9 +278,9 @@ class MiniLLMDataModule(L.LightningDataModule):
                 s[f"{split}_records"] += 1
         for source, split, n in zip(tokenized["source"], tokenized["split"], tokenized["length"]):
             per[source][f"{split}_tokens"] += n + (self.kind == "text")  # text: + the EOS separator
-        if self.kind == "chat":
+        if self.kind in ("chat", "preference"):
             for s in per.values():
-                s.update(train_assistant_tokens=0, truncated=0)
+                s.update(train_assistant_tokens=0, truncated=0)  # completion tokens for pairs
             for source, split, n, cut in zip(tokenized["source"], tokenized["split"], tokenized["n_targets"],
                                              tokenized["truncated"]):
                 per[source]["train_assistant_tokens"] += n if split == "train" else 0
@@ -276,7 +294,7 @@ class MiniLLMDataModule(L.LightningDataModule):
         total = sum(s["train_tokens"] for s in per.values())
         if self.kind == "text":  # windows share one token: each window adds block_size targets
             efficiency = len(self.train) * self.block_size / max(total, 1)  # tokens trained on / read
-        elif self.config.packing:
+        elif self.kind == "chat" and self.config.packing:
             efficiency = total / max(len(self.train) * (self.block_size + 1), 1)  # window slots filled
         else:
             efficiency = None  # padded per batch
@@ -296,9 +314,10 @@ class MiniLLMDataModule(L.LightningDataModule):
 
     # ---- loaders ----
     def train_dataloader(self) -> ResumableLoader:
-        if self.kind == "text":
+        if self.kind != "chat":
             sampler = ResumableSampler(len(self.train), self.config.batch_size, self.seed)
-            return ResumableLoader(self.train, sampler, num_workers=self.config.num_workers)
+            collate = self.collate if self.kind == "preference" else None
+            return ResumableLoader(self.train, sampler, num_workers=self.config.num_workers, collate_fn=collate)
         weights = self.train.with_format("torch")["n_targets"]
         sampler = ResumableSampler(len(self.train), self.config.batch_size, self.seed, weights=weights,
                                    accumulate=self.accumulate)
@@ -310,16 +329,17 @@ class MiniLLMDataModule(L.LightningDataModule):
             return []
         return DataLoader(self.val, batch_size=self.config.batch_size, shuffle=False,
                           num_workers=self.config.num_workers, generator=torch.Generator().manual_seed(self.seed),
-                          collate_fn=self.collate if self.kind == "chat" else None)
+                          collate_fn=self.collate if self.kind != "text" else None)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        """Right-pad chat rows to the longest: pad id for inputs, -100 for labels, position 0 for positions."""
-        width = max(len(r["input_ids"]) for r in rows)
-        fill = {"input_ids": self.tokenizer.pad_id, "labels": IGNORE_INDEX, "position_ids": 0}
-        batch = {}
-        for key, value in fill.items():
-            if key in rows[0]:
-                batch[key] = torch.stack([F.pad(r[key], (0, width - len(r[key])), value=value) for r in rows])
+        """Right-pad rows to the longest sequence in the batch (chosen and rejected share one width): pad id for
+        ids, -100 for labels, position 0 for positions."""
+        fill = {"input_ids": self.tokenizer.pad_id, "labels": IGNORE_INDEX, "position_ids": 0,
+                "chosen_ids": self.tokenizer.pad_id, "chosen_labels": IGNORE_INDEX,
+                "rejected_ids": self.tokenizer.pad_id, "rejected_labels": IGNORE_INDEX}
+        keys = [k for k in fill if k in rows[0]]
+        width = max(len(r[k]) for r in rows for k in keys)
+        batch = {k: torch.stack([F.pad(r[k], (0, width - len(r[k])), value=fill[k]) for r in rows]) for k in keys}
         batch["truncated"] = torch.stack([r["truncated"] for r in rows])
         if "window_tokens" in rows[0]:
             batch["window_tokens"] = torch.tensor([r["window_tokens"] for r in rows])
@@ -377,6 +397,35 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], window: int) -> tupl
         truncated = True
         ids, mask = (ids[:window], mask[:window]) if any(mask[:window]) else (ids[-window:], mask[-window:])
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], truncated
+
+
+def encode_pair(tokenizer: Tokenizer, pair: dict, lengths: tuple[int, int]) -> dict:
+    """Prompt (chat template, open assistant turn; its end kept) + each completion (its start kept, with
+    <|im_end|>). Labels are -100 on the prompt, so only completion tokens enter the log-probs."""
+    max_prompt, max_completion = lengths
+    prompt = apply_chat_template(tokenizer, pair["prompt"], add_generation_prompt=True).ids
+    truncated = len(prompt) > max_prompt
+    prompt = prompt[-max_prompt:]
+    out = {"truncated": truncated}
+    for side in ("chosen", "rejected"):
+        completion = tokenizer.encode(pair[side]) + [tokenizer.im_end_id]
+        out["truncated"] = out["truncated"] or len(completion) > max_completion
+        completion = completion[:max_completion]
+        out[f"{side}_ids"] = prompt + completion
+        out[f"{side}_labels"] = [IGNORE_INDEX] * len(prompt) + completion
+    return out
+
+
+def _tokenize_pair(batch: dict, tokenizer: Tokenizer, lengths: tuple[int, int]) -> dict:
+    keys = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels", "truncated")
+    out: dict[str, list] = {k: [] for k in (*keys, "length", "n_targets")}
+    for text in batch["text"]:
+        enc = encode_pair(tokenizer, json.loads(text), lengths)
+        for k in keys:
+            out[k].append(enc[k])
+        out["length"].append(len(enc["chosen_ids"]) + len(enc["rejected_ids"]))
+        out["n_targets"].append(sum(t != IGNORE_INDEX for t in enc["chosen_labels"] + enc["rejected_labels"]))
+    return out
 
 
 def _tokenize_chat(batch: dict, tokenizer: Tokenizer, window: int) -> dict:

@@ -205,3 +205,13 @@ def to_preference(obj: dict) -> dict | str:
     if chosen == rejected:
         return "chosen and rejected are the same"
     return {"prompt": checked[:-1], "chosen": chosen, "rejected": rejected}
+
+
+def read_preferences(path: Path, bad: BadRecords) -> Iterator[str]:
+    """Each valid preference pair of a .jsonl file, as the JSON text of {"prompt", "chosen", "rejected"}."""
+    for lineno, obj in read_jsonl(path, bad):
+        pair = to_preference(obj)
+        if isinstance(pair, str):
+            bad(path, lineno, pair)
+            continue
+        yield json.dumps(pair, ensure_ascii=False)

@@ -1,9 +1,10 @@
 """One LightningModule per stage over the shared MiniGPT backbone; `STAGES` maps `stage.name` to it."""
 
 from minillm.stages.base import LMModule
+from minillm.stages.dpo import DPOModule
 from minillm.stages.pretrain import PretrainModule
 from minillm.stages.sft import SFTModule
 
-STAGES: dict[str, type[LMModule]] = {"pretrain": PretrainModule, "sft": SFTModule}
+STAGES: dict[str, type[LMModule]] = {"pretrain": PretrainModule, "sft": SFTModule, "dpo": DPOModule}
 
-__all__ = ["STAGES", "LMModule", "PretrainModule", "SFTModule"]
+__all__ = ["STAGES", "DPOModule", "LMModule", "PretrainModule", "SFTModule"]

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 class LMModule(L.LightningModule):
     data_subdir = "pretrain"  # where the stage's files live in a data dir
-    data_kind = "text"  # what the data module builds: "text" (packed windows) or "chat" (conversations)
+    data_kind = "text"  # what the data module builds: "text" (packed windows), "chat", "preference"
+    needs_reference = False  # True: build() hands the init weights to set_reference() (a frozen copy)
 
     def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
         """`config` is the whole resolved run config as plain dicts (checkpoints load with weights_only=True)."""
@@ -39,6 +40,9 @@ class LMModule(L.LightningModule):
         self._last_loss: torch.Tensor | None = None
         self._tokens = 0
         self._clock: float | None = None
+
+    def set_reference(self, model: MiniGPT) -> None:
+        raise NotImplementedError(f"{type(self).__name__} uses no reference model")
 
     # ---- optimizer and schedule ----
     def configure_optimizers(self):
@@ -81,7 +85,8 @@ class LMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss))
+        if self.data_kind != "preference":  # a perplexity of a preference loss means nothing
+            self.log("val/ppl", torch.exp(loss))
         self.val_loss.reset()
 
     # ---- the non-finite guard: skip the update, the same decision on every rank ----
