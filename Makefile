@@ -25,7 +25,7 @@ $(REF_STAMP): pyproject.toml
 data: $(STAMP)
 	$(PY) -m minillm.data.builtin
 
-# The main job on the built-in corpus: pretrain -> generate -> SFT -> a chat exchange, model=tiny.
+# The main job on the built-in corpus: pretrain -> generate -> SFT -> DPO -> a chat exchange, model=tiny.
 # resume=auto everywhere: a finished stage is not redone, an interrupted one continues.
 DEMO_MODEL ?= tiny
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
@@ -35,7 +35,8 @@ demo: data
 	$(PY) -m minillm.generate model_path=outputs/pretrain_$(DEMO_MODEL)/final $(DEMO_PROMPTS) \
 		max_new_tokens=48 temperature=0.8 top_p=0.9 repetition_penalty=1.1 seed=0
 	$(PY) -m minillm.train stage=sft model=$(DEMO_MODEL) experiment=demo_sft resume=auto
-	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/sft_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
+	$(PY) -m minillm.train stage=dpo model=$(DEMO_MODEL) experiment=demo_dpo resume=auto
+	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/dpo_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
 
 test: $(STAMP)
 	$(PY) -m ruff check minillm tests
