@@ -160,14 +160,19 @@ def to_messages(obj: dict) -> list[dict] | str:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def _read_normalised(path: Path, bad: BadRecords, normalise) -> Iterator[str]:
+    """The JSON text of each record `normalise` accepts; the problem it names otherwise goes to `bad`."""
+    for lineno, obj in read_jsonl(path, bad):
+        record = normalise(obj)
+        if isinstance(record, str):
+            bad(path, lineno, record)
+            continue
+        yield json.dumps(record, ensure_ascii=False)
+
+
 def read_conversations(path: Path, bad: BadRecords) -> Iterator[str]:
     """Each valid conversation of a .jsonl chat file, as the JSON text of its message list."""
-    for lineno, obj in read_jsonl(path, bad):
-        messages = to_messages(obj)
-        if isinstance(messages, str):
-            bad(path, lineno, messages)
-            continue
-        yield json.dumps(messages, ensure_ascii=False)
+    return _read_normalised(path, bad, to_messages)
 
 
 def to_preference(obj: dict) -> dict | str:
@@ -209,9 +214,4 @@ def to_preference(obj: dict) -> dict | str:
 
 def read_preferences(path: Path, bad: BadRecords) -> Iterator[str]:
     """Each valid preference pair of a .jsonl file, as the JSON text of {"prompt", "chosen", "rejected"}."""
-    for lineno, obj in read_jsonl(path, bad):
-        pair = to_preference(obj)
-        if isinstance(pair, str):
-            bad(path, lineno, pair)
-            continue
-        yield json.dumps(pair, ensure_ascii=False)
+    return _read_normalised(path, bad, to_preference)
