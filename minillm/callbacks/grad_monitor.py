@@ -27,11 +27,13 @@ class GradMonitor(L.Callback):
         grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
-        stats = torch.stack([  # (3,): one device sync per step, not one per parameter
-            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])),
-            torch.stack([g.abs().max().float() for g in grads]).max(),
-            torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum().float(),
-        ]).tolist()
+        stats = torch.stack(
+            [  # (3,): one device sync per step, not one per parameter
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])),
+                torch.stack([g.abs().max().float() for g in grads]).max(),
+                torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum().float(),
+            ]
+        ).tolist()
         total, max_abs, nonfinite = stats[0], stats[1], int(stats[2])
         pl_module.log_dict({"grad/total_norm": total, "grad/max_abs": max_abs, "grad/nonfinite": float(nonfinite)})
         if nonfinite or not torch.isfinite(torch.tensor(total)):
