@@ -3,7 +3,20 @@ import math
 import pytest
 import torch
 
-from minillm.losses import IGNORE_INDEX, dpo_loss, lm_loss, sequence_logprobs
+from minillm.losses import (
+    IGNORE_INDEX,
+    bt_loss,
+    dpo_loss,
+    gae,
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    lm_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sequence_logprobs,
+    whiten,
+)
 
 
 def test_lm_loss_ignores_masked_targets():
@@ -64,3 +77,100 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
 def test_unknown_dpo_loss_type_is_named():
     with pytest.raises(ValueError, match="stage.loss_type must be one of"):
         dpo_loss(*logps(0.0, 0.0, 0.0, 0.0), loss_type="kto")
+
+
+def test_bradley_terry_loss_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])  # margins +1 and -1
+    loss, stats = bt_loss(chosen, rejected)
+    expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2  # -log σ(1), -log σ(-1)
+    assert float(loss) == pytest.approx(expected) and float(loss) == pytest.approx(0.813262, abs=1e-6)
+    assert float(stats["accuracy"]) == 0.5 and float(stats["margin"]) == 0.0
+    centered, _ = bt_loss(chosen, rejected, center_coef=0.1)  # + 0.1 * mean(3², 1²)
+    assert float(centered) == pytest.approx(expected + 0.5)
+
+
+def test_gae_on_a_four_step_example_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 5.0, 5.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 0.8], [0.5, 0.6, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])  # row 2 ends after two tokens: the rest is padding
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # row 1: δ3 = 1 - .8 = .2; δ2 = .9*.8 - .7 = .02; δ1 = .9*.7 - .6 = .03; δ0 = .9*.6 - .5 = .04
+    # and A_t = δ_t + .45 A_t+1
+    torch.testing.assert_close(advantages[0], torch.tensor([0.075775, 0.0795, 0.11, 0.2]))
+    torch.testing.assert_close(returns[0], torch.tensor([0.575775, 0.6795, 0.81, 1.0]))
+    # row 2: δ1 = 1 - .6 = .4 (nothing after the end); δ0 = .04; A0 = .04 + .45 * .4
+    torch.testing.assert_close(advantages[1], torch.tensor([0.22, 0.4, 0.0, 0.0]))
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios
+    advantages = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, stats = ppo_policy_loss(new, old, advantages, torch.ones(1, 3), clip=0.2)
+    # max(-A ρ, -A clip(ρ)): 1.5 -> max(-1.5, -1.2) = -1.2 (clipped); 0.5 -> max(-.5, -.8) = -.5; 1.1 -> 1.1
+    assert float(loss) == pytest.approx((-1.2 - 0.5 + 1.1) / 3)
+    assert float(stats["clipfrac"]) == pytest.approx(1 / 3)
+    assert float(stats["approxkl"]) == pytest.approx(0.5 * float((new**2).mean()))
+    masked, _ = ppo_policy_loss(new, old, advantages, torch.tensor([[1, 1, 0]]), clip=0.2)
+    assert float(masked) == pytest.approx((-1.2 - 0.5) / 2)
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[2.0, 0.0]])
+    loss, stats = ppo_value_loss(values, old, returns, torch.ones(1, 2), clip=0.2)
+    # clipped values .7 and .3: max((1-2)², (.7-2)²) = 1.69, max(0, .3²) = .09
+    assert float(loss) == pytest.approx(0.5 * (1.69 + 0.09) / 2)
+    assert float(stats["clipfrac"]) == 1.0
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    group_std = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1)
+    signs = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    group = group_advantages(rewards, 4, "group")
+    torch.testing.assert_close(group[:4], 0.5 * signs / (group_std + 1e-4))
+    assert torch.equal(group[4:], torch.zeros(4))  # a group of equal rewards teaches nothing
+    torch.testing.assert_close(group_advantages(rewards, 4, "none")[:4], 0.5 * signs)
+    batch_std = math.sqrt(5.5 / 7)  # unbiased std of all eight rewards (mean 1.25)
+    torch.testing.assert_close(group_advantages(rewards, 4, "batch")[:4], 0.5 * signs / (batch_std + 1e-4))
+    with pytest.raises(ValueError, match="stage.scale_rewards"):
+        group_advantages(rewards, 4, "sometimes")
+
+
+@pytest.mark.parametrize(("loss_type", "expected"), [("grpo", 0.5), ("dapo", -0.25), ("dr_grpo", -0.125)])
+def test_grpo_loss_aggregations_by_hand(loss_type, expected):
+    logps = torch.zeros(2, 3)  # ratio 1 everywhere: each token's loss is -A
+    advantages = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, stats = grpo_loss(
+        logps, logps, None, advantages, mask, beta=0.0, loss_type=loss_type, max_completion_length=4
+    )
+    # row losses: -1, -1, -1 and +2. grpo: mean(-1, 2) = .5; dapo: (-3 + 2) / 4; dr_grpo: (-3 + 2) / (2 * 4)
+    assert float(loss) == pytest.approx(expected)
+    assert float(stats["clip_ratio/region_mean"]) == 0.0
+
+
+def test_grpo_kl_term_and_clipping():
+    assert float(kl_k3(torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25)))) == pytest.approx(
+        0.5 + math.log(0.5) * -1 - 1
+    )
+    assert float(kl_k3(torch.tensor(-1.3), torch.tensor(-1.3))) == 0.0
+    logps = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios against old = 0
+    ref = torch.zeros(1, 2)
+    loss, stats = grpo_loss(
+        logps, torch.zeros(1, 2), ref, torch.tensor([1.0]), torch.ones(1, 2), beta=0.1, loss_type="grpo"
+    )
+    kl = kl_k3(logps, ref)
+    expected = ((-1.2 + 0.1 * kl[0, 0]) + (-0.5 + 0.1 * kl[0, 1])) / 2  # min(ρA, clip(ρ)A) with A = 1
+    assert float(loss) == pytest.approx(float(expected))
+    assert float(stats["clip_ratio/high_mean"]) == 0.5 and float(stats["clip_ratio/low_mean"]) == 0.0
+    assert float(stats["kl"]) == pytest.approx(float(kl.mean()))
+
+
+def test_whiten_gives_zero_mean_unit_variance_on_the_mask():
+    torch.manual_seed(0)
+    x, mask = torch.randn(3, 5) * 4 + 2, torch.tensor([[1, 1, 1, 1, 0]] * 3)
+    w = whiten(x, mask)
+    kept = w[mask.bool()]
+    assert float(kept.mean()) == pytest.approx(0.0, abs=1e-6) and float(kept.std()) == pytest.approx(1.0, abs=1e-4)
+    assert torch.equal(w[:, 4], torch.zeros(3))
