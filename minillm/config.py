@@ -91,6 +91,19 @@ class DPOConfig(StageConfig):
 
 
 @dataclass
+class RewardConfig(StageConfig):
+    """stage=reward hyper-parameters (conf/stage/reward.yaml); names as in TRL's RewardConfig."""
+
+    center_rewards_coefficient: float = 0.0  # + c * mean((r_chosen + r_rejected)^2): rewards centred on 0
+    max_prompt_length: int = 128
+    max_completion_length: int = 128
+
+    def __post_init__(self) -> None:
+        if self.center_rewards_coefficient < 0:
+            raise ValueError(f"stage.center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
+
+
+@dataclass
 class DebugConfig:
     max_new_tokens: int = 32
     show_tokens: int = 48  # how many token ids of the first row to print
@@ -121,6 +134,7 @@ class Config:
 ConfigStore.instance().store(name="schema", node=Config)
 # Stage-specific schemas: a stage YAML pulls its own in with `- /stage_schema/<name>@stage` in its defaults.
 ConfigStore.instance().store(group="stage_schema", name="dpo", node=DPOConfig)
+ConfigStore.instance().store(group="stage_schema", name="reward", node=RewardConfig)
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

@@ -99,9 +99,10 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only=True
+    logits: Optional[torch.Tensor]  # (B, T, V), or (B, 1, V) with last_only=True; None with hidden_only=True
     aux_loss: torch.Tensor  # scalar; MoE load-balancing loss already scaled by aux_loss_coef, 0 when dense
     cache: Optional[KVCache] = None
+    hidden: Optional[torch.Tensor] = None  # (B, T, C) final normalised hidden states (what the heads read)
 
 
 class KVCache:
@@ -291,6 +292,7 @@ class MiniGPT(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,  # (B, S) 1 = real token, or (B, T, S) bool, True = attend
         cache: Optional[KVCache] = None,
         last_only: bool = False,  # compute logits for the last position only (decoding)
+        hidden_only: bool = False,  # skip the LM head (scalar heads read `hidden`)
     ) -> ModelOutput:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -307,7 +309,42 @@ class MiniGPT(nn.Module):
             cache.length += T
         x = self.norm(x[:, -1:] if last_only else x)
         aux_loss = self.config.aux_loss_coef * aux_total / self.config.n_layer if self.config.is_moe else aux_total
-        return ModelOutput(logits=self.lm_head(x), aux_loss=aux_loss, cache=cache)
+        logits = None if hidden_only else self.lm_head(x)
+        return ModelOutput(logits=logits, aux_loss=aux_loss, cache=cache, hidden=x)
+
+
+class RewardModel(nn.Module):
+    """A MiniGPT trunk with a linear scalar head on its final hidden states: one score per position (B, T).
+
+    A sequence's reward is the score at its last real token (as HF's LlamaForSequenceClassification reads it);
+    PPO's value model is the same network read at every completion position. `lm_head` stays in the trunk
+    (unused) so a reward model is initialised from, and exported like, any language model.
+    """
+
+    def __init__(self, config: ModelConfig, trunk: Optional[MiniGPT] = None, score: Optional[nn.Linear] = None):
+        super().__init__()
+        self.config = config
+        self.model = trunk if trunk is not None else MiniGPT(config)
+        self.score = score if score is not None else nn.Linear(config.n_embd, 1, bias=False)
+        if score is None:
+            nn.init.normal_(self.score.weight, std=1 / math.sqrt(config.n_embd + 1))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: Optional[torch.Tensor] = None,  # (B, T) 1 = real token
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        hidden = self.model(
+            input_ids, position_ids=position_ids, attention_mask=attention_mask, hidden_only=True
+        ).hidden
+        return self.score(hidden).squeeze(-1).float()  # (B, T)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a (B, T) 0/1 mask (0 for an empty row)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * mask.long()).amax(1)
 
 
 def attention_bias(attention_mask: Optional[torch.Tensor], T: int, past: int, device) -> torch.Tensor | str | None:

@@ -6,6 +6,9 @@
     tokenizer.model      the sentencepiece model
     minillm.json         our ModelConfig, format version, tokenizer sha256, kind (lm / reward)
 
+A reward model (kind "reward") adds its scalar head as `score.weight` and says LlamaForSequenceClassification
+(num_labels 1) in config.json; `load_reward_model` opens it, `load_pretrained` gives its trunk.
+
 `load_pretrained` also opens a Lightning training checkpoint (`*.ckpt`, loaded with weights_only=True): its
 `hyper_parameters["config"]["model"]` is the ModelConfig, its `state_dict` holds the backbone under a `model.`
 prefix and the tokenizer is the `tokenizer.model` beside it (or one folder up).
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minillm.model import MiniGPT, ModelConfig
+from minillm.model import MiniGPT, ModelConfig, RewardModel
 from minillm.tokenizer import MODEL_FILE, Tokenizer
 
 FORMAT_VERSION = 1
@@ -44,7 +47,7 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k.removeprefix(HF_PREFIX): v for k, v in tensors.items()}
 
 
-def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
+def hf_config(config: ModelConfig, tokenizer: Tokenizer, kind: str = "lm") -> dict:
     common = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
@@ -65,6 +68,8 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
     }
     if config.is_moe:  # not loadable by transformers yet: the interop work decides the MoE layout
         return {"architectures": ["MiniGPTMoE"], "model_type": "minillm_moe", **common}
+    if kind == "reward":
+        common |= {"architectures": ["LlamaForSequenceClassification"], "num_labels": 1}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -75,14 +80,19 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
     }
 
 
-def save_pretrained(model: MiniGPT, tokenizer: Tokenizer, out_dir: str | Path, kind: str = "lm") -> Path:
-    """Write the folder described above; returns it."""
+def save_pretrained(model: MiniGPT | RewardModel, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
+    """Write the folder described above (kind "reward" for a RewardModel); returns it."""
     if model.config.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"model vocab_size {model.config.vocab_size} != tokenizer vocab size {tokenizer.vocab_size}")
+    kind = "reward" if isinstance(model, RewardModel) else "lm"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(model), out / WEIGHTS_FILE, metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(json.dumps(hf_config(model.config, tokenizer), indent=2))
+    if kind == "reward":
+        tensors = to_hf_state_dict(model.model) | {"score.weight": model.score.weight.detach().contiguous().cpu()}
+    else:
+        tensors = to_hf_state_dict(model)
+    save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(hf_config(model.config, tokenizer, kind), indent=2))
     tokenizer.save(out)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -104,7 +114,25 @@ def _model_config(d: dict, where: Path) -> ModelConfig:
 
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MiniGPT, Tokenizer]:
     """(model in eval mode, tokenizer) from an exported folder or a training checkpoint."""
-    path = Path(path)
+    model, tokenizer, _ = _load(Path(path), map_location)
+    return model, tokenizer
+
+
+def load_reward_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RewardModel, Tokenizer]:
+    """(reward model in eval mode, tokenizer) from a `stage=reward` final/ folder or checkpoint."""
+    model, tokenizer, score = _load(Path(path), map_location)
+    if score is None:
+        raise ValueError(
+            f"{path} is a language model, not a reward model (it has no score head); train one with "
+            "`python -m minillm.train stage=reward` and point at its final/ folder"
+        )
+    head = torch.nn.Linear(model.config.n_embd, 1, bias=False)
+    head.weight.data.copy_(score)
+    return RewardModel(model.config, trunk=model, score=head).eval(), tokenizer
+
+
+def _load(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torch.Tensor | None]:
+    """(trunk, tokenizer, score head weight or None)."""
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: expected an exported folder or a .ckpt file")
     if path.is_file():
@@ -122,11 +150,12 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     _check_tokenizer(meta.get("tokenizer_sha256"), tokenizer, meta_path)
     model = MiniGPT(_model_config(meta["model"], meta_path))
     state = from_hf_state_dict(load_file(path / WEIGHTS_FILE, device=str(map_location)))
+    score = state.pop("score.weight", None)
     _load_state(model, state, path / WEIGHTS_FILE)
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, score
 
 
-def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer]:
+def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torch.Tensor | None]:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, foreign pickle payload, not a checkpoint at all
@@ -145,7 +174,7 @@ def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer]:
     model = MiniGPT(config)
     backbone = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     _load_state(model, backbone, path)
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, state.get("score.weight")  # a reward-stage checkpoint has its head
 
 
 def _check_tokenizer(expected: str | None, tokenizer: Tokenizer, where: Path) -> None:

@@ -38,5 +38,5 @@ class ExportCallback(L.Callback):
             log.info("training stopped early (%s): no final/ export", pl_module.stop_reason)
             return
         if trainer.is_global_zero:
-            out = save_pretrained(pl_module.model, self._tokenizer(trainer), self.run_dir / "final")
+            out = save_pretrained(pl_module.exported_model(), self._tokenizer(trainer), self.run_dir / "final")
             log.info("exported the final model to %s", out)

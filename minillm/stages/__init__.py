@@ -3,8 +3,14 @@
 from minillm.stages.base import LMModule
 from minillm.stages.dpo import DPOModule
 from minillm.stages.pretrain import PretrainModule
+from minillm.stages.reward import RewardModule
 from minillm.stages.sft import SFTModule
 
-STAGES: dict[str, type[LMModule]] = {"pretrain": PretrainModule, "sft": SFTModule, "dpo": DPOModule}
+STAGES: dict[str, type[LMModule]] = {
+    "pretrain": PretrainModule,
+    "sft": SFTModule,
+    "dpo": DPOModule,
+    "reward": RewardModule,
+}
 
-__all__ = ["STAGES", "DPOModule", "LMModule", "PretrainModule", "SFTModule"]
+__all__ = ["STAGES", "DPOModule", "LMModule", "PretrainModule", "RewardModule", "SFTModule"]

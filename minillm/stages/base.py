@@ -4,6 +4,7 @@ guard and RNG state in checkpoints. A stage subclasses it once and writes its tr
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -12,12 +13,23 @@ import time
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 from torchmetrics import MeanMetric
 
 from minillm.config import OptimConfig
-from minillm.model import MiniGPT, ModelConfig
+from minillm.model import Attention, MiniGPT, ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout probability 0 everywhere (as TRL does for preference and RL stages: `.eval()` would be undone
+    after validation)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, Attention):
+            module.dropout = 0.0
 
 
 class LMModule(L.LightningModule):
@@ -40,14 +52,23 @@ class LMModule(L.LightningModule):
         self._last_loss: torch.Tensor | None = None
         self._tokens = 0
         self._clock: float | None = None
+        self.__dict__["reference"] = None  # set_reference(): a plain attribute, outside the module tree
 
     def set_reference(self, model: MiniGPT) -> None:
-        raise NotImplementedError(f"{type(self).__name__} uses no reference model")
+        """A frozen copy of the init weights, held outside the module tree: not optimized, not in checkpoints,
+        not DDP-wrapped; moved to the policy's device when fit starts."""
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        disable_dropout(reference)
+        self.__dict__["reference"] = reference
+
+    def exported_model(self) -> nn.Module:
+        """What `final/` holds (save_pretrained's argument)."""
+        return self.model
 
     # ---- optimizer and schedule ----
     def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim.lr,

@@ -10,22 +10,11 @@ update the loss is exactly ln 2.
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from torch import nn
 
 from minillm.losses import dpo_loss, sequence_logprobs
-from minillm.model import Attention, MiniGPT
-from minillm.stages.base import LMModule
-
-
-def disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(module, Attention):
-            module.dropout = 0.0
+from minillm.model import MiniGPT
+from minillm.stages.base import LMModule, disable_dropout
 
 
 class DPOModule(LMModule):
@@ -39,12 +28,6 @@ class DPOModule(LMModule):
         self.beta, self.loss_type = float(stage["beta"]), stage["loss_type"]
         self.label_smoothing = float(stage["label_smoothing"])
         disable_dropout(self.model)
-        self.__dict__["reference"] = None  # a plain attribute: outside the module tree on purpose
-
-    def set_reference(self, model: MiniGPT) -> None:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-        disable_dropout(reference)
-        self.__dict__["reference"] = reference
 
     def on_fit_start(self) -> None:
         if self.reference is None:

@@ -1,0 +1,50 @@
+"""Reward model: the SFT backbone plus a linear scalar head, trained on preference pairs (the DPO data).
+
+Bradley-Terry: P(y_w ≻ y_l | x) = σ(r(x, y_w) - r(x, y_l)), so  L = -log σ(r_w - r_l)  (+ optional reward
+centering, see `losses.bt_loss`). r(x, y) is the head's score at the completion's last token (its <|im_end|>).
+Chosen and rejected go through the model in one concatenated forward. `final/` holds the trunk and the head
+(kind "reward"), which the RLHF stage loads with `load_reward_model`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minillm.losses import IGNORE_INDEX, bt_loss
+from minillm.model import RewardModel, last_token_index
+from minillm.stages.base import LMModule
+
+
+class RewardModule(LMModule):
+    data_subdir = "preference"
+    data_kind = "preference"
+
+    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
+        super().__init__(config, tokenizer_sha256)
+        self.center = float(config["stage"]["center_rewards_coefficient"])
+        self.score = RewardModel(self.model.config, trunk=self.model).score  # the head; the trunk is self.model
+
+    def exported_model(self) -> RewardModel:
+        return RewardModel(self.model.config, trunk=self.model, score=self.score)
+
+    def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) rewards, each (B,)."""
+        ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T), right-padded
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+        scores = self.exported_model()(ids)  # (2B, T); causal attention: the padding after the end is unseen
+        end = last_token_index(labels != IGNORE_INDEX)  # each completion's <|im_end|>
+        return scores.gather(1, end[:, None]).squeeze(1).chunk(2)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, metrics = bt_loss(*self.rewards(batch), self.center)
+        tokens = int(batch["chosen_ids"].numel() + batch["rejected_ids"].numel())
+        self.log_train(loss, tokens=tokens, **metrics)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        chosen, rejected = self.rewards(batch)
+        loss, metrics = bt_loss(chosen, rejected, self.center)
+        size = len(chosen)
+        self.val_loss.update(loss, weight=size)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=size)
+        self.log("val/reward_chosen", chosen.mean(), batch_size=size)

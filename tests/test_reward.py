@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from minillm.config import RewardConfig, compose, to_config
+from minillm.generate import load_model
+from minillm.model import RewardModel, last_token_index
+from minillm.pretrained import load_reward_model, save_pretrained
+from minillm.train import build
+from tests.conftest import micro_config, micro_overrides
+
+
+def reward(root, pref_dir, pretrained, *extra):
+    return micro_overrides(
+        root,
+        pref_dir,
+        f"init_from={pretrained}",
+        "stage.max_prompt_length=20",
+        "stage.max_completion_length=12",
+        *extra,
+        stage="reward",
+    )
+
+
+def test_reward_schema_and_parent():
+    cfg = to_config(compose(["stage=reward"]))
+    assert isinstance(cfg.stage, RewardConfig) and cfg.stage.parent == "sft"
+    with pytest.raises(ValueError, match="center_rewards_coefficient"):
+        to_config(compose(["stage=reward", "stage.center_rewards_coefficient=-1"]))
+
+
+def test_reward_is_read_at_each_rows_last_real_token(tokenizer):
+    torch.manual_seed(0)
+    model = RewardModel(micro_config(tokenizer.vocab_size)).eval()
+    ids = torch.randint(6, 100, (2, 7))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0]])
+    assert last_token_index(mask).tolist() == [6, 2]
+    scores = model(ids)
+    alone = model(ids[1:, :3])  # right padding cannot change earlier positions under causal attention
+    torch.testing.assert_close(scores[1, 2], alone[0, 2])
+
+
+def test_reward_model_learns_held_out_preferences_and_exports(tmp_path, pref_dir, pretrained):
+    overrides = reward(
+        tmp_path,
+        pref_dir,
+        pretrained,
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=30",
+        "optim.lr=1e-3",
+        "data.val_ratio=0.2",
+        "trainer.limit_val_batches=null",
+    )
+    run = build(overrides)
+    start = {k: v.clone() for k, v in run.module.model.state_dict().items()}
+    assert run.fit() == 0
+    metrics = run.trainer.callback_metrics
+    # held-out pairs; an untrained head scores ln 2 = 0.69 and accuracy 0.5. The greeting pairs are easy,
+    # the arithmetic ones are beyond a micro model: the loss falls far, the accuracy only part way.
+    assert float(metrics["val/loss"]) < 0.55
+    assert float(metrics["val/accuracy"]) > 0.6 and float(metrics["val/margin"]) > 0.5
+    assert any(not torch.equal(v, run.module.model.state_dict()[k]) for k, v in start.items())  # the trunk learns
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "minillm.json").read_text())["kind"] == "reward"
+    hf = json.loads((final / "config.json").read_text())
+    assert hf["architectures"] == ["LlamaForSequenceClassification"] and hf["num_labels"] == 1
+    loaded, tokenizer = load_reward_model(final)
+    batch = next(iter(run.datamodule.val_dataloader()))
+    chosen, _ = run.module.eval().rewards(batch)
+    ids = batch["chosen_ids"]
+    end = last_token_index(batch["chosen_labels"] != -100)
+    torch.testing.assert_close(loaded(ids).gather(1, end[:, None]).squeeze(1), chosen, atol=1e-5, rtol=1e-5)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "score.weight" in ckpt["state_dict"]
+    assert load_reward_model(tmp_path / "run" / "checkpoints" / "last.ckpt")[0].score.weight.shape == (1, 64)
+    trunk, _ = load_model(str(final))  # the trunk alone opens as a language model
+    assert trunk.config.n_layer == 2
+
+
+def test_a_language_model_is_not_a_reward_model(tmp_path, tokenizer):
+    folder = save_pretrained(RewardModel(micro_config(tokenizer.vocab_size)).model, tokenizer, tmp_path / "lm")
+    with pytest.raises(ValueError, match="not a reward model.*stage=reward"):
+        load_reward_model(folder)
