@@ -70,7 +70,7 @@ class OptimConfig:
 @dataclass
 class StageConfig:
     name: str = "pretrain"
-    parent: Optional[str] = None  # the stage whose final/ weights init_from=auto starts from
+    parent: Optional[str] = None  # the stage whose final/ init_from=auto starts from; "dpo|sft": the first found
 
 
 @dataclass
@@ -101,6 +101,71 @@ class RewardConfig(StageConfig):
     def __post_init__(self) -> None:
         if self.center_rewards_coefficient < 0:
             raise ValueError(f"stage.center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
+
+
+RLHF_ALGORITHMS = ("ppo", "grpo")
+
+
+@dataclass
+class RLHFConfig(StageConfig):
+    """stage=rlhf hyper-parameters (conf/stage/rlhf.yaml); names as in TRL's PPOConfig / GRPOConfig."""
+
+    algorithm: str = "ppo"  # ppo | grpo
+    reward: str = "model"  # model: a trained reward model; else a rule from minillm.rewards (verifiable, ...)
+    reward_model: Optional[str] = None  # None: outputs/reward_<model>/final
+    reward_model_sha256: Optional[str] = None  # filled in by build(): resume refuses another reward model
+    max_prompt_length: int = 64  # prompt tokens kept (the end)
+    max_completion_length: int = 48  # new tokens per completion
+    temperature: float = 1.0  # rollout sampling
+    top_k: int = 0
+    top_p: float = 1.0
+    num_generations: int = 4  # GRPO: completions per prompt (the group); PPO: 1
+    beta: float = 0.05  # KL coefficient (PPO's kl_coef, GRPO's beta)
+    cliprange: float = 0.2  # ε of the clipped ratio
+    cliprange_value: float = 0.2  # PPO value clipping
+    vf_coef: float = 0.1  # PPO value-loss weight
+    entropy_coef: float = 0.0  # entropy bonus (0 = off)
+    gamma: float = 1.0  # PPO discount
+    lam: float = 0.95  # PPO GAE λ
+    num_ppo_epochs: int = 2  # passes over each rollout batch (GRPO's num_iterations)
+    num_mini_batches: int = 1  # updates per pass
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of a completion without EOS
+    loss_type: str = "dapo"  # GRPO aggregation: grpo | dapo | dr_grpo
+    scale_rewards: str = "group"  # GRPO advantage scaling: group | batch | none
+    max_grad_norm: float = 1.0  # clip_gradients (the Trainer's gradient_clip_val is off under manual optimization)
+    sample_every: int = 25  # log a table of sample completions every N rollouts (0 = never)
+    num_samples: int = 4  # prompts in that table
+    kl_alarm: float = 20.0  # warn when the mean KL per completion (nats) exceeds this
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.algorithm in RLHF_ALGORITHMS, f"stage.algorithm must be one of {RLHF_ALGORITHMS}"),
+            (self.beta >= 0, "stage.beta must be >= 0"),
+            (
+                self.num_generations >= (2 if self.algorithm == "grpo" else 1),
+                "stage.num_generations must be >= 2 for GRPO (advantages compare completions of one prompt)",
+            ),
+            (
+                self.num_ppo_epochs >= 1 and self.num_mini_batches >= 1,
+                "stage.num_ppo_epochs and stage.num_mini_batches must be >= 1",
+            ),
+            (self.max_completion_length >= 1, "stage.max_completion_length must be >= 1"),
+            (self.temperature > 0, "stage.temperature must be > 0"),
+            (0 < self.cliprange < 1, "stage.cliprange must be in (0, 1)"),
+            (self.loss_type in ("grpo", "dapo", "dr_grpo"), "stage.loss_type must be grpo, dapo or dr_grpo"),
+            (self.scale_rewards in ("group", "batch", "none"), "stage.scale_rewards must be group, batch or none"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (stage=rlhf)")
+
+    @property
+    def group_size(self) -> int:
+        return self.num_generations if self.algorithm == "grpo" else 1
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.num_ppo_epochs * self.num_mini_batches
 
 
 @dataclass
@@ -135,6 +200,9 @@ ConfigStore.instance().store(name="schema", node=Config)
 # Stage-specific schemas: a stage YAML pulls its own in with `- /stage_schema/<name>@stage` in its defaults.
 ConfigStore.instance().store(group="stage_schema", name="dpo", node=DPOConfig)
 ConfigStore.instance().store(group="stage_schema", name="reward", node=RewardConfig)
+ConfigStore.instance().store(group="stage_schema", name="rlhf", node=RLHFConfig)
+# PPO and GRPO runs of stage=rlhf get different run dirs: outputs/rlhf_<model>, outputs/rlhf-grpo_<model>
+OmegaConf.register_new_resolver("rlhf_run", lambda algorithm: "rlhf" if algorithm == "ppo" else f"rlhf-{algorithm}")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

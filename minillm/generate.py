@@ -275,6 +275,19 @@ def _generate_ids(
     return rows
 
 
+def generate_ids(
+    model: MiniGPT,
+    tokenizer: Tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+) -> list[list[int]]:
+    """New token ids of each row of left-padded (B, P) prompt ids (the EOS token included when produced).
+    The model is put in eval mode and back; nothing is recorded for autograd."""
+    with _eval_mode(model):
+        return _generate_ids(model, tokenizer, input_ids, attention_mask, config)
+
+
 Prompt = Union[str, list[dict]]  # plain text, or a conversation [{"role", "content"}, ...]
 
 
@@ -390,8 +403,7 @@ class TextGenerator:
             input_ids = input_ids[None]
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        with _eval_mode(self.model):
-            rows = _generate_ids(self.model, self.tokenizer, input_ids, mask, config)
+        rows = generate_ids(self.model, self.tokenizer, input_ids, mask, config)
         width = max((len(r) for r in rows), default=0)
         new = torch.full((input_ids.shape[0], width), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):

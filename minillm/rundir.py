@@ -59,21 +59,37 @@ class ResumeError(ValueError):
 
 
 def resolve_init(init_from: str | None, parent: str | None, model_name: str) -> Path | None:
-    """The weights a stage starts from: its parent stage's final/ (init_from=auto), a given path, or none."""
+    """The weights a stage starts from: its parent stage's final/ (init_from=auto), a given path, or none.
+
+    `parent` may list alternatives, "dpo|sft": the first whose final/ exists."""
     if init_from in (None, "", "none", "null") or (init_from == "auto" and parent is None):
         return None
     if init_from == "auto":
-        path = Path("outputs") / f"{parent}_{model_name}" / "final"
-        if not (path / "minillm.json").is_file():
+        parents = parent.split("|")
+        paths = [Path("outputs") / f"{p}_{model_name}" / "final" for p in parents]
+        found = next((p for p in paths if (p / "minillm.json").is_file()), None)
+        if found is None:
             raise FileNotFoundError(
-                f"init_from=auto needs the {parent} stage's weights, but {path} does not exist. Run "
-                f"`python -m minillm.train stage={parent} model={model_name}` first, or set init_from=<exported "
-                "folder or .ckpt>"
+                f"init_from=auto needs the {' or '.join(parents)} stage's weights, but "
+                f"{' and '.join(map(str, paths))} do not exist. Run `python -m minillm.train stage={parents[-1]} "
+                f"model={model_name}` first, or set init_from=<exported folder or .ckpt>"
             )
-        return path
+        return found
     path = Path(init_from)
     if not path.exists():
         raise FileNotFoundError(f"init_from={init_from}: no such folder or checkpoint")
+    return path
+
+
+def resolve_reward_model(reward_model: str | None, model_name: str) -> Path:
+    """stage.reward_model, or outputs/reward_<model>/final; a missing one says how to train it."""
+    path = Path(reward_model) if reward_model else Path("outputs") / f"reward_{model_name}" / "final"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"stage.reward=model needs a trained reward model, but {path} does not exist. Train it first: "
+            f"`python -m minillm.train stage=reward model={model_name}` (or set stage.reward_model=<folder>, or "
+            "use a rule-based reward: stage.reward=verifiable)"
+        )
     return path
 
 
@@ -206,6 +222,14 @@ def check_resume(path: Path, config: dict, tokenizer_sha256: str, allow_changes:
             f"{path} started from init weights with sha256 {str(old.get('init_sha256'))[:12]}…, but "
             f"{config.get('init_from')} now has {str(config.get('init_sha256'))[:12]}… (the parent "
             "stage was retrained); start a new run_dir, or point init_from at the original weights"
+        )
+    old_reward = (old.get("stage") or {}).get("reward_model_sha256")
+    new_reward = (config.get("stage") or {}).get("reward_model_sha256")
+    if old_reward != new_reward:
+        raise ResumeError(
+            f"{path} was trained against a reward model with sha256 {str(old_reward)[:12]}…, but "
+            f"{config['stage'].get('reward_model')} now has {str(new_reward)[:12]}… (the reward model was "
+            "retrained); start a new run_dir, or point stage.reward_model at the original weights"
         )
     diffs = config_differences(old, config)
     if diffs and not allow_changes:

@@ -23,7 +23,7 @@ from minillm import rundir
 from minillm.callbacks.interrupt import InterruptCallback
 from minillm.config import compose, resolved_dict, to_config
 from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
-from minillm.pretrained import load_pretrained
+from minillm.pretrained import load_pretrained, load_reward_model
 from minillm.stages import STAGES, LMModule
 from minillm.tokenizer import get_tokenizer
 
@@ -84,6 +84,16 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             "pieces; leave model.vocab_size at 0 (taken from the tokenizer) or set tokenizer.vocab_size"
         )
     cfg.model.vocab_size = tokenizer.vocab_size
+    reward_model = None
+    if getattr(typed.stage, "reward", None) == "model":  # RLHF against a trained reward model
+        reward_dir = rundir.resolve_reward_model(typed.stage.reward_model, typed.model.name)
+        reward_model, reward_tokenizer = load_reward_model(reward_dir)
+        if reward_tokenizer.sha256 != tokenizer.sha256:
+            raise ValueError(
+                f"the reward model {reward_dir} was trained with another tokenizer than the policy {init_dir}; "
+                "train both from the same pretraining run"
+            )
+        cfg.stage.reward_model, cfg.stage.reward_model_sha256 = str(reward_dir), rundir.weights_sha256(reward_dir)
     config = resolved_dict(cfg)
     if init_dir is not None:
         rundir.check_same_shape(asdict(init_model.config), config["model"], init_dir)
@@ -91,15 +101,19 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         rundir.check_resume(ckpt_path, config, tokenizer.sha256, typed.resume_allow_changes)
 
     callbacks, loggers = [], []
+    updates = stage_cls.updates_per_batch(typed.stage)  # RLHF: several optimizer steps per rollout batch
     if not inspect:  # instantiate Lightning objects first: a bad value fails before any tensor exists
         callback_cfgs = {k: v for k, v in cfg.callbacks.items() if v is not None}
         if typed.data.val_ratio == 0:  # nothing to monitor
             callback_cfgs = {k: v for k, v in callback_cfgs.items() if not str(v.get("monitor", "")).startswith("val/")}
         if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
             callback_cfgs = {k: v for k, v in callback_cfgs.items() if not v["_target_"].endswith("ProgressBar")}
-        callbacks = [hydra.utils.instantiate(c) for c in callback_cfgs.values()]
+        callbacks = [
+            hydra.utils.instantiate(c, **_per_update(c, "every_n_train_steps", updates)) for c in callback_cfgs.values()
+        ]
         loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
     trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False, "default_root_dir": str(run_dir)}
+    trainer_kwargs |= _per_update(cfg.trainer, "max_steps", updates)
     if inspect:
         trainer_kwargs |= {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, **trainer_kwargs)
@@ -128,8 +142,12 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             "data.val_ratio, or set data.val_ratio=0 to train without validation"
         )
     module = stage_cls(config, tokenizer.sha256)
+    if reward_model is not None:
+        module.set_reward_model(reward_model)
+    if hasattr(module, "set_tokenizer"):
+        module.set_tokenizer(tokenizer)
     if init_dir is not None and ckpt_path is None:  # resume takes precedence over init_from
-        module.model.load_state_dict(init_model.state_dict())
+        module.initialise(init_model)
         log.info("initialised from %s (sha256 %s…)", init_dir, cfg.init_sha256[:12])
     if stage_cls.needs_reference:  # a frozen copy of the init weights, also when resuming
         if init_dir is None:
@@ -139,6 +157,12 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
         datamodule.write_stats(run_dir / "dataset_stats.json")
     return Run(cfg, datamodule, module, trainer, ckpt_path, run_dir)
+
+
+def _per_update(cfg: DictConfig, key: str, updates: int) -> dict:
+    """`key` (a step count in training batches) in optimizer steps, when a batch makes several of them."""
+    value = cfg.get(key)
+    return {key: value * updates} if updates > 1 and isinstance(value, int) and value > 0 else {}
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

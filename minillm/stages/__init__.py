@@ -4,6 +4,7 @@ from minillm.stages.base import LMModule
 from minillm.stages.dpo import DPOModule
 from minillm.stages.pretrain import PretrainModule
 from minillm.stages.reward import RewardModule
+from minillm.stages.rlhf import RLHFModule
 from minillm.stages.sft import SFTModule
 
 STAGES: dict[str, type[LMModule]] = {
@@ -11,6 +12,7 @@ STAGES: dict[str, type[LMModule]] = {
     "sft": SFTModule,
     "dpo": DPOModule,
     "reward": RewardModule,
+    "rlhf": RLHFModule,
 }
 
-__all__ = ["STAGES", "DPOModule", "LMModule", "PretrainModule", "RewardModule", "SFTModule"]
+__all__ = ["STAGES", "DPOModule", "LMModule", "PretrainModule", "RLHFModule", "RewardModule", "SFTModule"]

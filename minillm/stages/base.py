@@ -61,6 +61,15 @@ class LMModule(L.LightningModule):
         disable_dropout(reference)
         self.__dict__["reference"] = reference
 
+    def initialise(self, init_model: MiniGPT) -> None:
+        """Start from the init weights (a fresh run; a resume loads its checkpoint instead)."""
+        self.model.load_state_dict(init_model.state_dict())
+
+    @classmethod
+    def updates_per_batch(cls, stage) -> int:
+        """Optimizer steps per training batch: Lightning's global_step counts these (1 but for RLHF)."""
+        return 1
+
     def exported_model(self) -> nn.Module:
         """What `final/` holds (save_pretrained's argument)."""
         return self.model

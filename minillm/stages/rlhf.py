@@ -1,0 +1,384 @@
+"""RLHF: the policy (init: the DPO model, else the SFT model) generates, a reward scores, the policy is updated.
+
+Every training step is one rollout batch: B prompts (GRPO: each G times) → sampled completions y with the KV
+cache (`minillm.generate`) → a score s(x, y) from the trained reward model (`stage.reward=model`, read at the
+completion's last token) or a rule (`minillm.rewards`) → `num_ppo_epochs` passes of `num_mini_batches` updates
+(manual optimization; budgets count rollouts, Lightning's global_step counts updates). The frozen reference
+π_ref is the init policy; reference and reward model live outside the module tree (not optimized, not
+checkpointed: recorded by sha256) and are moved to the policy's device and dtype when fit starts.
+
+PPO (Schulman et al. 2017; Ouyang et al. 2022; the "N implementation details of RLHF with PPO"):
+    per-token reward   r_t = -β (log π_old(y_t) - log π_ref(y_t))  + [t = last] · s(x, y)
+    GAE                δ_t = r_t + γ V(t+1) - V(t),   A_t = δ_t + γλ A_{t+1},   R_t = A_t + V(t)
+    advantages are whitened over the batch's completion tokens, then per mini-batch
+    L = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1±ε)) + c_v · ½ mean_t max((V - R)², (V_clip - R)²) - c_H · H
+    with ρ_t = π(y_t) / π_old(y_t). The critic V is a separate network (trunk + scalar head, as TRL): initialised
+    from the reward model when there is one, else from the init policy with a zero head. A separate critic
+    costs a second forward/backward but keeps value regression from pulling on the policy's features — on a
+    6M-parameter model the shared-trunk variant is cheaper but the two losses fight over the same weights.
+GRPO (Shao et al. 2024): G completions per prompt, no critic, sequence advantage
+    A_i = (s_i - mean_group(s)) / scale  (`stage.scale_rewards`), per token
+    ℓ_t = -min(ρ_t A_i, clip(ρ_t, 1±ε) A_i) + β KL_k3(π ‖ π_ref)_t, aggregated by `stage.loss_type`.
+Rollouts are sampled with a seed made of (seed, rollout index), so a resumed run draws the same completions
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torchmetrics import MeanMetric
+
+from minillm import rewards
+from minillm.config import RLHFConfig
+from minillm.generate import GenerationConfig, generate_ids
+from minillm.losses import (
+    entropy_from_logits,
+    gae,
+    group_advantages,
+    grpo_loss,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logprobs,
+    whiten,
+)
+from minillm.model import MiniGPT, RewardModel
+from minillm.stages.base import LMModule, disable_dropout
+from minillm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class RLHFModule(LMModule):
+    data_subdir = "prompts"
+    data_kind = "prompt"
+    needs_reference = True
+
+    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
+        super().__init__(config, tokenizer_sha256)
+        self.automatic_optimization = False  # several updates per rollout batch
+        self.rl = RLHFConfig(**config["stage"])
+        self.seed = int(config["seed"])
+        block = int(config["model"]["block_size"])
+        if self.rl.max_prompt_length + self.rl.max_completion_length > block:
+            raise ValueError(
+                f"stage.max_prompt_length + stage.max_completion_length = "
+                f"{self.rl.max_prompt_length + self.rl.max_completion_length} exceeds model.block_size = {block}"
+            )
+        if self.rl.reward != "model":
+            rewards.get_reward(self.rl.reward)  # an unknown name fails now, not after the first rollout
+        disable_dropout(self.model)
+        self.value = RewardModel(self.model.config) if self.rl.algorithm == "ppo" else None
+        self.val_reward = MeanMetric()
+        self.rollouts = 0  # rollout batches done (in checkpoints)
+        self._alarms: dict[str, int] = {}
+        self.__dict__["reward_model"] = None
+        self.__dict__["tokenizer"] = None
+
+    @classmethod
+    def updates_per_batch(cls, stage: RLHFConfig) -> int:
+        return stage.updates_per_rollout
+
+    # ---- the frozen models and the tokenizer: plain attributes, outside the module tree ----
+    def set_reward_model(self, model: RewardModel) -> None:
+        model = model.eval().requires_grad_(False)
+        disable_dropout(model)
+        self.__dict__["reward_model"] = model
+
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        self.__dict__["tokenizer"] = tokenizer
+
+    def initialise(self, init_model: MiniGPT) -> None:
+        """Policy from the init weights; critic from the reward model, else the init trunk with a zero head."""
+        super().initialise(init_model)
+        if self.value is None:
+            return
+        if self.reward_model is not None:
+            self.value.load_state_dict(self.reward_model.state_dict())
+        else:
+            self.value.model.load_state_dict(init_model.state_dict())
+            torch.nn.init.zeros_(self.value.score.weight)
+
+    def on_fit_start(self) -> None:
+        if self.reference is None or self.tokenizer is None:
+            raise RuntimeError("RLHF needs a reference model and the tokenizer: build() sets them")
+        if self.rl.reward == "model" and self.reward_model is None:
+            raise RuntimeError("stage.reward=model needs a reward model: build() loads it")
+        dtype = next(self.model.parameters()).dtype
+        for frozen in (self.reference, self.reward_model):
+            if frozen is not None:
+                frozen.to(device=self.device, dtype=dtype)
+
+    # ---- checkpoints: the rollout counter (the rollout RNG is a function of it) ----
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["rlhf"] = {"rollouts": self.rollouts}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.rollouts = int(checkpoint.get("rlhf", {}).get("rollouts", 0))
+
+    # ---- rollouts ----
+    def _generation(self, seed: int, greedy: bool = False) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=self.rl.max_completion_length,
+            do_sample=not greedy,
+            temperature=self.rl.temperature,
+            top_k=self.rl.top_k,
+            top_p=self.rl.top_p,
+            seed=seed,
+        )
+
+    @torch.no_grad()
+    def rollout(self, batch: dict, generation: GenerationConfig, score_only: bool = False) -> dict:
+        """Generate, then everything the update needs: ids, masks, scores, old and reference log-probs and (PPO)
+        old values. `score_only`: stop after the scores (validation, samples)."""
+        G = self.rl.group_size if generation.do_sample else 1
+        prompt_ids = batch["input_ids"].repeat_interleave(G, 0)
+        prompt_mask = batch["attention_mask"].repeat_interleave(G, 0)
+        records = [r for r in batch["records"] for _ in range(G)]
+        completions = generate_ids(self.model, self.tokenizer, prompt_ids, prompt_mask, generation)
+        B, P = prompt_ids.shape
+        L = max(1, max(len(c) for c in completions))
+        tokens = torch.full((B, L), self.tokenizer.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((B, L), dtype=torch.long, device=self.device)
+        for i, c in enumerate(completions):
+            tokens[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, : len(c)] = 1
+        eos = {self.tokenizer.eos_id, self.tokenizer.im_end_id}
+        ended = torch.tensor([bool(c) and c[-1] in eos for c in completions], device=self.device)
+        attention = torch.cat([prompt_mask, mask], 1)  # (B, P + L)
+        r = {
+            "ids": torch.cat([prompt_ids, tokens], 1),
+            "attention": attention,
+            "positions": (attention.cumsum(1) - 1).clamp(min=0),
+            "tokens": tokens,
+            "mask": mask,
+            "ended": ended,
+            "prompt_len": P,
+            "completions": completions,
+            "records": records,
+        }
+        r["scores"] = self.score(r)
+        if score_only:
+            return r
+        r["old_logps"], _ = self._policy(r, slice(None))
+        r["ref_logps"], _ = self._policy(r, slice(None), model=self.reference)
+        if self.value is not None:
+            r["old_values"] = self._values(r, slice(None))
+        return r
+
+    def score(self, r: dict) -> torch.Tensor:
+        """s(x, y) per completion, (B,)."""
+        if self.rl.reward == "model":
+            scores = self.reward_model(r["ids"], r["attention"], r["positions"])  # (B, P + L)
+            last = r["prompt_len"] + r["mask"].sum(1) - 1  # the completion's last token (the prompt's if empty)
+            scores = scores.gather(1, last[:, None]).squeeze(1)
+        else:
+            texts = [self.tokenizer.decode(c) for c in r["completions"]]
+            values = rewards.score(self.rl.reward, texts, r["completions"], r["records"])
+            scores = torch.tensor(values, dtype=torch.float32, device=self.device)
+        if self.rl.missing_eos_penalty is not None:
+            scores = scores - self.rl.missing_eos_penalty * (~r["ended"]).float()
+        return scores
+
+    def _policy(self, r: dict, rows, model: MiniGPT | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log π(y_t), logits) at the completion positions of the selected rows: (b, L), (b, L, V)."""
+        model = self.model if model is None else model
+        P = r["prompt_len"]
+        out = model(r["ids"][rows], position_ids=r["positions"][rows], attention_mask=r["attention"][rows])
+        logits = out.logits[:, P - 1 : -1]  # position t predicts completion token t
+        return token_logprobs(logits, r["tokens"][rows]), logits
+
+    def _values(self, r: dict, rows) -> torch.Tensor:
+        P = r["prompt_len"]
+        return self.value(r["ids"][rows], r["attention"][rows], r["positions"][rows])[:, P - 1 : -1]
+
+    # ---- the update ----
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        r = self.rollout(batch, self._generation(seed=self.seed * 1_000_003 + self.rollouts))
+        prepare, update = (
+            (self._ppo_prepare, self._ppo_update) if self.value is not None else (self._grpo_prepare, self._grpo_update)
+        )
+        metrics = prepare(r)
+        order = torch.Generator().manual_seed(self.seed + self.rollouts)  # mini-batch shuffling, resumable
+        B = len(r["completions"])
+        sums: dict[str, float] = {}
+        for _ in range(self.rl.num_ppo_epochs):
+            for rows in torch.randperm(B, generator=order).chunk(self.rl.num_mini_batches):
+                rows = rows.to(self.device)
+                stats = update(r, rows)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        updates = self.rl.updates_per_rollout
+        metrics |= {k: v / updates for k, v in sums.items()}
+        self.lr_schedulers().step()
+        self.rollouts += 1
+        metrics |= self._completion_stats(r)
+        self._log_rollout(metrics, r)
+        self._tokens = int(r["attention"].sum()) * (1 + updates)
+
+    def _step(self, loss: torch.Tensor) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self._last_loss = loss.detach()  # the non-finite guard in on_before_optimizer_step reads it
+        self.manual_backward(loss)
+        self.clip_gradients(optimizer, gradient_clip_val=self.rl.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def _ppo_prepare(self, r: dict) -> dict[str, torch.Tensor]:
+        mask = r["mask"]
+        kl = (r["old_logps"] - r["ref_logps"]) * mask  # k1 per token
+        non_score = -self.rl.beta * kl
+        per_token = non_score.clone()
+        last = (mask.sum(1) - 1).clamp(min=0)
+        per_token[torch.arange(len(last), device=self.device), last] += r["scores"]
+        advantages, returns = gae(per_token, r["old_values"], mask, self.rl.gamma, self.rl.lam)
+        r["advantages"], r["returns"] = whiten(advantages, mask), returns
+        return {
+            "objective/kl": kl.sum(1).mean(),
+            "objective/entropy": (-r["old_logps"] * mask).sum(1).mean(),
+            "objective/non_score_reward": non_score.sum(1).mean(),
+            "objective/rlhf_reward": r["scores"].mean() + non_score.sum(1).mean(),
+            "objective/scores": r["scores"].mean(),
+        }
+
+    def _ppo_update(self, r: dict, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = r["mask"][rows]
+        logps, logits = self._policy(r, rows)
+        pg_loss, pg = ppo_policy_loss(logps, r["old_logps"][rows], r["advantages"][rows], mask, self.rl.cliprange)
+        vf_loss, vf = ppo_value_loss(
+            self._values(r, rows), r["old_values"][rows], r["returns"][rows], mask, self.rl.cliprange_value
+        )
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+        loss = pg_loss + self.rl.vf_coef * vf_loss - self.rl.entropy_coef * entropy
+        self._step(loss)
+        return {
+            "policy/approxkl_avg": pg["approxkl"],
+            "policy/clipfrac_avg": pg["clipfrac"],
+            "loss/policy_avg": pg_loss.detach(),
+            "loss/value_avg": vf_loss.detach(),
+            "val/clipfrac_avg": vf["clipfrac"],
+            "policy/entropy_avg": entropy.detach(),
+            "val/ratio": pg["ratio"],
+            "train/loss": loss.detach(),
+        }
+
+    def _grpo_prepare(self, r: dict) -> dict[str, torch.Tensor]:
+        G, scores = self.rl.group_size, r["scores"]
+        r["advantages"] = group_advantages(scores, G, self.rl.scale_rewards)
+        group_std = scores.view(-1, G).std(1)
+        kl = (r["old_logps"] - r["ref_logps"]) * r["mask"]
+        return {
+            "reward": scores.mean(),
+            "reward_std": group_std.mean(),
+            "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean(),
+            f"rewards/{self.rl.reward}/mean": scores.mean(),
+            f"rewards/{self.rl.reward}/std": scores.std(),
+            "objective/kl": kl.sum(1).mean(),
+        }
+
+    def _grpo_update(self, r: dict, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = r["mask"][rows]
+        logps, logits = self._policy(r, rows)
+        loss, stats = grpo_loss(
+            logps,
+            r["old_logps"][rows],
+            r["ref_logps"][rows],
+            r["advantages"][rows],
+            mask,
+            beta=self.rl.beta,
+            clip=self.rl.cliprange,
+            loss_type=self.rl.loss_type,
+            max_completion_length=self.rl.max_completion_length,
+        )
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+        self._step(loss - self.rl.entropy_coef * entropy)
+        return stats | {"entropy": entropy.detach(), "train/loss": loss.detach()}
+
+    # ---- logging, alarms and samples ----
+    def _completion_stats(self, r: dict) -> dict[str, float]:
+        lengths = r["mask"].sum(1).float()
+        ended = r["ended"]
+        return {
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float((~ended).float().mean()),
+            "completions/mean_terminated_length": float(lengths[ended].mean()) if bool(ended.any()) else 0.0,
+            "val/num_eos_tokens": float(ended.sum()),
+            "num_tokens": float(r["attention"].sum()),
+            "episode": float(self.rollouts * len(r["completions"])),
+        }
+
+    def _log_rollout(self, metrics: dict, r: dict) -> None:
+        self.log("train/loss", metrics.pop("train/loss"), prog_bar=True)
+        self.log("train/reward", float(r["scores"].mean()), prog_bar=True)
+        self.log_dict({k: float(v) for k, v in metrics.items()})
+        kl = float(metrics["objective/kl"])
+        if kl > self.rl.kl_alarm:
+            self._alarm(
+                "kl",
+                f"mean KL to the reference is {kl:.1f} nats per completion (> stage.kl_alarm="
+                f"{self.rl.kl_alarm}): the policy is drifting; raise stage.beta or lower optim.lr",
+            )
+        if metrics.get("frac_reward_zero_std", 0.0) == 1.0:
+            self._alarm(
+                "zero_std",
+                "every group got identical rewards: no learning signal this step (the task is "
+                "too hard or too easy for the policy; raise stage.num_generations or stage.temperature)",
+            )
+        if metrics["completions/mean_length"] < 1:
+            self._alarm("empty", "completions collapsed to length 0 (the policy ends at once)")
+        if metrics["completions/clipped_ratio"] == 1.0:
+            self._alarm(
+                "long",
+                f"every completion hit stage.max_completion_length={self.rl.max_completion_length} without ending",
+            )
+        if self.rl.sample_every and self.rollouts % self.rl.sample_every == 0:
+            self.log_samples({k: v[: self.rl.num_samples] for k, v in self._prompt_batch(r).items()})
+
+    def _alarm(self, name: str, message: str, every: int = 25) -> None:
+        """Warn, then at most once per `every` rollouts for the same alarm."""
+        if self.rollouts - self._alarms.get(name, -every) >= every:
+            self._alarms[name] = self.rollouts
+            log.warning("rollout %d: %s", self.rollouts, message)
+
+    def _prompt_batch(self, r: dict) -> dict:
+        G = self.rl.group_size
+        P = r["prompt_len"]
+        return {
+            "input_ids": r["ids"][::G, :P],
+            "attention_mask": r["attention"][::G, :P],
+            "records": r["records"][::G],
+        }
+
+    def log_samples(self, batch: dict) -> list[tuple[str, str, float]]:
+        """A table of (prompt, completion, score) for a few prompts, to the log and TensorBoard. Generated with
+        its own seeded generator (generate_ids restores train/eval mode), so it never changes training."""
+        r = self.rollout(batch, self._generation(seed=self.seed), score_only=True)
+        rows = []
+        for i, completion in enumerate(r["completions"]):
+            prompt = self.tokenizer.decode(r["ids"][i, : r["prompt_len"]][r["attention"][i, : r["prompt_len"]] > 0])
+            rows.append((prompt, self.tokenizer.decode(completion), float(r["scores"][i])))
+        table = "\n".join(f"| {p!r} | {c!r} | {s:.3f} |" for p, c, s in rows)
+        log.info("rollout %d samples:\n| prompt | completion | score |\n%s", self.rollouts, table)
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):  # TensorBoard
+                markdown = "| prompt | completion | score |\n|---|---|---|\n" + table
+                experiment.add_text("samples", markdown, global_step=self.rollouts)
+        return rows
+
+    # ---- validation: greedy completions of held-out prompts, their mean score ----
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        r = self.rollout(batch, self._generation(seed=self.seed, greedy=True), score_only=True)
+        size = len(r["completions"])
+        self.val_reward.update(r["scores"].mean(), weight=size)
+        self.log("val/mean_length", r["mask"].sum(1).float().mean(), batch_size=size)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/reward", self.val_reward.compute(), prog_bar=True)
+        self.val_reward.reset()

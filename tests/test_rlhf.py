@@ -1,0 +1,218 @@
+import csv
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from minillm.config import RLHFConfig, compose, to_config
+from minillm.generate import load_model
+from minillm.rewards import register_reward
+from minillm.rundir import ResumeError
+from minillm.train import build
+from tests.conftest import micro_overrides
+
+
+@register_reward("zero")
+def zero(completions, completion_ids, **fields):
+    return [0.0] * len(completions)
+
+
+@register_reward("quarter_tokens")
+def quarter_tokens(completions, completion_ids, **fields):
+    """A dense toy reward: the fraction of completion tokens whose id is a multiple of 4 (~1/4 at the start)."""
+    return [sum(t % 4 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+@pytest.fixture(scope="session")
+def prompt_dir(tmp_path_factory):
+    """prompts/ with a TRL prompt file (answers for the verifiable reward) and a chat file (answer = reply)."""
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "prompts").mkdir()
+    with (root / "prompts" / "sums.jsonl").open("w") as f:
+        for i in range(100):
+            f.write(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n")
+    with (root / "prompts" / "chats.jsonl").open("w") as f:
+        for i in range(40):
+            msgs = [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]
+            f.write(json.dumps({"conversations": msgs}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def reward_model(tmp_path_factory, pref_dir, pretrained):
+    root = tmp_path_factory.mktemp("reward")
+    overrides = micro_overrides(
+        root,
+        pref_dir,
+        f"init_from={pretrained}",
+        "stage.max_prompt_length=20",
+        "stage.max_completion_length=12",
+        "trainer.max_steps=4",
+        stage="reward",
+    )
+    assert build(overrides).fit() == 0
+    return root / "run" / "final"
+
+
+def rlhf(root, prompt_dir, pretrained, *extra):
+    return micro_overrides(
+        root,
+        prompt_dir,
+        f"init_from={pretrained}",
+        "stage.max_prompt_length=20",
+        "stage.max_completion_length=12",
+        "stage.sample_every=0",
+        "optim.lr=1e-3",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        *extra,
+        stage="rlhf",
+    )
+
+
+def metrics_rows(run_dir):
+    with (run_dir / "logs" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_rlhf_schema_run_dirs_and_checks():
+    cfg = to_config(compose(["stage=rlhf"]))
+    assert isinstance(cfg.stage, RLHFConfig) and cfg.stage.parent == "dpo|sft" and cfg.run_dir == "outputs/rlhf_tiny"
+    grpo = to_config(compose(["stage=rlhf", "stage.algorithm=grpo"]))
+    assert grpo.run_dir == "outputs/rlhf-grpo_tiny"
+    with pytest.raises(ValueError, match="num_generations must be >= 2 for GRPO"):
+        to_config(compose(["stage=rlhf", "stage.algorithm=grpo", "stage.num_generations=1"]))
+    with pytest.raises(ValueError, match="stage.algorithm"):
+        to_config(compose(["stage=rlhf", "stage.algorithm=a2c"]))
+
+
+def test_grpo_runs_logs_trl_metrics_and_keeps_frozen_models_out(tmp_path, prompt_dir, pretrained):
+    run = build(rlhf(tmp_path, prompt_dir, pretrained, "stage.algorithm=grpo", "stage.reward=quarter_tokens"))
+    reference = {k: v.clone() for k, v in run.module.reference.state_dict().items()}
+    start = {k: v.clone() for k, v in run.module.model.state_dict().items()}
+    assert run.fit() == 0
+    assert run.trainer.global_step == 4 * 2  # 4 rollouts x (2 epochs x 1 mini-batch) updates
+    assert run.module.rollouts == 4
+    rows = [r for r in metrics_rows(tmp_path / "run") if r.get("reward")]
+    assert len(rows) == 4
+    for key in (
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "kl",
+        "entropy",
+        "completions/mean_length",
+        "clip_ratio/region_mean",
+        "rewards/quarter_tokens/mean",
+        "train/loss",
+    ):
+        assert math.isfinite(float(rows[-1][key])), key
+    assert float(rows[0]["objective/kl"]) == pytest.approx(0.0, abs=1e-5)  # the first rollout is the reference
+    assert all(torch.equal(v, run.module.reference.state_dict()[k]) for k, v in reference.items())
+    assert any(not torch.equal(v, run.module.model.state_dict()[k]) for k, v in start.items())
+    assert "val/reward" in run.trainer.callback_metrics
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(k.startswith(("model.", "val_")) for k in ckpt["state_dict"])  # no reference, no critic in GRPO
+    assert ckpt["rlhf"]["rollouts"] == 4
+    model, _ = load_model(str(tmp_path / "run" / "final"))
+    assert model.config.n_layer == 2
+
+
+def test_ppo_with_zero_advantages_and_coefficients_leaves_parameters_unchanged(tmp_path, prompt_dir, pretrained):
+    overrides = rlhf(
+        tmp_path,
+        prompt_dir,
+        pretrained,
+        "stage.reward=zero",
+        "stage.beta=0",
+        "stage.vf_coef=0",
+        "stage.entropy_coef=0",
+        "optim.weight_decay=0",
+        "trainer.max_steps=2",
+    )
+    run = build(overrides)
+    before = {k: v.clone() for k, v in run.module.state_dict().items()}
+    assert run.fit() == 0
+    assert run.trainer.global_step == 2 * 2
+    after = run.module.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("val_"))
+
+
+def test_ppo_against_a_reward_model(tmp_path, prompt_dir, pretrained, reward_model):
+    run = build(rlhf(tmp_path, prompt_dir, pretrained, f"stage.reward_model={reward_model}"))
+    assert run.module.value is not None and run.module.reward_model is not None
+    critic = {k: v.clone() for k, v in run.module.value.state_dict().items()}
+    rm = run.module.reward_model.state_dict()
+    assert all(torch.equal(v, rm[k]) for k, v in critic.items())  # the critic starts as the reward model
+    assert run.fit() == 0
+    rows = [r for r in metrics_rows(tmp_path / "run") if r.get("objective/scores")]
+    for key in (
+        "objective/kl",
+        "objective/entropy",
+        "objective/rlhf_reward",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/clipfrac_avg",
+    ):
+        assert math.isfinite(float(rows[-1][key])), key
+    assert any(not torch.equal(v, run.module.value.state_dict()[k]) for k, v in critic.items())  # the critic learns
+    assert all(torch.equal(v, run.module.reward_model.state_dict()[k]) for k, v in rm.items())  # frozen
+    snapshot = json.loads((tmp_path / "run" / "training_config_snapshot.json").read_text())
+    assert len(snapshot["config"]["stage"]["reward_model_sha256"]) == 64
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(k.startswith("value.") for k in ckpt["state_dict"])  # the critic is trained: it is saved
+    assert not any(k.startswith(("reward_model.", "reference.")) for k in ckpt["state_dict"])
+
+    changed = tmp_path / "other_reward"
+    shutil.copytree(reward_model, changed)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(changed / "model.safetensors")
+    tensors["score.weight"] = tensors["score.weight"] + 1
+    save_file(tensors, changed / "model.safetensors")
+    with pytest.raises(ResumeError, match="reward model"):
+        build(rlhf(tmp_path, prompt_dir, pretrained, f"stage.reward_model={changed}", "resume=auto"))
+
+
+def test_a_missing_reward_model_names_the_command(tmp_path, prompt_dir, pretrained):
+    with pytest.raises(FileNotFoundError, match=r"python -m minillm.train stage=reward model=tiny"):
+        build(rlhf(tmp_path, prompt_dir, pretrained))
+    with pytest.raises(ValueError, match="unknown reward"):
+        build(rlhf(tmp_path, prompt_dir, pretrained, "stage.reward=nonsense"))
+
+
+def test_logging_samples_never_changes_the_loss_curve(tmp_path, prompt_dir, pretrained):
+    curves = []
+    for every in (0, 1):
+        root = tmp_path / f"every{every}"
+        run = build(
+            rlhf(
+                root,
+                prompt_dir,
+                pretrained,
+                "stage.algorithm=grpo",
+                "stage.reward=verifiable",
+                f"stage.sample_every={every}",
+                "model.dropout=0.1",
+            )
+        )
+        assert run.fit() == 0
+        curves.append([r["train/loss"] for r in metrics_rows(root / "run") if r.get("train/loss")])
+    assert len(curves[0]) == 4 and curves[0] == curves[1]
+
+
+def test_rlhf_resume_is_exact(tmp_path, prompt_dir, pretrained):
+    base = ("stage.algorithm=ppo", "stage.reward=quarter_tokens", "callbacks.checkpoint.every_n_train_steps=2")
+    full = build(rlhf(tmp_path / "full", prompt_dir, pretrained, *base))
+    assert full.fit() == 0
+    half = build(rlhf(tmp_path / "half", prompt_dir, pretrained, *base, "trainer.max_steps=2"))
+    assert half.fit() == 0
+    resumed = build(rlhf(tmp_path / "half", prompt_dir, pretrained, *base, "resume=auto", "resume_allow_changes=true"))
+    assert resumed.ckpt_path is not None
+    assert resumed.fit() == 0
+    for k, v in full.module.state_dict().items():
+        torch.testing.assert_close(resumed.module.state_dict()[k], v, msg=k)
