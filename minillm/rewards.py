@@ -48,12 +48,12 @@ def _normalise(text: str) -> str:
     return " ".join(text.strip().split()).rstrip(".。!！")
 
 
-@register_reward("verifiable")
-def verifiable(completions: list[str], completion_ids, answer: list[str | None] | None = None, **_) -> list[float]:
+@register_reward("exact_match")
+def exact_match(completions: list[str], completion_ids, answer: list | None = None, **_) -> list[float]:
     """1.0 when the completion is the record's exact `answer` (whitespace and a final full stop aside), else 0."""
     if answer is None or any(a is None for a in answer):
         raise ValueError(
-            "stage.reward=verifiable needs an `answer` field in every prompt record "
+            "stage.reward=exact_match needs an `answer` field in every prompt record "
             "(e.g. <data dir>/prompts/verifiable.jsonl)"
         )
     return [float(_normalise(c) == _normalise(str(a))) for c, a in zip(completions, answer)]
@@ -134,7 +134,9 @@ def sentiment_score(text: str) -> int:
 
 
 @register_reward("sentiment")
-def sentiment(completions: list[str], completion_ids, sentiment: list[str | None] | None = None, **_) -> list[float]:
+def sentiment_match(
+    completions: list[str], completion_ids, sentiment: list[str | None] | None = None, **_
+) -> list[float]:
     """1.0 when the completion's lexicon sentiment has the sign the record asks for (`sentiment`: pos / neg;
     pos when a record has none), else 0."""
     wanted = sentiment or [None] * len(completions)
@@ -142,4 +144,26 @@ def sentiment(completions: list[str], completion_ids, sentiment: list[str | None
     for text, want in zip(completions, wanted):
         s = sentiment_score(re.sub(r"\s+", "", text))
         out.append(float(s < 0 if want == "neg" else s > 0))
+    return out
+
+
+@register_reward("verifiable")
+def verifiable(
+    completions: list[str], completion_ids, answer: list | None = None, sentiment: list | None = None, **_
+) -> list[float]:
+    """Each record checked by what it carries: an `answer` by exact match (the verifiable family), a `sentiment`
+    by the sentiment check (the review prompts)."""
+    n = len(completions)
+    answer, sentiment = answer or [None] * n, sentiment or [None] * n
+    out = []
+    for i, (text, a, s) in enumerate(zip(completions, answer, sentiment)):
+        if a is not None:
+            out += exact_match([text], None, answer=[a])
+        elif s is not None:
+            out += sentiment_match([text], None, sentiment=[s])
+        else:
+            raise ValueError(
+                f"stage.reward=verifiable: prompt record {i} of the batch has neither an `answer` nor a "
+                "`sentiment` field to check the completion against"
+            )
     return out

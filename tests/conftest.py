@@ -131,6 +131,21 @@ def pref_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prompt_dir(tmp_path_factory):
+    """prompts/ with a TRL prompt file (answers for the verifiable reward) and a chat file (answer = reply)."""
+    root = tmp_path_factory.mktemp("prompts")
+    (root / "prompts").mkdir()
+    with (root / "prompts" / "sums.jsonl").open("w") as f:
+        for i in range(100):
+            f.write(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n")
+    with (root / "prompts" / "chats.jsonl").open("w") as f:
+        for i in range(40):
+            msgs = [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]
+            f.write(json.dumps({"conversations": msgs}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
 def pretrained(tmp_path_factory, data_dir) -> Path:
     """The final/ folder of a micro pretraining run (what SFT starts from)."""
     from minillm.train import build

@@ -26,21 +26,6 @@ def quarter_tokens(completions, completion_ids, **fields):
 
 
 @pytest.fixture(scope="session")
-def prompt_dir(tmp_path_factory):
-    """prompts/ with a TRL prompt file (answers for the verifiable reward) and a chat file (answer = reply)."""
-    root = tmp_path_factory.mktemp("prompts")
-    (root / "prompts").mkdir()
-    with (root / "prompts" / "sums.jsonl").open("w") as f:
-        for i in range(100):
-            f.write(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n")
-    with (root / "prompts" / "chats.jsonl").open("w") as f:
-        for i in range(40):
-            msgs = [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]
-            f.write(json.dumps({"conversations": msgs}) + "\n")
-    return root
-
-
-@pytest.fixture(scope="session")
 def reward_model(tmp_path_factory, pref_dir, pretrained):
     root = tmp_path_factory.mktemp("reward")
     overrides = micro_overrides(
@@ -216,3 +201,28 @@ def test_rlhf_resume_is_exact(tmp_path, prompt_dir, pretrained):
     assert resumed.fit() == 0
     for k, v in full.module.state_dict().items():
         torch.testing.assert_close(resumed.module.state_dict()[k], v, msg=k)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "extra", "key"),
+    [("grpo", ("data.batch_size=4",), "reward"), ("ppo", ("data.batch_size=16",), "objective/scores")],
+)
+def test_rl_raises_a_toy_reward(tmp_path, prompt_dir, pretrained, algorithm, extra, key):
+    """The micro policy is near uniform over 512 tokens, so ~1/4 of its tokens earn reward at the start."""
+    overrides = rlhf(
+        tmp_path,
+        prompt_dir,
+        pretrained,
+        f"stage.algorithm={algorithm}",
+        "stage.reward=quarter_tokens",
+        "stage.beta=0.01",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "trainer.max_steps=25",
+        "trainer.val_check_interval=25",
+        *extra,
+    )
+    assert build(overrides).fit() == 0
+    rewards = [float(r[key]) for r in metrics_rows(tmp_path / "run") if r.get(key)]
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
+    assert start < 0.4 and end > start + 0.3, rewards
