@@ -1,8 +1,12 @@
 """python -m minillm.eval model_path=DIR [family=verifiable] [limit=200] [data_dir=data/builtin]
+python -m minillm.eval model_path=DIR prompts=FILE reward=verifiable      # mean reward of greedy completions
+python -m minillm.eval reward_model=DIR family=reviews_zh                 # reward model: pairwise accuracy
 
 Exact-match accuracy on a held-out chat family (`<data dir>/eval/<family>.jsonl`): greedy decoding through
-the chat template, the reply compared with the record's `answer` after stripping whitespace. (The evaluation
-issue grows this into bits-per-byte, preference and reward accuracy and a report.)
+the chat template, the reply compared with the record's `answer` after stripping whitespace. With `prompts=`:
+the mean score under a named reward function (minillm.rewards) of greedy completions of RL prompt records. With
+`reward_model=`: the fraction of held-out preference pairs (`eval/<family>.jsonl`) whose chosen completion the
+reward model scores above the rejected one. (The evaluation issue grows this into bits-per-byte and a report.)
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from minillm import rewards
 from minillm.generate import GenerationConfig, generate, load_model, parse_cli
-from minillm.model import MiniGPT
+from minillm.model import MiniGPT, RewardModel
 from minillm.tokenizer import Tokenizer
 
 
@@ -45,18 +52,99 @@ def exact_match(
     return {"n": len(records), "exact_match": correct / max(len(records), 1), "examples": examples}
 
 
+def mean_reward(
+    model: MiniGPT,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    reward: str,
+    batch_size: int = 32,
+    max_new_tokens: int = 48,
+) -> dict:
+    """Mean score under reward function `reward` of greedy completions of RL prompt records (any format)."""
+    from minillm.data.records import to_prompt
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
+    prompts = [to_prompt(r) for r in records]
+    bad = next((p for p in prompts if isinstance(p, str)), None)
+    if bad is not None:
+        raise ValueError(f"not a prompt record: {bad}")
+    scores, examples = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        replies = generate(model, tokenizer, [p["prompt"] for p in chunk], config)
+        ids = [tokenizer.encode(r) for r in replies]
+        chunk_scores = rewards.score(reward, replies, ids, chunk)
+        scores += chunk_scores
+        examples += [
+            {"prompt": p["prompt"][-1]["content"], "reply": r, "score": s}
+            for p, r, s in zip(chunk, replies, chunk_scores)
+        ][: max(0, 5 - len(examples))]
+    return {"n": len(scores), "reward": reward, "mean_reward": sum(scores) / max(len(scores), 1), "examples": examples}
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict], batch_size: int = 16) -> dict:
+    """Fraction of preference pairs whose chosen completion scores above the rejected one."""
+    from minillm.data.datamodule import encode_pair
+    from minillm.data.records import to_preference
+
+    wins, margins = 0, []
+    block = model.config.block_size
+    for start in range(0, len(pairs), batch_size):
+        encoded = [
+            encode_pair(tokenizer, to_preference(p), (block // 2, block - block // 2))
+            for p in pairs[start : start + batch_size]
+        ]
+        side_scores = []
+        for side in ("chosen", "rejected"):
+            rows = [e[f"{side}_ids"] for e in encoded]
+            ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_id)  # right-padded
+            for i, row in enumerate(rows):
+                ids[i, : len(row)] = torch.tensor(row)
+            last = torch.tensor([len(row) - 1 for row in rows])  # the completion's <|im_end|>
+            side_scores.append(model(ids).gather(1, last[:, None]).squeeze(1))  # causal: padding after is unseen
+        margin = side_scores[0] - side_scores[1]
+        wins += int((margin > 0).sum())
+        margins += margin.tolist()
+    return {"n": len(pairs), "accuracy": wins / max(len(pairs), 1), "margin": sum(margins) / max(len(margins), 1)}
+
+
 def main(argv: list[str]) -> None:
     values = parse_cli(argv)
-    if "model_path" not in values:
-        raise SystemExit("usage: python -m minillm.eval model_path=DIR [family=verifiable] [limit=N]")
-    family = str(values.get("family", "verifiable"))
-    path = Path(str(values.get("data_dir", "data/builtin"))) / "eval" / f"{family}.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"error: no evaluation set at {path}")
-    model, tokenizer = load_model(str(values["model_path"]))
-    result = exact_match(model, tokenizer, load_family(path, values.get("limit")))
+    if "model_path" not in values and "reward_model" not in values:
+        raise SystemExit(
+            "usage: python -m minillm.eval model_path=DIR [family=verifiable] [limit=N] | model_path=DIR "
+            "prompts=FILE reward=NAME | reward_model=DIR family=PAIRS"
+        )
+    data_dir = Path(str(values.get("data_dir", "data/builtin")))
+    limit = values.get("limit")
+    if "reward_model" in values:
+        from minillm.pretrained import load_reward_model
+
+        family = str(values.get("family", "reviews_zh"))
+        path = data_dir / "eval" / f"{family}.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"error: no evaluation set at {path}")
+        model, tokenizer = load_reward_model(str(values["reward_model"]))
+        result = {"family": family, **pairwise_accuracy(model, tokenizer, load_family(path, limit))}
+    elif "prompts" in values:
+        path = Path(str(values["prompts"]))
+        model, tokenizer = load_model(str(values["model_path"]))
+        result = mean_reward(model, tokenizer, load_family(path, limit), str(values.get("reward", "verifiable")))
+        result = {"prompts": str(path), **result}
+    else:
+        family = str(values.get("family", "verifiable"))
+        path = data_dir / "eval" / f"{family}.jsonl"
+        if not path.is_file():
+            raise SystemExit(f"error: no evaluation set at {path}")
+        model, tokenizer = load_model(str(values["model_path"]))
+        result = {"family": family, **exact_match(model, tokenizer, load_family(path, limit))}
     print(
-        json.dumps({"family": family, "model_path": str(values["model_path"]), **result}, indent=2, ensure_ascii=False)
+        json.dumps(
+            {"model_path": str(values.get("model_path", values.get("reward_model"))), **result},
+            indent=2,
+            ensure_ascii=False,
+        )
     )
 
 

@@ -82,3 +82,35 @@ def test_a_language_model_is_not_a_reward_model(tmp_path, tokenizer):
     folder = save_pretrained(RewardModel(micro_config(tokenizer.vocab_size)).model, tokenizer, tmp_path / "lm")
     with pytest.raises(ValueError, match="not a reward model.*stage=reward"):
         load_reward_model(folder)
+
+
+def test_eval_pairwise_accuracy_matches_the_scores(tokenizer):
+    from minillm.data.datamodule import encode_pair
+    from minillm.eval import pairwise_accuracy
+
+    torch.manual_seed(1)
+    model = RewardModel(micro_config(tokenizer.vocab_size)).eval()
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": f"no idea {i}"} for i in range(6)]
+    expected = []
+    for p in pairs:
+        enc = encode_pair(tokenizer, {**p, "prompt": [{"role": "user", "content": p["prompt"]}]}, (32, 32))
+        chosen, rejected = (model(torch.tensor([enc[f"{s}_ids"]]))[0, -1] for s in ("chosen", "rejected"))
+        expected.append(float(chosen > rejected))
+    result = pairwise_accuracy(model, tokenizer, pairs, batch_size=4)
+    assert result["n"] == 6 and result["accuracy"] == pytest.approx(sum(expected) / 6)
+
+
+def test_eval_mean_reward_of_greedy_completions(tokenizer, micro_model):
+    from minillm.eval import mean_reward
+    from minillm.generate import GenerationConfig, generate
+
+    records = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "Hello", "answer": "x"}]
+    replies = generate(
+        micro_model,
+        tokenizer,
+        [[{"role": "user", "content": r["prompt"]}] for r in records],
+        GenerationConfig(do_sample=False, max_new_tokens=8),
+    )
+    records[1]["answer"] = replies[1]  # the second reply is right by construction
+    result = mean_reward(micro_model, tokenizer, records, "exact_match", max_new_tokens=8)
+    assert result["n"] == 2 and result["mean_reward"] == pytest.approx((replies[0].strip() == "2") / 2 + 0.5)
