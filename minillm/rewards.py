@@ -2,7 +2,9 @@
 
 A reward function takes the batch's completions (decoded text), their token ids and the prompt records' fields
 as keyword lists (`answer=[...]`, `sentiment=[...]`, as TRL passes dataset columns), and returns one float per
-completion. Add your own with the decorator, in any module imported before training starts:
+completion — or None for a completion it cannot judge (a prompt of another task): as in TRL, such a completion
+is left out of the update (`score` turns None into NaN). Add your own with the decorator, in any module
+imported before training starts:
 
     @register_reward("shorter")
     def shorter(completions, completion_ids, **fields):
@@ -11,6 +13,7 @@ completion. Add your own with the decorator, in any module imported before train
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -36,12 +39,12 @@ def get_reward(name: str) -> RewardFn:
 
 
 def score(name: str, completions: list[str], completion_ids: list[list[int]], records: Sequence[dict]) -> list[float]:
-    """Call reward `name` with the records' fields as keyword lists; check it returned one float each."""
+    """Call reward `name` with the records' fields as keyword lists; check it returned one value each (None: NaN)."""
     fields = {k: [r.get(k) for r in records] for k in sorted({k for r in records for k in r})}
     values = get_reward(name)(completions, completion_ids, **fields)
     if len(values) != len(completions):
         raise ValueError(f"reward {name} returned {len(values)} values for {len(completions)} completions")
-    return [float(v) for v in values]
+    return [math.nan if v is None else float(v) for v in values]
 
 
 def _normalise(text: str) -> str:
@@ -152,18 +155,15 @@ def verifiable(
     completions: list[str], completion_ids, answer: list | None = None, sentiment: list | None = None, **_
 ) -> list[float]:
     """Each record checked by what it carries: an `answer` by exact match (the verifiable family), a `sentiment`
-    by the sentiment check (the review prompts)."""
+    by the sentiment check (the review prompts); None (not scored) for a record with neither."""
     n = len(completions)
     answer, sentiment = answer or [None] * n, sentiment or [None] * n
     out = []
-    for i, (text, a, s) in enumerate(zip(completions, answer, sentiment)):
+    for text, a, s in zip(completions, answer, sentiment):
         if a is not None:
             out += exact_match([text], None, answer=[a])
         elif s is not None:
             out += sentiment_match([text], None, sentiment=[s])
         else:
-            raise ValueError(
-                f"stage.reward=verifiable: prompt record {i} of the batch has neither an `answer` nor a "
-                "`sentiment` field to check the completion against"
-            )
+            out.append(None)
     return out

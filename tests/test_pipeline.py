@@ -1,5 +1,5 @@
-"""The chain `make demo` runs (pretrain, generate, SFT, DPO, chat) on the real built-in corpus, from an empty
-working directory (slow)."""
+"""The chain `make demo` runs (pretrain, generate, SFT, DPO, reward, RLHF, chat) on the real built-in corpus,
+from an empty working directory (slow)."""
 
 import os
 import subprocess
@@ -41,12 +41,13 @@ def test_the_demo_chain_on_the_builtin_corpus(tmp_path):
     )
     assert "To be, or not to be" in out and "你好，MiniGPT！" in out
 
-    for stage, parent in (("sft", "pretrain"), ("dpo", "sft")):
+    for stage, parent in (("sft", "pretrain"), ("dpo", "sft"), ("reward", "sft"), ("rlhf", "dpo")):
         out = run("minillm.train", f"stage={stage}", "model=tiny", f"experiment=demo_{stage}", *SHORT)
         assert f"initialised from outputs/{parent}_tiny/final" in out
+    assert (tmp_path / "outputs" / "rlhf_tiny" / "final" / "model.safetensors").is_file()
     out = run(
         "minillm.chat",
-        "model_path=outputs/dpo_tiny/final",
+        "model_path=outputs/rlhf_tiny/final",
         "do_sample=false",
         "max_new_tokens=8",
         stdin="What is 12 + 7?\n/exit\n",

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -26,8 +27,8 @@ def test_sentiment_check_reads_negation_first():
 def test_verifiable_checks_each_record_by_its_field():
     records = [{"answer": "5"}, {"sentiment": "pos"}, {"answer": "9"}]
     assert score("verifiable", ["5", "很好", "8"], [[]] * 3, records) == [1, 1, 0]
-    with pytest.raises(ValueError, match="record 1 of the batch has neither"):
-        score("verifiable", ["5", "x"], [[], []], [{"answer": "5"}, {"task": "add"}])
+    unscored = score("verifiable", ["5", "x"], [[], []], [{"answer": "5"}, {"task": "add"}])
+    assert unscored[0] == 1 and math.isnan(unscored[1])  # nothing to check against: left out of the update
 
 
 def test_the_registry_takes_new_rewards_and_checks_them():

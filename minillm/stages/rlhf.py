@@ -161,7 +161,11 @@ class RLHFModule(LMModule):
             "completions": completions,
             "records": records,
         }
-        r["scores"] = self.score(r)
+        scores = self.score(r)
+        r["lengths"] = mask.sum(1)
+        r["scored"] = torch.isfinite(scores)  # a rule may return None (NaN) for a prompt it cannot judge
+        r["scores"] = scores.nan_to_num(0.0)
+        r["mask"] = mask * r["scored"][:, None]  # unscored completions stay out of every loss and statistic
         if score_only:
             return r
         r["old_logps"], _ = self._policy(r, slice(None))
@@ -241,8 +245,8 @@ class RLHFModule(LMModule):
             "objective/kl": kl.sum(1).mean(),
             "objective/entropy": (-r["old_logps"] * mask).sum(1).mean(),
             "objective/non_score_reward": non_score.sum(1).mean(),
-            "objective/rlhf_reward": r["scores"].mean() + non_score.sum(1).mean(),
-            "objective/scores": r["scores"].mean(),
+            "objective/rlhf_reward": _scored_mean(r) + non_score.sum(1).mean(),
+            "objective/scores": _scored_mean(r),
         }
 
     def _ppo_update(self, r: dict, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -272,10 +276,10 @@ class RLHFModule(LMModule):
         group_std = scores.view(-1, G).std(1)
         kl = (r["old_logps"] - r["ref_logps"]) * r["mask"]
         return {
-            "reward": scores.mean(),
+            "reward": _scored_mean(r),
             "reward_std": group_std.mean(),
             "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean(),
-            f"rewards/{self.rl.reward}/mean": scores.mean(),
+            f"rewards/{self.rl.reward}/mean": _scored_mean(r),
             f"rewards/{self.rl.reward}/std": scores.std(),
             "objective/kl": kl.sum(1).mean(),
         }
@@ -300,9 +304,10 @@ class RLHFModule(LMModule):
 
     # ---- logging, alarms and samples ----
     def _completion_stats(self, r: dict) -> dict[str, float]:
-        lengths = r["mask"].sum(1).float()
+        lengths = r["lengths"].float()
         ended = r["ended"]
         return {
+            "frac_unscored": float((~r["scored"]).float().mean()),
             "completions/mean_length": float(lengths.mean()),
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
@@ -315,7 +320,7 @@ class RLHFModule(LMModule):
 
     def _log_rollout(self, metrics: dict, r: dict) -> None:
         self.log("train/loss", metrics.pop("train/loss"), prog_bar=True)
-        self.log("train/reward", float(r["scores"].mean()), prog_bar=True)
+        self.log("train/reward", _scored_mean(r), prog_bar=True)
         self.log_dict({k: float(v) for k, v in metrics.items()})
         kl = float(metrics["objective/kl"])
         if kl > self.rl.kl_alarm:
@@ -329,6 +334,12 @@ class RLHFModule(LMModule):
                 "zero_std",
                 "every group got identical rewards: no learning signal this step (the task is "
                 "too hard or too easy for the policy; raise stage.num_generations or stage.temperature)",
+            )
+        if metrics["frac_unscored"] == 1.0:
+            self._alarm(
+                "unscored",
+                f"stage.reward={self.rl.reward} could score none of this batch's completions "
+                "(prompts of another task): select prompt files with data.sources",
             )
         if metrics["completions/mean_length"] < 1:
             self._alarm("empty", "completions collapsed to length 0 (the policy ends at once)")
@@ -360,9 +371,8 @@ class RLHFModule(LMModule):
         its own seeded generator (generate_ids restores train/eval mode), so it never changes training."""
         r = self.rollout(batch, self._generation(seed=self.seed), score_only=True)
         rows = []
-        for i, completion in enumerate(r["completions"]):
-            prompt = self.tokenizer.decode(r["ids"][i, : r["prompt_len"]][r["attention"][i, : r["prompt_len"]] > 0])
-            rows.append((prompt, self.tokenizer.decode(completion), float(r["scores"][i])))
+        for record, completion, score in zip(r["records"], r["completions"], r["scores"].tolist()):
+            rows.append((record["prompt"][-1]["content"], self.tokenizer.decode(completion), score))
         table = "\n".join(f"| {p!r} | {c!r} | {s:.3f} |" for p, c, s in rows)
         log.info("rollout %d samples:\n| prompt | completion | score |\n%s", self.rollouts, table)
         for logger in self.loggers:
@@ -376,9 +386,15 @@ class RLHFModule(LMModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         r = self.rollout(batch, self._generation(seed=self.seed, greedy=True), score_only=True)
         size = len(r["completions"])
-        self.val_reward.update(r["scores"].mean(), weight=size)
-        self.log("val/mean_length", r["mask"].sum(1).float().mean(), batch_size=size)
+        if bool(r["scored"].any()):
+            self.val_reward.update(_scored_mean(r), weight=int(r["scored"].sum()))
+        self.log("val/mean_length", r["lengths"].float().mean(), batch_size=size)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/reward", self.val_reward.compute(), prog_bar=True)
         self.val_reward.reset()
+
+
+def _scored_mean(r: dict) -> torch.Tensor:
+    """Mean score of the completions that were scored (0 when none was)."""
+    return r["scores"][r["scored"]].mean() if bool(r["scored"].any()) else r["scores"].new_zeros(())
