@@ -25,7 +25,8 @@ $(REF_STAMP): pyproject.toml
 data: $(STAMP)
 	$(PY) -m minillm.data.builtin
 
-# The main job on the built-in corpus: pretrain -> generate -> SFT -> DPO -> a chat exchange, model=tiny.
+# The main job on the built-in corpus: pretrain -> generate -> SFT -> DPO -> reward model -> RLHF (PPO) -> a chat
+# exchange, model=tiny, ~10 minutes on 2 cores.
 # resume=auto everywhere: a finished stage is not redone, an interrupted one continues.
 DEMO_MODEL ?= tiny
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
@@ -36,7 +37,9 @@ demo: data
 		max_new_tokens=48 temperature=0.8 top_p=0.9 repetition_penalty=1.1 seed=0
 	$(PY) -m minillm.train stage=sft model=$(DEMO_MODEL) experiment=demo_sft resume=auto
 	$(PY) -m minillm.train stage=dpo model=$(DEMO_MODEL) experiment=demo_dpo resume=auto
-	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/dpo_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
+	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward resume=auto
+	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=demo_rlhf resume=auto
+	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/rlhf_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
 
 test: $(STAMP)
 	$(PY) -m ruff check minillm tests

@@ -9,7 +9,7 @@ any tensor exists. Everything else is typed here, so a typo or a wrong type fail
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,11 +28,16 @@ DATA_DIR_ENV = "MINIGPT_DATA_DIR"
 
 @dataclass
 class SourceConfig:
-    """Per-source sampling, keyed by file stem under `data.sources` (e.g. `data.sources.kjv.sample_ratio=0.5`)."""
+    """Per-source sampling, keyed by file stem under `data.sources` (`+data.sources.kjv.sample_ratio=0.5` on the
+    command line: the `+` adds a key the config does not have yet)."""
 
-    sample_ratio: float = 1.0
+    sample_ratio: float = 1.0  # 0 leaves the file out
     max_samples: Optional[int] = None
     val_ratio: Optional[float] = None  # None: data.val_ratio
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be in [0, 1], got {self.sample_ratio}")
 
 
 @dataclass
@@ -41,7 +46,9 @@ class DataConfig:
     batch_size: int = 16
     val_ratio: float = 0.01  # held out by a hash of each record: adding data never reshuffles validation
     sample_ratio: float = 1.0  # global, multiplies each source's sample_ratio
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    # file stem -> SourceConfig fields. Typed by __post_init__: OmegaConf cannot add keys to a Dict[str, dataclass]
+    # from the command line, so the schema keeps a plain dict.
+    sources: dict[str, Any] = field(default_factory=dict)
     skip_bad_records: bool = False  # skip and count malformed lines instead of failing
     packing: bool = False  # chat data: several conversations per window (block-diagonal attention)
     num_workers: int = 0
@@ -49,6 +56,16 @@ class DataConfig:
     cache_dir: str = "data/cache/datasets"
 
     def __post_init__(self) -> None:
+        known = {f.name for f in fields(SourceConfig)}
+        for name, src in list(self.sources.items()):
+            if isinstance(src, SourceConfig):
+                continue
+            if not isinstance(src, dict) or set(src) - known:
+                raise ValueError(f"data.sources.{name}: expected a mapping with keys {sorted(known)}, got {src!r}")
+            try:
+                self.sources[name] = SourceConfig(**src)
+            except ValueError as e:
+                raise ValueError(f"data.sources.{name}.{e}") from None
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.val_ratio < 1.0:

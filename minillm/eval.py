@@ -1,5 +1,6 @@
 """python -m minillm.eval model_path=DIR [family=verifiable] [limit=200] [data_dir=data/builtin]
 python -m minillm.eval model_path=DIR prompts=FILE reward=verifiable      # mean reward of greedy completions
+python -m minillm.eval model_path=DIR prompts=FILE reward=model reward_model_path=DIR   # ... under a reward model
 python -m minillm.eval reward_model=DIR family=reviews_zh                 # reward model: pairwise accuracy
 
 Exact-match accuracy on a held-out chat family (`<data dir>/eval/<family>.jsonl`): greedy decoding through
@@ -20,7 +21,7 @@ import torch
 from minillm import rewards
 from minillm.generate import GenerationConfig, generate, load_model, parse_cli
 from minillm.model import MiniGPT, RewardModel
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import Tokenizer, apply_chat_template
 
 
 def load_family(path: Path, limit: int | None = None) -> list[dict]:
@@ -56,11 +57,13 @@ def mean_reward(
     model: MiniGPT,
     tokenizer: Tokenizer,
     records: list[dict],
-    reward: str,
+    reward: str | RewardModel,
     batch_size: int = 32,
     max_new_tokens: int = 48,
 ) -> dict:
-    """Mean score under reward function `reward` of greedy completions of RL prompt records (any format)."""
+    """Mean score of greedy completions of RL prompt records (any format) under a named reward function or a
+    reward model (read at the completion's <|im_end|>, as in training). Unscored completions (None) are left
+    out of the mean."""
     from minillm.data.records import to_prompt
 
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
@@ -73,13 +76,26 @@ def mean_reward(
         chunk = prompts[start : start + batch_size]
         replies = generate(model, tokenizer, [p["prompt"] for p in chunk], config)
         ids = [tokenizer.encode(r) for r in replies]
-        chunk_scores = rewards.score(reward, replies, ids, chunk)
-        scores += chunk_scores
+        if isinstance(reward, RewardModel):
+            chunk_scores = _reward_model_scores(reward, tokenizer, chunk, ids)
+        else:
+            chunk_scores = rewards.score(reward, replies, ids, chunk)
+        scores += [s for s in chunk_scores if s == s]  # NaN: not scored
         examples += [
             {"prompt": p["prompt"][-1]["content"], "reply": r, "score": s}
             for p, r, s in zip(chunk, replies, chunk_scores)
         ][: max(0, 5 - len(examples))]
-    return {"n": len(scores), "reward": reward, "mean_reward": sum(scores) / max(len(scores), 1), "examples": examples}
+    name = reward if isinstance(reward, str) else "model"
+    return {"n": len(scores), "reward": name, "mean_reward": sum(scores) / max(len(scores), 1), "examples": examples}
+
+
+@torch.no_grad()
+def _reward_model_scores(model: RewardModel, tokenizer: Tokenizer, prompts: list[dict], completions: list) -> list:
+    rows = [
+        apply_chat_template(tokenizer, p["prompt"], add_generation_prompt=True).ids + c + [tokenizer.im_end_id]
+        for p, c in zip(prompts, completions)
+    ]
+    return [float(model(torch.tensor([row]))[0, -1]) for row in rows]
 
 
 @torch.no_grad()
@@ -130,7 +146,12 @@ def main(argv: list[str]) -> None:
     elif "prompts" in values:
         path = Path(str(values["prompts"]))
         model, tokenizer = load_model(str(values["model_path"]))
-        result = mean_reward(model, tokenizer, load_family(path, limit), str(values.get("reward", "verifiable")))
+        reward = str(values.get("reward", "verifiable"))
+        if reward == "model":
+            from minillm.pretrained import load_reward_model
+
+            reward = load_reward_model(str(values.get("reward_model_path", "outputs/reward_tiny/final")))[0]
+        result = mean_reward(model, tokenizer, load_family(path, limit), reward)
         result = {"prompts": str(path), **result}
     else:
         family = str(values.get("family", "verifiable"))

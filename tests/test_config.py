@@ -87,3 +87,12 @@ def test_the_whole_config_tree_is_in_the_repo():
         "debug",
     } <= groups
     assert Path(CONF_DIR / "train.yaml").is_file()
+
+
+def test_per_source_sampling_from_the_command_line():
+    cfg = to_config(compose(["+data.sources.kjv.sample_ratio=0.5", "+data.sources.shakespeare={max_samples:3}"]))
+    assert cfg.data.sources["kjv"].sample_ratio == 0.5 and cfg.data.sources["shakespeare"].max_samples == 3
+    with pytest.raises(ValueError, match=r"data.sources.kjv: expected a mapping with keys"):
+        to_config(compose(["+data.sources.kjv.sample_rate=0.5"]))
+    with pytest.raises(ValueError, match=r"data.sources.kjv.sample_ratio must be in \[0, 1\]"):
+        to_config(compose(["+data.sources.kjv.sample_ratio=2"]))
