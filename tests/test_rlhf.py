@@ -243,3 +243,21 @@ def test_completions_a_rule_cannot_score_stay_out_of_the_update(tmp_path, prompt
     assert all(torch.equal(v, run.module.model.state_dict()[k]) for k, v in start.items())
     rows = [r for r in metrics_rows(tmp_path / "run") if r.get("frac_unscored")]
     assert float(rows[-1]["frac_unscored"]) == 1.0
+
+
+def test_alarms_warn_about_kl_and_identical_group_rewards(tmp_path, prompt_dir, pretrained, caplog):
+    overrides = rlhf(
+        tmp_path,
+        prompt_dir,
+        pretrained,
+        "stage.algorithm=grpo",
+        "stage.reward=zero",
+        "stage.kl_alarm=-1",
+        "trainer.max_steps=2",
+    )
+    with caplog.at_level("WARNING", logger="minillm.stages.rlhf"):
+        assert build(overrides).fit() == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("mean KL to the reference" in w for w in warnings)
+    assert any("every group got identical rewards" in w for w in warnings)
+    assert sum("identical rewards" in w for w in warnings) == 1  # once, not every rollout
