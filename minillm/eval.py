@@ -125,6 +125,13 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict
     return {"n": len(pairs), "accuracy": wins / max(len(pairs), 1), "margin": sum(margins) / max(len(margins), 1)}
 
 
+def _eval_set(data_dir: Path, family: str) -> Path:
+    path = data_dir / "eval" / f"{family}.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: no evaluation set at {path}")
+    return path
+
+
 def main(argv: list[str]) -> None:
     values = parse_cli(argv)
     if "model_path" not in values and "reward_model" not in values:
@@ -138,9 +145,7 @@ def main(argv: list[str]) -> None:
         from minillm.pretrained import load_reward_model
 
         family = str(values.get("family", "reviews_zh"))
-        path = data_dir / "eval" / f"{family}.jsonl"
-        if not path.is_file():
-            raise SystemExit(f"error: no evaluation set at {path}")
+        path = _eval_set(data_dir, family)
         model, tokenizer = load_reward_model(str(values["reward_model"]))
         result = {"family": family, **pairwise_accuracy(model, tokenizer, load_family(path, limit))}
     elif "prompts" in values:
@@ -155,9 +160,7 @@ def main(argv: list[str]) -> None:
         result = {"prompts": str(path), **result}
     else:
         family = str(values.get("family", "verifiable"))
-        path = data_dir / "eval" / f"{family}.jsonl"
-        if not path.is_file():
-            raise SystemExit(f"error: no evaluation set at {path}")
+        path = _eval_set(data_dir, family)
         model, tokenizer = load_model(str(values["model_path"]))
         result = {"family": family, **exact_match(model, tokenizer, load_family(path, limit))}
     print(
