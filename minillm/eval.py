@@ -1,20 +1,28 @@
-"""python -m minillm.eval model_path=DIR [family=verifiable] [limit=200] [data_dir=data/builtin]
-python -m minillm.eval model_path=DIR prompts=FILE reward=verifiable      # mean reward of greedy completions
-python -m minillm.eval model_path=DIR prompts=FILE reward=model reward_model_path=DIR   # ... under a reward model
-python -m minillm.eval reward_model=DIR family=reviews_zh                 # reward model: pairwise accuracy
+"""python -m minillm.eval model_path=DIR [eval.tasks=[bpb,verifiable,preference,reward,samples]] [eval.text=FILE]
 
-Exact-match accuracy on a held-out chat family (`<data dir>/eval/<family>.jsonl`): greedy decoding through
-the chat template, the reply compared with the record's `answer` after stripping whitespace. With `prompts=`:
-the mean score under a named reward function (minillm.rewards) of greedy completions of RL prompt records. With
-`reward_model=`: the fraction of held-out preference pairs (`eval/<family>.jsonl`) whose chosen completion the
-reward model scores above the rejected one. (The evaluation issue grows this into bits-per-byte and a report.)
+Evaluates a model folder (or checkpoint), prints a table and writes `eval.json` next to it. Tasks:
+
+    bpb          per-token loss and bits per byte (loss x tokens / UTF-8 bytes / ln 2) on `eval.text` (any .txt or
+                 .jsonl file) or, by default, the pretraining records held out by hash (data.val_ratio 0.01)
+    verifiable   exact match of greedy chat replies on `<data dir>/eval/<eval.family>.jsonl`
+    preference   DPO-style preference accuracy on held-out pairs (`eval.pairs`): the fraction where the policy
+                 gives the chosen completion a higher summed log-prob than the rejected one (with
+                 `eval.reference=DIR`: a higher log-prob *gain over the reference*, DPO's rewards/accuracies)
+    reward       mean score of greedy completions of `eval.prompts` under the rule `eval.reward` (and under the
+                 reward model `eval.reward_model` when given)
+    samples      completions of a fixed prompt list (seeded sampling) and their distinct-1/2
+A reward model (`kind: reward`) gets `reward_model`: pairwise accuracy on the held-out pairs. Every key is an
+`EvalConfig` field; values are parsed like Hydra overrides (`eval.limit=50`, `eval.tasks=[bpb,samples]`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,6 +30,34 @@ from minillm import rewards
 from minillm.generate import GenerationConfig, generate, load_model, parse_cli
 from minillm.model import MiniGPT, RewardModel
 from minillm.tokenizer import Tokenizer, apply_chat_template
+
+TASKS = ("bpb", "verifiable", "preference", "reward", "samples")
+SAMPLE_PROMPTS = ["To be, or not to be", "In the beginning", "中共中央", "What is 12 + 7?", "写一条好评。"]
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    data_dir: str = "data/builtin"
+    text: Optional[str] = None  # bpb text (.txt / .jsonl); None: held-out pretraining records of data_dir
+    family: str = "verifiable"  # eval/<family>.jsonl for exact match
+    pairs: list[str] = field(
+        default_factory=lambda: ["reviews_zh", "chatterbot_pairs", "kjv_pairs", "verifiable_pairs"]
+    )
+    reference: Optional[str] = None  # preference accuracy relative to this model (DPO's implicit reward)
+    prompts: Optional[str] = None  # reward task prompts; None: eval/<family>.jsonl
+    reward: str = "verifiable"  # rule from minillm.rewards
+    reward_model: Optional[str] = None  # also score with this reward model
+    limit: int = 200  # records per task (and per pairs file)
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    seed: int = 0
+    out: Optional[str] = None  # eval.json path; None: next to the model
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"eval.tasks: unknown {unknown}; known: {list(TASKS)}")
 
 
 def load_family(path: Path, limit: int | None = None) -> list[dict]:
@@ -128,48 +164,223 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict
 def _eval_set(data_dir: Path, family: str) -> Path:
     path = data_dir / "eval" / f"{family}.jsonl"
     if not path.is_file():
-        raise SystemExit(f"error: no evaluation set at {path}")
+        raise FileNotFoundError(
+            f"no evaluation set at {path}: build the corpus (python -m minillm.data.builtin) or set eval.data_dir"
+        )
     return path
 
 
+# ---- bits per byte, distinct-n, preference accuracy ----
+
+
+def heldout_pretraining_texts(data_dir: Path, val_ratio: float = 0.01) -> list[str]:
+    """The pretraining records a run with data.val_ratio=`val_ratio` holds out (the same hash split)."""
+    from minillm.data.records import BadRecords, is_held_out, read_texts
+
+    texts = []
+    for path in sorted((data_dir / "pretrain").glob("*")):
+        if path.suffix in (".jsonl", ".txt"):
+            texts += [t for t in read_texts(path, BadRecords(skip=True)) if is_held_out(t, val_ratio)]
+    return texts
+
+
+def read_eval_text(path: Path) -> list[str]:
+    """Documents of a .txt file (paragraph groups) or a .jsonl file (its "text" fields)."""
+    from minillm.data.records import BadRecords, read_texts
+
+    return list(read_texts(path, BadRecords(skip=False)))
+
+
+@torch.no_grad()
+def bits_per_byte(model: MiniGPT, tokenizer: Tokenizer, texts: list[str]) -> dict:
+    """Next-token loss over every token of each text (each starting after the </s> separator, as in
+    pretraining), in windows of block_size, and bits per byte = Σ loss / Σ UTF-8 bytes / ln 2."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    loss_sum, tokens, n_bytes = 0.0, 0, 0
+    for text in texts:
+        ids = [tokenizer.eos_id] + tokenizer.encode(text)
+        for start in range(0, len(ids) - 1, block):  # window i predicts ids[start + 1 : start + block + 1]
+            window = torch.tensor(ids[start : start + block + 1], device=device)[None]
+            logits = model(window[:, :-1]).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum"))
+            tokens += window.shape[1] - 1
+        n_bytes += len(text.encode("utf-8"))
+    model.train(was_training)
+    return {
+        "documents": len(texts),
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "loss": loss_sum / max(tokens, 1),
+        "bpb": loss_sum / max(n_bytes, 1) / math.log(2),
+    }
+
+
+def distinct_n(token_lists: list[list[int]], n: int) -> float:
+    """Distinct n-grams / all n-grams over a set of generations (1.0: no repetition; token-level, so it means the
+    same for Chinese and English)."""
+    grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def completion_logps(model: MiniGPT, tokenizer: Tokenizer, pairs: list[dict]) -> torch.Tensor:
+    """Summed log-probs of the chosen and rejected completions of each pair: (N, 2)."""
+    from minillm.data.datamodule import encode_pair
+    from minillm.data.records import to_preference
+    from minillm.losses import sequence_logprobs
+
+    model.eval()
+    block = model.config.block_size
+    out = []
+    for p in pairs:
+        enc = encode_pair(tokenizer, to_preference(p), (block // 2, block - block // 2))
+        row = []
+        for side in ("chosen", "rejected"):
+            ids, labels = torch.tensor([enc[f"{side}_ids"]]), torch.tensor([enc[f"{side}_labels"]])
+            row.append(float(sequence_logprobs(model(ids[:, :-1]).logits, labels[:, 1:])[0]))
+        out.append(row)
+    return torch.tensor(out).view(-1, 2)
+
+
+def preference_accuracy(policy_logps: torch.Tensor, reference_logps: torch.Tensor | None = None) -> dict:
+    """Fraction of pairs whose chosen completion wins: by log-prob, or by log-prob gain over the reference."""
+    margins = policy_logps[:, 0] - policy_logps[:, 1]
+    if reference_logps is not None:
+        margins = margins - (reference_logps[:, 0] - reference_logps[:, 1])
+    return {
+        "n": len(margins),
+        "accuracy": float((margins > 0).float().mean()) if len(margins) else 0.0,
+        "margin": float(margins.mean()) if len(margins) else 0.0,
+    }
+
+
+# ---- the whole evaluation ----
+
+
+def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
+    """Run the configured tasks on one model; returns what eval.json holds."""
+    from minillm.pretrained import META_FILE, load_reward_model
+
+    model_path = Path(model_path)
+    meta = model_path / META_FILE
+    kind = json.loads(meta.read_text()).get("kind", "lm") if meta.is_file() else "lm"
+    data_dir = Path(config.data_dir)
+    result: dict = {"model_path": str(model_path), "kind": kind, "config": asdict(config), "tasks": {}}
+    if kind == "reward":
+        model, tokenizer = load_reward_model(model_path)
+        result["tasks"]["reward_model"] = {
+            name: pairwise_accuracy(model, tokenizer, load_family(_eval_set(data_dir, name), config.limit))
+            for name in config.pairs
+        }
+        return result
+    model, tokenizer = load_model(str(model_path))
+    tasks = result["tasks"]
+    if "bpb" in config.tasks:
+        texts = read_eval_text(Path(config.text)) if config.text else heldout_pretraining_texts(data_dir)
+        tasks["bpb"] = {
+            "source": config.text or f"{data_dir}/pretrain (held out)",
+            **bits_per_byte(model, tokenizer, texts[: config.limit]),
+        }
+    if "verifiable" in config.tasks:
+        records = load_family(_eval_set(data_dir, config.family), config.limit)
+        tasks["verifiable"] = {
+            "family": config.family,
+            **exact_match(model, tokenizer, records, config.batch_size, config.max_new_tokens),
+        }
+    if "preference" in config.tasks:
+        reference = load_model(config.reference)[0] if config.reference else None
+        per = {}
+        for name in config.pairs:
+            pairs = load_family(_eval_set(data_dir, name), config.limit)
+            ref = completion_logps(reference, tokenizer, pairs) if reference is not None else None
+            per[name] = preference_accuracy(completion_logps(model, tokenizer, pairs), ref)
+        n = sum(v["n"] for v in per.values())
+        tasks["preference"] = {
+            "accuracy": sum(v["accuracy"] * v["n"] for v in per.values()) / max(n, 1),
+            "n": n,
+            "relative_to": config.reference,
+            "files": per,
+        }
+    if "reward" in config.tasks:
+        prompts = Path(config.prompts) if config.prompts else _eval_set(data_dir, config.family)
+        records = load_family(prompts, config.limit)
+        tasks["reward"] = {
+            "prompts": str(prompts),
+            **mean_reward(model, tokenizer, records, config.reward, config.batch_size, config.max_new_tokens),
+        }
+        if config.reward_model:
+            rm = load_reward_model(config.reward_model)[0]
+            scored = mean_reward(model, tokenizer, records, rm, config.batch_size, config.max_new_tokens)
+            tasks["reward"]["reward_model"] = {"path": config.reward_model, "mean_score": scored["mean_reward"]}
+    if "samples" in config.tasks:
+        generation = GenerationConfig(
+            max_new_tokens=config.max_new_tokens, temperature=0.8, top_p=0.9, seed=config.seed
+        )
+        texts = generate(model, tokenizer, SAMPLE_PROMPTS, generation)
+        ids = [tokenizer.encode(t) for t in texts]
+        tasks["samples"] = {
+            "distinct_1": distinct_n(ids, 1),
+            "distinct_2": distinct_n(ids, 2),
+            "samples": [{"prompt": p, "text": t} for p, t in zip(SAMPLE_PROMPTS, texts)],
+        }
+    return result
+
+
+def headline(result: dict) -> dict[str, float]:
+    """The numbers of a result that go in tables: bpb, task accuracy, preference accuracy, reward, distinct-2."""
+    t = result["tasks"]
+    rows = {
+        "bpb": t.get("bpb", {}).get("bpb"),
+        "val loss (per token)": t.get("bpb", {}).get("loss"),
+        "exact match": t.get("verifiable", {}).get("exact_match"),
+        "preference accuracy": t.get("preference", {}).get("accuracy"),
+        "mean reward": t.get("reward", {}).get("mean_reward"),
+        "reward-model score": t.get("reward", {}).get("reward_model", {}).get("mean_score"),
+        "distinct-2": t.get("samples", {}).get("distinct_2"),
+    }
+    for name, v in t.get("reward_model", {}).items():
+        rows[f"pairwise accuracy {name}"] = v["accuracy"]
+    return {k: v for k, v in rows.items() if v is not None}
+
+
+def output_path(model_path: Path, config: EvalConfig) -> Path:
+    if config.out:
+        return Path(config.out)
+    return (model_path.parent if model_path.is_file() else model_path) / "eval.json"
+
+
 def main(argv: list[str]) -> None:
+    from omegaconf import OmegaConf
+
     values = parse_cli(argv)
-    if "model_path" not in values and "reward_model" not in values:
+    if "model_path" not in values:
         raise SystemExit(
-            "usage: python -m minillm.eval model_path=DIR [family=verifiable] [limit=N] | model_path=DIR "
-            "prompts=FILE reward=NAME | reward_model=DIR family=PAIRS"
+            "usage: python -m minillm.eval model_path=DIR [eval.tasks=[...]] [eval.text=FILE] "
+            "[eval.limit=N] ... (EvalConfig fields)"
         )
-    data_dir = Path(str(values.get("data_dir", "data/builtin")))
-    limit = values.get("limit")
-    if "reward_model" in values:
-        from minillm.pretrained import load_reward_model
+    model_path = Path(str(values.pop("model_path")))
+    unknown = sorted(k for k in values if not k.startswith("eval."))
+    if unknown:
+        raise SystemExit(f"error: unknown keys {unknown}: evaluation settings are eval.<EvalConfig field>")
+    try:
+        overrides = OmegaConf.from_dotlist([f"{k.removeprefix('eval.')}={_dot(v)}" for k, v in values.items()])
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), overrides))
+        result = evaluate(model_path, config)
+    except Exception as e:  # an unknown key, a wrong type, a missing file: say which
+        raise SystemExit(f"error: {e}") from None
+    out = output_path(model_path, config)
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(f"{model_path} ({result['kind']})")
+    for name, value in headline(result).items():
+        print(f"  {name:<32} {value:.4f}")
+    print(f"wrote {out}")
 
-        family = str(values.get("family", "reviews_zh"))
-        path = _eval_set(data_dir, family)
-        model, tokenizer = load_reward_model(str(values["reward_model"]))
-        result = {"family": family, **pairwise_accuracy(model, tokenizer, load_family(path, limit))}
-    elif "prompts" in values:
-        path = Path(str(values["prompts"]))
-        model, tokenizer = load_model(str(values["model_path"]))
-        reward = str(values.get("reward", "verifiable"))
-        if reward == "model":
-            from minillm.pretrained import load_reward_model
 
-            reward = load_reward_model(str(values.get("reward_model_path", "outputs/reward_tiny/final")))[0]
-        result = mean_reward(model, tokenizer, load_family(path, limit), reward)
-        result = {"prompts": str(path), **result}
-    else:
-        family = str(values.get("family", "verifiable"))
-        path = _eval_set(data_dir, family)
-        model, tokenizer = load_model(str(values["model_path"]))
-        result = {"family": family, **exact_match(model, tokenizer, load_family(path, limit))}
-    print(
-        json.dumps(
-            {"model_path": str(values.get("model_path", values.get("reward_model"))), **result},
-            indent=2,
-            ensure_ascii=False,
-        )
-    )
+def _dot(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 if __name__ == "__main__":
