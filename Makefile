@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 REF_VENV := .venv-ref
 REF_STAMP := $(REF_VENV)/.installed
 
-.PHONY: demo test test-slow test-ref lint format data clean
+.PHONY: demo test test-slow test-ref lint format data bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,10 +40,13 @@ demo: data
 	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward resume=auto
 	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=demo_rlhf resume=auto
 	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/rlhf_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
+	$(PY) -m minillm.report model=$(DEMO_MODEL) eval.limit=100
+
+LINTED := minillm tests benchmarks
 
 test: $(STAMP)
-	$(PY) -m ruff check minillm tests
-	$(PY) -m ruff format --check minillm tests
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m pytest -q
 
 # Slow tests (CLI subprocesses, real corpus build) and reference parity tests (transformers/TRL in .venv-ref).
@@ -52,12 +55,20 @@ test-slow: $(STAMP) $(REF_STAMP)
 	$(REF_VENV)/bin/python -m pytest -q -m ref
 
 lint: $(STAMP)
-	$(PY) -m ruff check minillm tests
-	$(PY) -m ruff format --check minillm tests
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 format: $(STAMP)
-	$(PY) -m ruff format minillm tests
-	$(PY) -m ruff check --fix minillm tests
+	$(PY) -m ruff format $(LINTED)
+	$(PY) -m ruff check --fix $(LINTED)
+
+# Benchmarks (not tests): each prints a table and writes outputs/bench/<name>.json. Generation runs in .venv-ref
+# so that transformers' generate is measured side by side on the same weights.
+bench: data $(REF_STAMP)
+	$(PY) -m benchmarks.train_throughput
+	$(REF_VENV)/bin/python -m benchmarks.generation
+	$(PY) -m benchmarks.data
+	$(PY) -m benchmarks.end_to_end
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) *.egg-info .pytest_cache .ruff_cache

@@ -117,3 +117,28 @@ def test_report_tabulates_each_stage_and_draws_a_chart(tmp_path, tokenizer, eval
     first = (out / "sft_micro" / "final" / "eval.json").stat().st_mtime_ns
     report.main(args)  # eval.json newer than the weights: reused
     assert (out / "sft_micro" / "final" / "eval.json").stat().st_mtime_ns == first
+
+
+def test_task_eval_logs_exact_match_during_training_and_leaves_the_loss_curve(
+    tmp_path, chat_dir, pretrained, eval_data
+):
+    import csv
+
+    from minillm.train import build
+    from tests.conftest import micro_overrides
+
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "sft").symlink_to(chat_dir / "sft")
+    (data / "eval").symlink_to(eval_data / "eval")
+    curves = []
+    for setting in ("callbacks.task_eval.limit=4", "callbacks.task_eval=null"):
+        root = tmp_path / setting.split("=")[-1]
+        run = build(micro_overrides(root, data, f"init_from={pretrained}", setting, stage="sft"))
+        assert run.fit() == 0
+        with (root / "run" / "logs" / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        curves.append([r["train/loss"] for r in rows if r.get("train/loss")])
+        logged = [r["val/exact_match"] for r in rows if r.get("val/exact_match")]
+        assert len(logged) == (2 if setting.endswith("=4") else 0)  # validation at steps 3 and 6
+    assert curves[0] == curves[1] and len(curves[0]) == 6

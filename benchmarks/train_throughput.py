@@ -1,0 +1,165 @@
+"""Training throughput and MFU per preset, stage and precision; Lightning's overhead against a bare loop.
+
+    python benchmarks/train_throughput.py [--presets tiny small] [--stages pretrain sft dpo] [--steps 20]
+
+MFU = FLOPs per token (benchmarks/common.py: 6 × matmul parameters + 6 × layers × T × C) × tokens/s / the
+matmul peak measured here for the run's dtype. Each configuration runs twice over the same stage module and
+data: `Trainer.fit` as `python -m minillm.train` builds it (our callbacks and loggers included, no validation)
+and a bare PyTorch loop (forward, backward, clip, AdamW step). Step times are medians after `--warmup` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from benchmarks.common import flops_per_token, measure_peak, median_rate, print_table, write
+from minillm.model import MiniGPT, ModelConfig
+from minillm.pretrained import save_pretrained
+from minillm.train import build
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def tokens_of(batch: dict) -> int:
+    if "chosen_ids" in batch:
+        return int(batch["chosen_ids"].numel() + batch["rejected_ids"].numel())
+    return int(batch["input_ids"][:, :-1].numel())
+
+
+def overrides(preset: str, stage: str, precision: str, steps: int, root: Path, init: Path | None, extra) -> list:
+    out = [
+        f"stage={stage}",
+        f"model={preset}",
+        f"trainer.precision={precision}",
+        f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps + 1}",
+        "trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"callbacks.checkpoint.every_n_train_steps={steps + 1}",
+        "callbacks.best_checkpoint=null",
+        "callbacks.loss_plot=null",
+        f"run_dir={root}/run",
+        "overwrite=true",
+        f"init_from={init}" if init else "init_from=null",
+    ]
+    if stage == "sft":
+        out.append("data.packing=true")
+    return out + list(extra)
+
+
+def fit_step_times(args: list) -> tuple[list[float], int, ModelConfig]:
+    """Step times of Trainer.fit, tokens per step, the model config (vocab_size filled in)."""
+    run = build(args)
+    timer = StepTimer()
+    run.trainer.callbacks.append(timer)
+    batch = next(iter(run.datamodule.train_dataloader()))
+    run.fit()
+    return [b - a for a, b in zip(timer.ends, timer.ends[1:])], tokens_of(batch), run.module.model.config
+
+
+def bare_step_times(args: list, steps: int, precision: str) -> list[float]:
+    run = build(args, inspect=True)
+    module = run.module
+    if module.reference is not None:
+        module.reference.to(next(module.parameters()).device)
+    optimizer = module.configure_optimizers()["optimizer"]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+    module.train()
+    ends = []
+    for i, batch in enumerate(run.datamodule.train_dataloader()):
+        if i == steps:
+            break
+        with autocast:
+            loss = module.training_step(batch, i)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ends.append(time.perf_counter())
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--stages", nargs="+", default=["pretrain", "sft", "dpo"])
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--override", nargs="*", default=[], help="more train overrides (data.dir=..., model.*)")
+    parser.add_argument("--peak-size", type=int, default=2048)
+    parser.add_argument("--out-dir", default="outputs/bench")
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    peaks = {
+        "32-true": measure_peak(torch.float32, args.peak_size),
+        "bf16-mixed": measure_peak(torch.bfloat16, args.peak_size),
+    }
+    print(
+        f"measured matmul peak: fp32 {peaks['32-true'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16-mixed'] / 1e9:.0f} GFLOP/s"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for preset in args.presets:
+            for stage in args.stages:
+                init = None
+                if stage in ("sft", "dpo"):  # a random init of the right shape (and tokenizer) is enough here
+                    probe = build(
+                        overrides(preset, "pretrain", "32-true", 1, tmp / "probe", None, args.override), inspect=True
+                    )
+                    torch.manual_seed(0)
+                    init = save_pretrained(
+                        MiniGPT(probe.module.model.config), probe.datamodule.tokenizer, tmp / f"init_{preset}"
+                    )
+                for precision in args.precisions:
+                    common = overrides(preset, stage, precision, args.steps, tmp / "fit", init, args.override)
+                    fit, tokens, config = fit_step_times(common)
+                    bare = bare_step_times(
+                        overrides(preset, stage, precision, args.steps, tmp / "bare", init, args.override),
+                        args.steps,
+                        precision,
+                    )
+                    fit, bare = fit[args.warmup :] or fit, bare[args.warmup :] or bare
+                    seq = config.block_size
+                    fit_rate, bare_rate = median_rate(fit, tokens), median_rate(bare, tokens)
+                    mfu = flops_per_token(config, seq) * fit_rate / peaks[precision]
+                    rows.append(
+                        {
+                            "preset": preset,
+                            "stage": stage,
+                            "precision": precision,
+                            "tokens/step": tokens,
+                            "fit tok/s": fit_rate,
+                            "bare tok/s": bare_rate,
+                            "MFU": mfu,
+                            "bare MFU": flops_per_token(config, seq) * bare_rate / peaks[precision],
+                            "overhead": bare_rate / fit_rate - 1 if fit_rate else None,
+                        }
+                    )
+                    print_table(rows[-1:], list(rows[-1]))
+    columns = ["preset", "stage", "precision", "tokens/step", "fit tok/s", "bare tok/s", "MFU", "bare MFU", "overhead"]
+    print()
+    print_table(rows, columns)
+    payload = {"peak_flops": peaks, "steps": args.steps, "warmup": args.warmup, "rows": rows}
+    write("train_throughput", payload, Path(args.out_dir))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The benchmarks as 1-iteration smokes (slow): each runs end to end on the fixture data and writes its JSON."""
+
+import json
+
+import pytest
+
+MICRO = [
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "tokenizer.vocab_size=512",
+    "tokenizer.character_coverage=1.0",
+    "data.batch_size=4",
+    "data.val_ratio=0.1",
+]
+
+
+@pytest.fixture
+def all_data(tmp_path, data_dir, chat_dir, pref_dir, prompt_dir):
+    """One data dir with every stage's folder (the fixtures keep them apart)."""
+    root = tmp_path / "all"
+    root.mkdir()
+    for sub, source in (("pretrain", data_dir), ("sft", chat_dir), ("preference", pref_dir)):
+        (root / sub).symlink_to(source / sub)
+    (root / "prompts").mkdir()
+    (root / "prompts" / "verifiable.jsonl").symlink_to(prompt_dir / "prompts" / "sums.jsonl")  # demo_rlhf names it
+    return root
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke(tmp_path, all_data):
+    from benchmarks import train_throughput
+
+    out = train_throughput.main(
+        [
+            "--presets",
+            "tiny",
+            "--stages",
+            "pretrain",
+            "sft",
+            "--precisions",
+            "32-true",
+            "--steps",
+            "3",
+            "--warmup",
+            "0",
+            "--peak-size",
+            "256",
+            "--out-dir",
+            str(tmp_path),
+            "--override",
+            f"data.dir={all_data}",
+            f"tokenizer.cache_dir={tmp_path}/tok",
+            f"data.cache_dir={tmp_path}/ds",
+            "model.block_size=64",
+            *MICRO,
+        ]
+    )
+    assert {(r["stage"], r["precision"]) for r in out["rows"]} == {("pretrain", "32-true"), ("sft", "32-true")}
+    assert all(r["fit tok/s"] > 0 and r["bare tok/s"] > 0 and 0 < r["MFU"] for r in out["rows"])
+    assert json.loads((tmp_path / "train_throughput.json").read_text())["machine"]["cores"] >= 1
+
+
+@pytest.mark.slow
+def test_generation_smoke(tmp_path, tokenizer):
+    import torch
+
+    from benchmarks import generation
+    from minillm.model import MiniGPT
+    from minillm.pretrained import save_pretrained
+    from tests.conftest import micro_config
+
+    torch.manual_seed(0)
+    folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
+    out = generation.main(
+        [
+            "--model-path",
+            str(folder),
+            "--new-tokens",
+            "8",
+            "--batches",
+            "1",
+            "2",
+            "--repeats",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    assert [r["batch"] for r in out["rows"]] == [1, 2]
+    assert all(r["ours tok/s"] > 0 and r["no-cache tok/s"] > 0 for r in out["rows"])
+
+
+@pytest.mark.slow
+def test_data_smoke(tmp_path, all_data):
+    from benchmarks import data
+
+    out = data.main(
+        ["--data-dir", str(all_data), "--vocab-size", "512", "--block-size", "64", "--out-dir", str(tmp_path)]
+    )
+    text, chat = out["rows"]
+    assert text["tokens"] > 0 and text["tokens/s"] > 0 and 0 < text["packing efficiency"] <= 1
+    assert chat["kind"] == "chat" and 0 < chat["packing efficiency"] <= 1
+
+
+@pytest.mark.slow
+def test_end_to_end_smoke(tmp_path, all_data):
+    from benchmarks import end_to_end
+
+    out = end_to_end.main(
+        [
+            "--max-steps",
+            "2",
+            "--data-dir",
+            str(all_data),
+            "--out-dir",
+            str(tmp_path),
+            "--override",
+            f"data.dir={all_data}",
+            f"tokenizer.cache_dir={tmp_path}/tok",
+            f"data.cache_dir={tmp_path}/ds",
+            *MICRO,
+        ]
+    )
+    assert [r["stage"] for r in out["rows"]] == ["pretrain", "sft", "dpo", "reward", "rlhf", "total"]
