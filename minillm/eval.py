@@ -96,10 +96,11 @@ def mean_reward(
     reward: str | RewardModel,
     batch_size: int = 32,
     max_new_tokens: int = 48,
+    reward_model: RewardModel | None = None,
 ) -> dict:
     """Mean score of greedy completions of RL prompt records (any format) under a named reward function or a
-    reward model (read at the completion's <|im_end|>, as in training). Unscored completions (None) are left
-    out of the mean."""
+    reward model (read at the completion's <|im_end|>, as in training); with `reward_model` as well, the same
+    completions' mean reward-model score too. Unscored completions (None) are left out of the mean."""
     from minillm.data.records import to_prompt
 
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
@@ -107,7 +108,7 @@ def mean_reward(
     bad = next((p for p in prompts if isinstance(p, str)), None)
     if bad is not None:
         raise ValueError(f"not a prompt record: {bad}")
-    scores, examples = [], []
+    scores, model_scores, examples = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         replies = generate(model, tokenizer, [p["prompt"] for p in chunk], config)
@@ -116,13 +117,18 @@ def mean_reward(
             chunk_scores = _reward_model_scores(reward, tokenizer, chunk, ids)
         else:
             chunk_scores = rewards.score(reward, replies, ids, chunk)
+        if reward_model is not None:
+            model_scores += _reward_model_scores(reward_model, tokenizer, chunk, ids)
         scores += [s for s in chunk_scores if s == s]  # NaN: not scored
         examples += [
             {"prompt": p["prompt"][-1]["content"], "reply": r, "score": s}
             for p, r, s in zip(chunk, replies, chunk_scores)
         ][: max(0, 5 - len(examples))]
     name = reward if isinstance(reward, str) else "model"
-    return {"n": len(scores), "reward": name, "mean_reward": sum(scores) / max(len(scores), 1), "examples": examples}
+    out = {"n": len(scores), "reward": name, "mean_reward": sum(scores) / max(len(scores), 1), "examples": examples}
+    if reward_model is not None:
+        out["reward_model_score"] = sum(model_scores) / max(len(model_scores), 1)
+    return out
 
 
 @torch.no_grad()
@@ -338,7 +344,7 @@ def headline(result: dict) -> dict[str, float]:
         "exact match": t.get("verifiable", {}).get("exact_match"),
         "preference accuracy": t.get("preference", {}).get("accuracy"),
         "mean reward": t.get("reward", {}).get("mean_reward"),
-        "reward-model score": t.get("reward", {}).get("reward_model", {}).get("mean_score"),
+        "reward-model score": t.get("reward", {}).get("reward_model_score"),
         "distinct-2": t.get("samples", {}).get("distinct_2"),
     }
     for name, v in t.get("reward_model", {}).items():

@@ -2,28 +2,33 @@
 
 The per-stage table `make demo` ends with: each stage's `outputs/<stage>_<model>/final` is evaluated (its
 eval.json reused when newer than the weights) and the headline numbers — bits per byte, exact match on the
-held-out verifiable family, preference accuracy on held-out pairs, mean reward — go to `outputs/report.md` and
-a chart to `outputs/report.png`. The reward model, when there is one, adds its pairwise accuracy per file.
+held-out verifiable family, preference accuracy on held-out pairs, mean reward (the `eval.reward` rule) and the
+reward model's mean score of the same replies — go to `outputs/report.md` and a chart to `outputs/report.png`.
+The reward model, when there is one (`outputs/reward_<model>/final`), also adds its pairwise accuracy per file.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from minillm.eval import EvalConfig, evaluate, headline, output_path
 from minillm.generate import parse_cli
 
-COLUMNS = ("bpb", "exact match", "preference accuracy", "mean reward", "distinct-2")
+COLUMNS = ("bpb", "exact match", "preference accuracy", "mean reward", "reward-model score", "distinct-2")
+UNIT_RANGE = ("exact match", "preference accuracy", "distinct-2")
 
 
 def stage_result(folder: Path, config: EvalConfig) -> dict:
-    """eval.json of a model folder, computed when missing or older than the weights."""
+    """eval.json of a model folder, computed when missing, older than the weights or made with other settings."""
     out = output_path(folder, config)
     weights = folder / "model.safetensors"
     if out.is_file() and out.stat().st_mtime >= weights.stat().st_mtime:
-        return json.loads(out.read_text(encoding="utf-8"))
+        cached = json.loads(out.read_text(encoding="utf-8"))
+        if cached.get("config") == asdict(config):
+            return cached
     result = evaluate(folder, config)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
@@ -50,12 +55,14 @@ def chart(rows: dict[str, dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [c for c in COLUMNS[:4] if any(c in v for v in rows.values())]
+    columns = [c for c in COLUMNS[:5] if any(c in v for v in rows.values())]
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3), squeeze=False)
     for ax, column in zip(axes[0], columns):
         stages = [s for s, v in rows.items() if column in v]
         ax.bar(stages, [rows[s][column] for s in stages], color="#4c72b0")
         ax.set_title(column + (" (lower is better)" if column == "bpb" else ""), fontsize=9)
+        if column in UNIT_RANGE:
+            ax.set_ylim(0, 1)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -71,6 +78,9 @@ def main(argv: list[str]) -> None:
     out_dir = Path(str(values.pop("out_dir", "outputs")))
     overrides = OmegaConf.from_dotlist([f"{k.removeprefix('eval.')}={v}" for k, v in values.items()])
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), overrides))
+    reward_folder = out_dir / f"reward_{model}" / "final"
+    if config.reward_model is None and reward_folder.is_dir():  # score every stage's replies with it too
+        config.reward_model = str(reward_folder)
     rows = {}
     for stage in stages:
         folder = out_dir / f"{stage}_{model}" / "final"
@@ -78,7 +88,6 @@ def main(argv: list[str]) -> None:
             rows[stage] = headline(stage_result(folder, config))
     if not rows:
         raise SystemExit(f"error: no final/ model under {out_dir}/<stage>_{model}/ for stages {stages}")
-    reward_folder = out_dir / f"reward_{model}" / "final"
     reward = stage_result(reward_folder, config)["tasks"]["reward_model"] if reward_folder.is_dir() else None
     table = markdown(rows, reward)
     (out_dir / "report.md").write_text(f"# minillm report: model={model}\n\n{table}", encoding="utf-8")
