@@ -182,15 +182,33 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=None if isinstance(mask, str) else mask,
-            is_causal=mask == "causal" if isinstance(mask, str) else False,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, H, T, D)
+        dropout = self.dropout if self.training else 0.0
+        if q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+            y = explicit_attention(q, k, v, mask, dropout)  # on CPUs SDPA's bf16 backward is the slower one
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if isinstance(mask, str) else mask,
+                is_causal=mask == "causal" if isinstance(mask, str) else False,
+                dropout_p=dropout,
+            )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def explicit_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
+    """softmax(q kᵀ / √D + mask) v written out, the same semantics as the SDPA call above (`mask`: "causal",
+    None, or a bool (B, 1, T, S) True = attend). Used for bf16 training: measured on a Zen 4 CPU, model=tiny
+    trains ~12% faster with it than with SDPA in bf16 (SDPA stays faster in fp32 and for decoding)."""
+    T, S = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)
+    if isinstance(mask, str):
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.dropout(scores.softmax(-1), p=dropout) if dropout else scores.softmax(-1)
+    return weights @ v
 
 
 class SwiGLU(nn.Module):

@@ -154,3 +154,33 @@ def test_unknown_preset_and_typo_fail_at_compose_time():
         compose(["model.n_layr=3"])
     with pytest.raises(ConfigCompositionException):
         compose(["model.n_layer=three"])
+
+
+@pytest.mark.parametrize("kind", ["causal", "padded"])
+def test_explicit_attention_matches_sdpa(kind):
+    import torch.nn.functional as F
+
+    from minillm.model import attention_bias, explicit_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    if kind == "causal":
+        mask = "causal"
+    else:
+        padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+        mask = attention_bias(padding, 6, 0, q.device)
+    expected = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if mask == "causal" else mask, is_causal=mask == "causal"
+    )
+    torch.testing.assert_close(explicit_attention(q, k, v, mask, 0.0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_training_forward_matches_fp32_path(tokenizer):
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(tokenizer.vocab_size))
+    ids = torch.randint(6, 100, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit = model(ids).logits.float()  # grad enabled + bf16: the written-out attention
+        with torch.no_grad():
+            sdpa = model(ids).logits.float()  # no grad: SDPA
+    torch.testing.assert_close(explicit, sdpa, atol=0.05, rtol=0.05)
