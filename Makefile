@@ -40,7 +40,7 @@ demo: data
 	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward resume=auto
 	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=demo_rlhf resume=auto
 	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/rlhf_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
-	$(PY) -m minillm.report model=$(DEMO_MODEL) eval.limit=100
+	$(PY) -m minillm.report model=$(DEMO_MODEL) eval.limit=50
 
 LINTED := minillm tests benchmarks
 
