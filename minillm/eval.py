@@ -313,14 +313,12 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
     if "reward" in config.tasks:
         prompts = Path(config.prompts) if config.prompts else _eval_set(data_dir, config.family)
         records = load_family(prompts, config.limit)
+        rm = load_reward_model(config.reward_model)[0] if config.reward_model else None  # scores the same replies
         tasks["reward"] = {
             "prompts": str(prompts),
-            **mean_reward(model, tokenizer, records, config.reward, config.batch_size, config.max_new_tokens),
+            "reward_model": config.reward_model,
+            **mean_reward(model, tokenizer, records, config.reward, config.batch_size, config.max_new_tokens, rm),
         }
-        if config.reward_model:
-            rm = load_reward_model(config.reward_model)[0]
-            scored = mean_reward(model, tokenizer, records, rm, config.batch_size, config.max_new_tokens)
-            tasks["reward"]["reward_model"] = {"path": config.reward_model, "mean_score": scored["mean_reward"]}
     if "samples" in config.tasks:
         generation = GenerationConfig(
             max_new_tokens=config.max_new_tokens, temperature=0.8, top_p=0.9, seed=config.seed

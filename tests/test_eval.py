@@ -113,6 +113,9 @@ def test_report_tabulates_each_stage_and_draws_a_chart(tmp_path, tokenizer, eval
     text = (out / "report.md").read_text()
     assert "| pretrain |" in text and "| sft |" in text and "| dpo |" not in text  # only stages that exist
     assert "bpb" in text and "Reward model, held-out pairwise accuracy: sums" in text
+    sft = json.loads((out / "sft_micro" / "final" / "eval.json").read_text())
+    assert isinstance(sft["tasks"]["reward"]["reward_model_score"], float)  # the reward model scored the replies
+    assert text.count("–") == 0  # every column filled for both stages
     assert (out / "report.png").stat().st_size > 1000
     first = (out / "sft_micro" / "final" / "eval.json").stat().st_mtime_ns
     report.main(args)  # eval.json newer than the weights: reused
