@@ -32,6 +32,7 @@ from minillm.model import MiniGPT, RewardModel
 from minillm.tokenizer import Tokenizer, apply_chat_template
 
 TASKS = ("bpb", "verifiable", "preference", "reward", "samples")
+EVAL_VERSION = 1  # in eval.json; bump when a task's meaning or layout changes (the report recomputes then)
 SAMPLE_PROMPTS = ["To be, or not to be", "In the beginning", "中共中央", "What is 12 + 7?", "写一条好评。"]
 
 
@@ -274,7 +275,13 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
     meta = model_path / META_FILE
     kind = json.loads(meta.read_text()).get("kind", "lm") if meta.is_file() else "lm"
     data_dir = Path(config.data_dir)
-    result: dict = {"model_path": str(model_path), "kind": kind, "config": asdict(config), "tasks": {}}
+    result: dict = {
+        "eval_version": EVAL_VERSION,
+        "model_path": str(model_path),
+        "kind": kind,
+        "config": asdict(config),
+        "tasks": {},
+    }
     if kind == "reward":
         model, tokenizer = load_reward_model(model_path)
         result["tasks"]["reward_model"] = {

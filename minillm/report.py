@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from minillm.eval import EvalConfig, evaluate, headline, output_path
+from minillm.eval import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
 from minillm.generate import parse_cli
 
 COLUMNS = ("bpb", "exact match", "preference accuracy", "mean reward", "reward-model score", "distinct-2")
@@ -27,7 +27,7 @@ def stage_result(folder: Path, config: EvalConfig) -> dict:
     weights = folder / "model.safetensors"
     if out.is_file() and out.stat().st_mtime >= weights.stat().st_mtime:
         cached = json.loads(out.read_text(encoding="utf-8"))
-        if cached.get("config") == asdict(config):
+        if cached.get("config") == asdict(config) and cached.get("eval_version") == EVAL_VERSION:
             return cached
     result = evaluate(folder, config)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
