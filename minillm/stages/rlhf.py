@@ -391,7 +391,8 @@ class RLHFModule(LMModule):
         self.log("val/mean_length", r["lengths"].float().mean(), batch_size=size)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/reward", self.val_reward.compute(), prog_bar=True)
+        scored = self.val_reward.update_count > 0  # else the rule had no opinion on any held-out prompt: NaN
+        self.log("val/reward", self.val_reward.compute() if scored else float("nan"), prog_bar=True)
         self.val_reward.reset()
 
 
