@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from minillm import rundir
 from minillm.callbacks.interrupt import InterruptCallback
+from minillm.checkpoint_io import remove_stale_tmp
 from minillm.config import compose, resolved_dict, to_config
 from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
 from minillm.pretrained import load_pretrained, load_reward_model
@@ -120,6 +121,8 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
 
     if not inspect and ckpt_path is None and typed.overwrite:
         rundir.clear_for_overwrite(run_dir)
+    if not inspect:
+        remove_stale_tmp(run_dir / "checkpoints")
     L.seed_everything(typed.seed, workers=True, verbose=False)
     datamodule = MiniLLMDataModule(
         typed.data,
