@@ -83,6 +83,22 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, f"optim.lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}"),
+            (
+                len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}",
+            ),
+            (self.eps > 0, f"optim.eps must be > 0, got {self.eps}"),
+            (self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
 
 @dataclass
 class StageConfig:

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MAX_BLOCK_SIZE = 65536
+
 
 @dataclass
 class ModelConfig:
@@ -71,7 +73,11 @@ class ModelConfig:
                 self.n_head > 0 and (self.n_embd // self.n_head) % 2 == 0,
                 f"head size n_embd / n_head = {self.n_embd // max(self.n_head, 1)} must be even for RoPE",
             ),
-            (self.block_size > 0, f"block_size must be > 0, got {self.block_size}"),
+            (
+                0 < self.block_size <= MAX_BLOCK_SIZE,
+                f"block_size must be in 1..{MAX_BLOCK_SIZE} (the largest context the KV cache and RoPE tables are "
+                f"built for), got {self.block_size}",
+            ),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
             (self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}"),
             (

@@ -143,6 +143,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return best[2] if best else None
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A run dir must be (or be creatable as) a folder: no part of its path may be an existing file."""
+    for part in [run_dir, *run_dir.parents]:
+        if part.exists():
+            if not part.is_dir():
+                raise ValueError(f"run_dir={run_dir}: {part} is a file, not a folder; choose another run_dir")
+            return
+
+
 def resolve_resume(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
     """The checkpoint to resume from, or None for a fresh start. Checks only; changes nothing on disk."""
     if resume == "auto":

@@ -53,7 +53,13 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"no tokenizer model at {self.path}: train one or point at a folder with {MODEL_FILE}"
             )
-        self._load(self.path.read_bytes())
+        try:
+            self._load(self.path.read_bytes())
+        except RuntimeError as e:  # sentencepiece's parse error
+            raise ValueError(
+                f"{self.path} is not a valid sentencepiece model ({str(e).splitlines()[0][:120]}); restore it from "
+                "the run it came with, or retrain the tokenizer (tokenizer.retrain=true)"
+            ) from None
 
     def _load(self, proto: bytes) -> None:
         self._proto = proto

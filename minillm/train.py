@@ -69,6 +69,7 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         raise ValueError(f"stage={typed.stage.name} has no module; known stages: {sorted(STAGES)}")
     stage_cls = STAGES[typed.stage.name]
     run_dir = Path(typed.run_dir)
+    rundir.check_run_dir(run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
 
     patterns = ("*.jsonl", "*.txt") if stage_cls.data_kind == "text" else ("*.jsonl",)
@@ -175,7 +176,15 @@ def main(cfg: DictConfig) -> float | None:
     except (ValueError, FileNotFoundError) as e:  # errors a user can cause: the message says what to do
         log.error("error: %s", e)
         sys.exit(2)
-    code = run.fit()
+    try:
+        code = run.fit()
+    except OSError as e:  # disk full, a folder that vanished: checkpoints are written atomically, none is lost
+        log.error(
+            "error: %s. Checkpoints already on disk are intact (written atomically); fix the cause and continue "
+            "with resume=auto",
+            e,
+        )
+        sys.exit(1)
     if code:
         sys.exit(code)
     return run.metric

@@ -121,7 +121,7 @@ def test_non_utf8_file_is_named(tmp_path, tokenizer):
     f = tmp_path / "p" / "a.jsonl"
     f.parent.mkdir(parents=True)
     f.write_bytes(b'{"text": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=r"a\.jsonl: not UTF-8"):
+    with pytest.raises(DataError, match=r"a\.jsonl:1: not UTF-8"):
         datamodule(tmp_path, tokenizer, [f])
 
 

@@ -68,30 +68,33 @@ class BadRecords:
 
 
 def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line."""
-    try:
-        with _open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                stripped = line.strip()
-                if not stripped:
-                    continue
-                if lineno == 1 and stripped.startswith("["):
-                    raise DataError(
-                        f"{path}:1: this looks like a JSON array; JSON Lines is expected (one object per line). "
-                        f'Convert it, e.g. python -c "import json,sys; [print(json.dumps(r, ensure_ascii=False)) '
-                        f'for r in json.load(open(sys.argv[1]))]" {path} > {path.with_suffix(".jsonl")}'
-                    )
-                try:
-                    obj = json.loads(stripped)
-                except json.JSONDecodeError as e:
-                    bad(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})")
-                    continue
-                if not isinstance(obj, dict):
-                    bad(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-                    continue
-                yield lineno, obj
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode the file as UTF-8") from e
+    """(line number, object) for each non-blank line. Lines are decoded one by one, so a non-UTF-8 byte is
+    reported at its line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad(path, lineno, f"not UTF-8 (byte {e.start} of the line: {e.reason}); re-encode the file as UTF-8")
+                continue
+            stripped = line.strip()
+            if not stripped:
+                continue
+            if lineno == 1 and stripped.startswith("["):
+                raise DataError(
+                    f"{path}:1: this looks like a JSON array; JSON Lines is expected (one object per line). "
+                    f'Convert it, e.g. python -c "import json,sys; [print(json.dumps(r, ensure_ascii=False)) '
+                    f'for r in json.load(open(sys.argv[1]))]" {path} > {path.with_suffix(".jsonl")}'
+                )
+            try:
+                obj = json.loads(stripped)
+            except json.JSONDecodeError as e:
+                bad(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                bad(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield lineno, obj
 
 
 def read_texts(path: Path, bad: BadRecords, field: str = "text") -> Iterator[str]:
