@@ -143,12 +143,13 @@ def train_tokenizer(lines: Iterable[str], out_dir: str | Path, config: Tokenizer
 
 
 def _iter_lines(files: list[Path]) -> Iterator[str]:
-    """Text lines of .txt files and of the "text" field of .jsonl records."""
+    """Text lines of the pretraining records (the data module's reader). Malformed records are skipped here:
+    the data module reports them with file and line right after."""
+    from minillm.data.records import BadRecords, read_texts
+
     for f in files:
-        with f.open(encoding="utf-8") as fh:
-            for line in fh:
-                text = json.loads(line).get("text", "") if f.suffix == ".jsonl" else line
-                yield from (s for s in text.split("\n") if s.strip())
+        for text in read_texts(f, BadRecords(skip=True)):
+            yield from (s for s in text.split("\n") if s.strip())
 
 
 def corpus_fingerprint(files: list[Path]) -> str:

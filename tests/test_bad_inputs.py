@@ -1,0 +1,232 @@
+"""Bad input, one case each: a clear message naming the file/line or key, and nothing in an existing run
+directory overwritten or lost. In-process (exception type + message), plus one subprocess case for exit codes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from minillm.data.records import DataError
+from minillm.generate import load_model
+from minillm.rundir import ResumeError
+from minillm.train import build
+from tests.conftest import micro_overrides
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in (".ckpt", ".safetensors", ".json")
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_dir):
+    """A completed micro pretraining run: the run dir every case must leave as it was."""
+    root = tmp_path_factory.mktemp("finished")
+    assert build(micro_overrides(root, data_dir)).fit() == 0
+    return root
+
+
+def data_with(tmp_path: Path, source: Path, name: str, content: bytes | str) -> Path:
+    """The fixture's pretraining files plus one more."""
+    root = tmp_path / "bad_data"
+    shutil.copytree(source / "pretrain", root / "pretrain")
+    path = root / "pretrain" / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return root
+
+
+GOOD = "\n".join(json.dumps({"text": f"line {i} to be or not to be that is the question"}) for i in range(200)) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("a.jsonl", GOOD.encode() + b'{"text": "caf\xe9"}\n', r"a\.jsonl:201: not UTF-8"),
+        ("a.jsonl", GOOD + '{"text": "cut in the mid', r"a\.jsonl:201: invalid JSON"),
+        ("a.jsonl", json.dumps([{"text": "x"}]), r"a\.jsonl:1: this looks like a JSON array; JSON Lines is expected"),
+        ("a.jsonl", GOOD + json.dumps({"text": 5}) + "\n", r'a\.jsonl:201: field "text" must be a string, it is a int'),
+        ("a.jsonl", GOOD + json.dumps(["text"]) + "\n", r"a\.jsonl:201: expected a JSON object, got list"),
+    ],
+    ids=["non-utf8", "truncated-jsonl", "json-array", "wrong-type", "not-an-object"],
+)
+def test_malformed_pretraining_files(tmp_path, data_dir, name, content, message):
+    data = data_with(tmp_path, data_dir, name, content)
+    with pytest.raises(DataError, match=message):
+        build(micro_overrides(tmp_path, data))
+    assert not (tmp_path / "run").exists()  # nothing written before the data is known to be good
+
+
+def test_conversation_with_an_unknown_role(tmp_path, pretrained):
+    (tmp_path / "d" / "sft").mkdir(parents=True)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]
+    (tmp_path / "d" / "sft" / "c.jsonl").write_text(json.dumps({"conversations": msgs}) + "\n")
+    with pytest.raises(DataError, match=r"c\.jsonl:1: message 1 has unknown role 'robot'"):
+        build(micro_overrides(tmp_path, tmp_path / "d", f"init_from={pretrained}", stage="sft"))
+
+
+def test_preference_pair_with_a_missing_field(tmp_path, pretrained):
+    (tmp_path / "d" / "preference").mkdir(parents=True)
+    (tmp_path / "d" / "preference" / "p.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:1: a preference pair needs chosen and rejected"):
+        build(
+            micro_overrides(
+                tmp_path,
+                tmp_path / "d",
+                f"init_from={pretrained}",
+                "stage.max_prompt_length=20",
+                "stage.max_completion_length=12",
+                stage="dpo",
+            )
+        )
+
+
+def test_an_empty_data_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no pretrain data in .*empty: looked for .*pretrain/\*\.jsonl"):
+        build(micro_overrides(tmp_path, tmp_path / "empty"))
+
+
+def test_a_training_split_emptied_by_sampling(tmp_path, data_dir):
+    with pytest.raises(DataError, match=r"fewer than one batch .*data.sample_ratio"):
+        build(micro_overrides(tmp_path, data_dir, "data.sample_ratio=0.001"))
+
+
+def test_block_size_beyond_the_model_maximum(tmp_path, data_dir):
+    with pytest.raises(ValueError, match=r"block_size must be in 1\.\.65536"):
+        build(micro_overrides(tmp_path, data_dir, "model.block_size=100000"))
+
+
+def test_vocab_size_mismatch_between_tokenizer_and_checkpoint(tmp_path, data_dir, finished):
+    with pytest.raises(ValueError, match=r"model.vocab_size=300 but the tokenizer has 512 pieces"):
+        build(micro_overrides(tmp_path, data_dir, "model.vocab_size=300"))
+    shutil.copytree(finished / "run" / "final", tmp_path / "final")
+    from minillm.tokenizer import TokenizerConfig, train_tokenizer
+
+    tok = train_tokenizer(
+        ["some other corpus text"] * 50, tmp_path / "tok2", TokenizerConfig(vocab_size=300, character_coverage=1.0)
+    )
+    shutil.copy(tok.path, tmp_path / "final" / "tokenizer.model")  # weights opened with another tokenizer
+    with pytest.raises(
+        ValueError, match=r"trained with tokenizer sha256 .* use the tokenizer saved with these weights"
+    ):
+        load_model(str(tmp_path / "final"))
+
+
+def test_a_corrupt_tokenizer_model_file(tmp_path, finished):
+    shutil.copytree(finished / "run" / "final", tmp_path / "final")
+    (tmp_path / "final" / "tokenizer.model").write_bytes(b"\x00garbage, not a sentencepiece model")
+    with pytest.raises(ValueError, match=r"tokenizer\.model is not a valid sentencepiece model"):
+        load_model(str(tmp_path / "final"))
+
+
+def test_a_truncated_checkpoint(tmp_path, finished, data_dir):
+    run = tmp_path / "run"
+    shutil.copytree(finished / "run", run)
+    last = run / "checkpoints" / "last.ckpt"
+    cut = run / "checkpoints" / "truncated.ckpt"
+    cut.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(ResumeError, match=r"cannot load .*truncated\.ckpt .*corrupt"):
+        build(micro_overrides(tmp_path, data_dir, f"resume={cut}"))
+    with pytest.raises(ValueError, match=r"cannot load checkpoint .*truncated\.ckpt safely"):
+        load_model(str(cut))
+
+
+def test_a_checkpoint_from_another_preset(tmp_path, finished, data_dir):
+    before = fingerprint(finished / "run")
+    with pytest.raises(ResumeError, match=r"different model shape \(model.n_layer: 2 -> 3"):
+        build(micro_overrides(finished, data_dir, "resume=auto", "model.n_layer=3"))
+    assert fingerprint(finished / "run") == before
+
+
+def test_nan_in_the_loss_skips_updates_then_halts_with_a_checkpoint(tmp_path, data_dir, monkeypatch):
+    from minillm.stages.pretrain import PretrainModule
+
+    real = PretrainModule.training_step
+
+    def poisoned(self, batch, batch_idx):
+        return real(self, batch, batch_idx) * float("nan")
+
+    monkeypatch.setattr(PretrainModule, "training_step", poisoned)
+    run = build(
+        micro_overrides(tmp_path, data_dir, "trainer.max_steps=20", "callbacks.grad_monitor.halt_on_nonfinite=3")
+    )
+    start = {k: v.clone() for k, v in run.module.model.state_dict().items()}
+    assert run.fit() == 1
+    assert all(torch.equal(v, run.module.model.state_dict()[k]) for k, v in start.items())  # no update applied
+    assert list((tmp_path / "run" / "checkpoints").glob("halt-step-*.ckpt"))
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_disk_full_while_saving_keeps_existing_checkpoints(tmp_path, finished, data_dir, monkeypatch):
+    from minillm.checkpoint_io import AtomicCheckpointIO
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished / "run", run_dir)
+    before = fingerprint(run_dir / "checkpoints")
+
+    def disk_full(cls, f, data):
+        f.write(data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(AtomicCheckpointIO, "_write", classmethod(disk_full))
+    run = build(micro_overrides(tmp_path, data_dir, "resume=auto", "trainer.max_steps=8", "resume_allow_changes=true"))
+    with pytest.raises(OSError, match="No space left on device"):
+        run.fit()
+    after = fingerprint(run_dir / "checkpoints")
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing overwritten
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_an_output_path_under_a_regular_file(tmp_path, data_dir):
+    (tmp_path / "afile").write_text("I am a file")
+    with pytest.raises(ValueError, match=r"run_dir=.*afile/run: .*afile is a file, not a folder"):
+        build(micro_overrides(tmp_path, data_dir, f"run_dir={tmp_path}/afile/run"))
+
+
+def test_unknown_override_keys(tmp_path, data_dir):
+    with pytest.raises(ConfigCompositionException, match=r"optim\.learning_rate"):
+        build(micro_overrides(tmp_path, data_dir, "optim.learning_rate=1e-3"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=0", r"optim.lr must be > 0, got 0"),
+        ("optim.lr=-1e-3", r"optim.lr must be > 0"),
+        ("data.batch_size=0", r"data.batch_size must be >= 1, got 0"),
+        ("data.batch_size=-4", r"data.batch_size must be >= 1"),
+    ],
+)
+def test_non_positive_lr_or_batch_size(tmp_path, data_dir, override, message):
+    with pytest.raises(ValueError, match=message):
+        build(micro_overrides(tmp_path, data_dir, override))
+
+
+@pytest.mark.slow
+def test_exit_codes_from_the_command_line(tmp_path, data_dir):
+    def train(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "minillm.train", *micro_overrides(tmp_path, data_dir, *extra)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+
+    bad_value = train("optim.lr=0")
+    assert bad_value.returncode == 2 and "optim.lr must be > 0" in bad_value.stdout + bad_value.stderr
+    unknown = train("optim.learning_rate=1")
+    assert unknown.returncode == 1 and "optim.learning_rate" in unknown.stderr
+    written = {p.name for p in (tmp_path / "run").rglob("*") if p.is_file()} if (tmp_path / "run").exists() else set()
+    assert written <= {"train.log", "config.yaml", "hydra.yaml", "overrides.yaml"}  # Hydra's own records only
