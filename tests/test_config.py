@@ -96,3 +96,12 @@ def test_per_source_sampling_from_the_command_line():
         to_config(compose(["+data.sources.kjv.sample_rate=0.5"]))
     with pytest.raises(ValueError, match=r"data.sources.kjv.sample_ratio must be in \[0, 1\]"):
         to_config(compose(["+data.sources.kjv.sample_ratio=2"]))
+
+
+@pytest.mark.parametrize("option", ["ddp", "ddp_spawn", "fsdp"])
+def test_strategy_presets_compose_and_instantiate_where_they_can(option):
+    cfg = compose([f"trainer={option}"])
+    assert cfg.trainer.strategy == option and cfg.trainer.max_steps == 2000  # the defaults come along
+    if option != "fsdp":  # fsdp asks for a GPU
+        trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert type(trainer.strategy).__name__.lower().startswith("ddp")
