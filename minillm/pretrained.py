@@ -3,7 +3,9 @@
     config.json          LlamaForCausalLM config for dense models (a minillm config for MoE)
     model.safetensors    weights under Llama tensor names (`model.layers.0.self_attn.q_proj.weight`, ...);
                          with tied embeddings `lm_head.weight` is left out, as HF does
-    tokenizer.model      the sentencepiece model
+    tokenizer.model      the sentencepiece model, with tokenizer_config.json / special_tokens_map.json so that
+                         transformers' AutoTokenizer gives the same ids (no extra BOS, no dummy prefix) and
+                         knows the ChatML chat template; generation_config.json with the EOS ids
     minillm.json         our ModelConfig, format version, tokenizer sha256, kind (lm / reward)
 
 A reward model (kind "reward") adds its scalar head as `score.weight` and says LlamaForSequenceClassification
@@ -94,6 +96,7 @@ def save_pretrained(model: MiniGPT | RewardModel, tokenizer: Tokenizer, out_dir:
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(hf_config(model.config, tokenizer, kind), indent=2))
     tokenizer.save(out)
+    write_hf_tokenizer_files(tokenizer, out, model.config.block_size)
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -102,6 +105,73 @@ def save_pretrained(model: MiniGPT | RewardModel, tokenizer: Tokenizer, out_dir:
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2))
     return out
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIAL = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+def write_hf_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> None:
+    """tokenizer_config.json, special_tokens_map.json, generation_config.json for transformers."""
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": False,  # our pretraining puts </s> between documents and no <s>
+        "add_eos_token": False,
+        "legacy": True,  # encode with the sentencepiece model as is: identity normalisation, no dummy prefix
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "added_tokens_decoder": {
+            str(i): {
+                "content": t,
+                "special": True,
+                "normalized": False,
+                "lstrip": False,
+                "rstrip": False,
+                "single_word": False,
+            }
+            for i, t in enumerate(specials)
+        },
+        "chat_template": CHAT_TEMPLATE,
+        **SPECIAL,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({**SPECIAL, "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}, indent=2)
+    )
+    generation = {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": [tokenizer.eos_id, tokenizer.im_end_id],
+        "pad_token_id": tokenizer.pad_id,
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
+
+def model_config_from_hf(config: dict, where: Path) -> ModelConfig:
+    """Our ModelConfig from a transformers LlamaForCausalLM config.json (a folder without minillm.json)."""
+    if config.get("model_type") != "llama":
+        raise ValueError(f"{where}: model_type {config.get('model_type')!r}; only llama folders can be imported")
+    heads = config["num_attention_heads"]
+    if config.get("head_dim", config["hidden_size"] // heads) != config["hidden_size"] // heads:
+        raise ValueError(f"{where}: head_dim must be hidden_size / num_attention_heads to import")
+    return ModelConfig(
+        name="hf",
+        vocab_size=config["vocab_size"],
+        n_layer=config["num_hidden_layers"],
+        n_embd=config["hidden_size"],
+        n_head=heads,
+        n_kv_head=config.get("num_key_value_heads", heads),
+        intermediate_size=config["intermediate_size"],
+        block_size=config.get("max_position_embeddings", 2048),
+        norm_eps=config.get("rms_norm_eps", 1e-5),
+        rope_theta=config.get("rope_theta", 10000.0),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+    )
 
 
 def _model_config(d: dict, where: Path) -> ModelConfig:
@@ -139,8 +209,15 @@ def _load(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torch.Tensor | 
         return _load_checkpoint(path, map_location)
     meta_path = path / META_FILE
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} has no {META_FILE}: not a minillm model folder")
-    meta = json.loads(meta_path.read_text())
+        if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():  # a transformers folder
+            hf = json.loads((path / CONFIG_FILE).read_text())
+            meta = {"model": asdict(model_config_from_hf(hf, path / CONFIG_FILE))}
+        else:
+            raise FileNotFoundError(
+                f"{path} has no {META_FILE} (nor config.json + model.safetensors): not a model folder"
+            )
+    else:
+        meta = json.loads(meta_path.read_text())
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
             f"{meta_path}: format_version {meta['format_version']} is newer than this minillm "

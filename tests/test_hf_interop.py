@@ -21,3 +21,54 @@ def test_transformers_llama_loads_the_export_with_equal_logits(tokenizer, tmp_pa
     ids = torch.tensor([tokenizer.encode("To be, or not to be, 你好！")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_export_cli_tokenizer_generation_and_round_trip(pretrained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from minillm.export import main
+    from minillm.generate import GenerationConfig, generate_ids, load_model
+    from minillm.tokenizer import apply_chat_template
+
+    main([f"model_path={pretrained}", f"out={tmp_path / 'hf'}"])
+    ours, tokenizer = load_model(str(pretrained))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ["To be, or not to be: that is the question.", "中共中央总书记 你好！", "  tabs\tand\nlines 😀"]:
+        assert hf_tok.encode(text, add_special_tokens=False) == tokenizer.encode(text), text
+    chat = [{"role": "user", "content": "What is 2 + 3?"}]
+    rendered = hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    hf_ids = hf_tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert list(hf_ids) == apply_chat_template(tokenizer, chat, add_generation_prompt=True).ids
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([tokenizer.encode("To be, or not to be")])
+    ours_new = generate_ids(
+        ours, tokenizer, ids, torch.ones_like(ids), GenerationConfig(do_sample=False, max_new_tokens=12)
+    )[0]
+    with torch.no_grad():
+        hf_out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    assert hf_out[0, ids.shape[1] :].tolist()[: len(ours_new)] == ours_new
+
+    hf.save_pretrained(tmp_path / "resaved")  # no minillm.json: imported from config.json
+    (tmp_path / "resaved" / "tokenizer.model").write_bytes((tmp_path / "hf" / "tokenizer.model").read_bytes())
+    back, back_tok = load_model(str(tmp_path / "resaved"))
+    assert back_tok.encode("To be") == tokenizer.encode("To be")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_reward_model_exports_as_sequence_classification(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from minillm.model import RewardModel
+
+    torch.manual_seed(0)
+    model = RewardModel(micro_config(tokenizer.vocab_size)).eval()
+    out = save_pretrained(model, tokenizer, tmp_path / "rm")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        out, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    ids = torch.tensor([tokenizer.encode("a reply to score")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits[0, 0], model(ids)[0, -1], atol=1e-4, rtol=0)

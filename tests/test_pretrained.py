@@ -24,7 +24,15 @@ def test_exported_folder_round_trips(tokenizer, tmp_path, overrides):
     torch.manual_seed(0)
     model = MiniGPT(micro_config(tokenizer.vocab_size, **overrides))
     out = save_pretrained(model, tokenizer, tmp_path / "final")
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model", "minillm.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "minillm.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    }
     loaded, tok = load_model(str(out))
     assert not loaded.training and tok.sha256 == tokenizer.sha256
     same_logits(model, loaded, tokenizer.vocab_size)
@@ -122,3 +130,12 @@ def test_missing_or_foreign_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no minillm.json"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_export_refuses_a_mixture_of_experts_model_clearly(tokenizer, tmp_path):
+    from minillm.export import export
+
+    moe = MiniGPT(micro_config(tokenizer.vocab_size, n_experts=4, n_experts_per_tok=2))
+    folder = save_pretrained(moe, tokenizer, tmp_path / "moe")
+    with pytest.raises(ValueError, match="mixture-of-experts model: exporting it to the transformers format is not"):
+        export(folder, tmp_path / "out")
