@@ -40,6 +40,13 @@ RESUME_FREE_KEYS = (
     "trainer.enable_model_summary",
     "callbacks.progress",
     "logger",
+    # where the run lives: a run dir that was moved or copied still resumes
+    "run_dir",
+    "callbacks.checkpoint.dirpath",
+    "callbacks.best_checkpoint.dirpath",
+    "callbacks.export.run_dir",
+    "callbacks.interrupt.dirpath",
+    "callbacks.loss_plot.run_dir",
 )
 SHAPE_KEYS = (
     "vocab_size",

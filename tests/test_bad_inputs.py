@@ -230,3 +230,25 @@ def test_exit_codes_from_the_command_line(tmp_path, data_dir):
     assert unknown.returncode == 1 and "optim.learning_rate" in unknown.stderr
     written = {p.name for p in (tmp_path / "run").rglob("*") if p.is_file()} if (tmp_path / "run").exists() else set()
     assert written <= {"train.log", "config.yaml", "hydra.yaml", "overrides.yaml"}  # Hydra's own records only
+
+
+def test_resuming_from_a_checkpoint_with_a_pickle_payload_never_runs_it(tmp_path, data_dir, finished):
+    import os
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished / "run", run_dir)
+    evil = run_dir / "checkpoints" / "evil-step-999999.ckpt"
+    with evil.open("wb") as f:
+        pickle.dump({"global_step": 999999, "state_dict": {}, "hyper_parameters": Payload()}, f, protocol=2)
+    with pytest.raises(ResumeError, match=r"cannot load .*evil-step-999999\.ckpt"):
+        build(micro_overrides(tmp_path, data_dir, f"resume={evil}"))
+    auto = build(micro_overrides(tmp_path, data_dir, "resume=auto"))  # auto skips it and takes the real latest
+    assert auto.ckpt_path is not None and "evil" not in auto.ckpt_path.name
+    assert not marker.exists()
