@@ -16,6 +16,11 @@ MICRO = [
 ]
 
 
+def where(tmp_path, all_data) -> list[str]:
+    """Overrides that keep data, tokenizer and dataset caches in the test's folders."""
+    return [f"data.dir={all_data}", f"tokenizer.cache_dir={tmp_path}/tok", f"data.cache_dir={tmp_path}/ds"]
+
+
 @pytest.fixture
 def all_data(tmp_path, data_dir, chat_dir, pref_dir, prompt_dir):
     """One data dir with every stage's folder (the fixtures keep them apart)."""
@@ -50,9 +55,7 @@ def test_train_throughput_smoke(tmp_path, all_data):
             "--out-dir",
             str(tmp_path),
             "--override",
-            f"data.dir={all_data}",
-            f"tokenizer.cache_dir={tmp_path}/tok",
-            f"data.cache_dir={tmp_path}/ds",
+            *where(tmp_path, all_data),
             "model.block_size=64",
             *MICRO,
         ]
@@ -117,9 +120,7 @@ def test_end_to_end_smoke(tmp_path, all_data):
             "--out-dir",
             str(tmp_path),
             "--override",
-            f"data.dir={all_data}",
-            f"tokenizer.cache_dir={tmp_path}/tok",
-            f"data.cache_dir={tmp_path}/ds",
+            *where(tmp_path, all_data),
             *MICRO,
         ]
     )
