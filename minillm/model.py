@@ -189,8 +189,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-            y = explicit_attention(q, k, v, mask, dropout)  # on CPUs SDPA's bf16 backward is the slower one
+        if q.dtype == torch.bfloat16 and self.training:
+            # training in bf16: on CPUs SDPA's bf16 backward is the slower one. Chosen by the module's mode, not by
+            # autograd, so a no-grad forward in train mode (RLHF's old log-probs) matches the update's forward.
+            y = explicit_attention(q, k, v, mask, dropout)
         else:
             y = F.scaled_dot_product_attention(
                 q,

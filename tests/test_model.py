@@ -180,7 +180,6 @@ def test_bf16_training_forward_matches_fp32_path(tokenizer):
     model = MiniGPT(micro_config(tokenizer.vocab_size))
     ids = torch.randint(6, 100, (2, 10))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        explicit = model(ids).logits.float()  # grad enabled + bf16: the written-out attention
-        with torch.no_grad():
-            sdpa = model(ids).logits.float()  # no grad: SDPA
+        explicit = model.train()(ids).logits.float()  # train mode + bf16: the written-out attention
+        sdpa = model.eval()(ids).logits.float()  # eval mode (validation, generation): SDPA
     torch.testing.assert_close(explicit, sdpa, atol=0.05, rtol=0.05)

@@ -261,3 +261,19 @@ def test_alarms_warn_about_kl_and_identical_group_rewards(tmp_path, prompt_dir, 
     assert any("mean KL to the reference" in w for w in warnings)
     assert any("every group got identical rewards" in w for w in warnings)
     assert sum("identical rewards" in w for w in warnings) == 1  # once, not every rollout
+
+
+def test_bf16_old_log_probs_match_the_update_forward(tmp_path, prompt_dir, pretrained):
+    """Old log-probs (no grad) and the first update's (with grad) go through the same attention path: ratio 1."""
+    overrides = rlhf(
+        tmp_path,
+        prompt_dir,
+        pretrained,
+        "stage.reward=quarter_tokens",
+        "stage.num_ppo_epochs=1",
+        "trainer.max_steps=1",
+        "trainer.precision=bf16-mixed",
+    )
+    assert build(overrides).fit() == 0
+    (row,) = [r for r in metrics_rows(tmp_path / "run") if r.get("val/ratio")]
+    assert float(row["val/ratio"]) == 1.0 and float(row["policy/approxkl_avg"]) == 0.0
