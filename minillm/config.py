@@ -166,9 +166,6 @@ class RLHFConfig(StageConfig):
     loss_type: str = "dapo"  # GRPO aggregation: grpo | dapo | dr_grpo
     scale_rewards: str = "group"  # GRPO advantage scaling: group | batch | none
     max_grad_norm: float = 1.0  # clip_gradients (the Trainer's gradient_clip_val is off under manual optimization)
-    sample_every: int = 25  # log a table of sample completions every N rollouts (0 = never)
-    num_samples: int = 4  # prompts in that table
-    kl_alarm: float = 20.0  # warn when the mean KL per completion (nats) exceeds this
 
     def __post_init__(self) -> None:
         checks = [

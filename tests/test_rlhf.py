@@ -53,7 +53,7 @@ def rlhf(root, prompt_dir, pretrained, *extra):
         f"init_from={pretrained}",
         "stage.max_prompt_length=20",
         "stage.max_completion_length=12",
-        "stage.sample_every=0",
+        "callbacks.rlhf_monitor.sample_every=0",
         "optim.lr=1e-3",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
@@ -186,7 +186,7 @@ def test_logging_samples_never_changes_the_loss_curve(tmp_path, prompt_dir, pret
                 pretrained,
                 "stage.algorithm=grpo",
                 "stage.reward=verifiable",
-                f"stage.sample_every={every}",
+                f"callbacks.rlhf_monitor.sample_every={every}",
                 "model.dropout=0.1",
             )
         )
@@ -252,10 +252,10 @@ def test_alarms_warn_about_kl_and_identical_group_rewards(tmp_path, prompt_dir, 
         pretrained,
         "stage.algorithm=grpo",
         "stage.reward=zero",
-        "stage.kl_alarm=-1",
+        "callbacks.rlhf_monitor.kl_alarm=-1",
         "trainer.max_steps=2",
     )
-    with caplog.at_level("WARNING", logger="minillm.stages.rlhf"):
+    with caplog.at_level("WARNING", logger="minillm.callbacks.rlhf_monitor"):
         assert build(overrides).fit() == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("mean KL to the reference" in w for w in warnings)

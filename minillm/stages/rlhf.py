@@ -73,7 +73,6 @@ class RLHFModule(LMModule):
         self.value = RewardModel(self.model.config) if self.rl.algorithm == "ppo" else None
         self.val_reward = MeanMetric()
         self.rollouts = 0  # rollout batches done (in checkpoints)
-        self._alarms: dict[str, int] = {}
         self.__dict__["reward_model"] = None
         self.__dict__["tokenizer"] = None
 
@@ -121,7 +120,7 @@ class RLHFModule(LMModule):
         self.rollouts = int(checkpoint.get("rlhf", {}).get("rollouts", 0))
 
     # ---- rollouts ----
-    def _generation(self, seed: int, greedy: bool = False) -> GenerationConfig:
+    def generation(self, seed: int, greedy: bool = False) -> GenerationConfig:
         return GenerationConfig(
             max_new_tokens=self.rl.max_completion_length,
             do_sample=not greedy,
@@ -201,8 +200,9 @@ class RLHFModule(LMModule):
         return self.value(r["ids"][rows], r["attention"][rows], r["positions"][rows])[:, P - 1 : -1]
 
     # ---- the update ----
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        r = self.rollout(batch, self._generation(seed=self.seed * 1_000_003 + self.rollouts))
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        """One rollout batch and its updates; returns the metrics and prompts for callbacks (RLHFMonitor)."""
+        r = self.rollout(batch, self.generation(seed=self.seed * 1_000_003 + self.rollouts))
         prepare, update = (
             (self._ppo_prepare, self._ppo_update) if self.value is not None else (self._grpo_prepare, self._grpo_update)
         )
@@ -220,9 +220,11 @@ class RLHFModule(LMModule):
         metrics |= {k: v / updates for k, v in sums.items()}
         self.lr_schedulers().step()
         self.rollouts += 1
-        metrics |= self._completion_stats(r)
-        self._log_rollout(metrics, r)
+        metrics = {k: float(v) for k, v in (metrics | self._completion_stats(r)).items()}
+        metrics["train/reward"] = float(_scored_mean(r))
+        self._log_rollout(metrics)
         self._tokens = int(r["attention"].sum()) * (1 + updates)
+        return {"metrics": metrics, "prompts": self._prompt_batch(r)}
 
     def _step(self, loss: torch.Tensor) -> None:
         optimizer = self.optimizers()
@@ -318,73 +320,19 @@ class RLHFModule(LMModule):
             "episode": float(self.rollouts * len(r["completions"])),
         }
 
-    def _log_rollout(self, metrics: dict, r: dict) -> None:
-        self.log("train/loss", metrics.pop("train/loss"), prog_bar=True)
-        self.log("train/reward", _scored_mean(r), prog_bar=True)
-        self.log_dict({k: float(v) for k, v in metrics.items()})
-        kl = float(metrics["objective/kl"])
-        if kl > self.rl.kl_alarm:
-            self._alarm(
-                "kl",
-                f"mean KL to the reference is {kl:.1f} nats per completion (> stage.kl_alarm="
-                f"{self.rl.kl_alarm}): the policy is drifting; raise stage.beta or lower optim.lr",
-            )
-        if metrics.get("frac_reward_zero_std", 0.0) == 1.0:
-            self._alarm(
-                "zero_std",
-                "every group got identical rewards: no learning signal this step (the task is "
-                "too hard or too easy for the policy; raise stage.num_generations or stage.temperature)",
-            )
-        if metrics["frac_unscored"] == 1.0:
-            self._alarm(
-                "unscored",
-                f"stage.reward={self.rl.reward} could score none of this batch's completions "
-                "(prompts of another task): select prompt files with data.sources",
-            )
-        if metrics["completions/mean_length"] < 1:
-            self._alarm("empty", "completions collapsed to length 0 (the policy ends at once)")
-        if metrics["completions/clipped_ratio"] == 1.0:
-            self._alarm(
-                "long",
-                f"every completion hit stage.max_completion_length={self.rl.max_completion_length} without ending",
-            )
-        if self.rl.sample_every and self.rollouts % self.rl.sample_every == 0:
-            self.log_samples({k: v[: self.rl.num_samples] for k, v in self._prompt_batch(r).items()})
-
-    def _alarm(self, name: str, message: str, every: int = 25) -> None:
-        """Warn, then at most once per `every` rollouts for the same alarm."""
-        if self.rollouts - self._alarms.get(name, -every) >= every:
-            self._alarms[name] = self.rollouts
-            log.warning("rollout %d: %s", self.rollouts, message)
+    def _log_rollout(self, metrics: dict) -> None:
+        self.log("train/loss", metrics["train/loss"], prog_bar=True)
+        self.log("train/reward", metrics["train/reward"], prog_bar=True)
+        self.log_dict({k: v for k, v in metrics.items() if k not in ("train/loss", "train/reward")})
 
     def _prompt_batch(self, r: dict) -> dict:
-        G = self.rl.group_size
-        P = r["prompt_len"]
-        return {
-            "input_ids": r["ids"][::G, :P],
-            "attention_mask": r["attention"][::G, :P],
-            "records": r["records"][::G],
-        }
-
-    def log_samples(self, batch: dict) -> list[tuple[str, str, float]]:
-        """A table of (prompt, completion, score) for a few prompts, to the log and TensorBoard. Generated with
-        its own seeded generator (generate_ids restores train/eval mode), so it never changes training."""
-        r = self.rollout(batch, self._generation(seed=self.seed), score_only=True)
-        rows = []
-        for record, completion, score in zip(r["records"], r["completions"], r["scores"].tolist()):
-            rows.append((record["prompt"][-1]["content"], self.tokenizer.decode(completion), score))
-        table = "\n".join(f"| {p!r} | {c!r} | {s:.3f} |" for p, c, s in rows)
-        log.info("rollout %d samples:\n| prompt | completion | score |\n%s", self.rollouts, table)
-        for logger in self.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_text"):  # TensorBoard
-                markdown = "| prompt | completion | score |\n|---|---|---|\n" + table
-                experiment.add_text("samples", markdown, global_step=self.rollouts)
-        return rows
+        """The rollout's prompts, once each (what the samples table completes again)."""
+        G, P = self.rl.group_size, r["prompt_len"]
+        return {"input_ids": r["ids"][::G, :P], "attention_mask": r["attention"][::G, :P], "records": r["records"][::G]}
 
     # ---- validation: greedy completions of held-out prompts, their mean score ----
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        r = self.rollout(batch, self._generation(seed=self.seed, greedy=True), score_only=True)
+        r = self.rollout(batch, self.generation(seed=self.seed, greedy=True), score_only=True)
         size = len(r["completions"])
         if bool(r["scored"].any()):
             self.val_reward.update(_scored_mean(r), weight=int(r["scored"].sum()))
