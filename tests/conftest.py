@@ -82,6 +82,12 @@ def micro_overrides(root: Path, data: Path, *extra: str, stage: str = "pretrain"
     ]
 
 
+def pair_overrides(root: Path, data: Path, init: Path, *extra: str, stage: str) -> list[str]:
+    """A micro preference stage (dpo, reward) from `init`, with prompt + completion lengths that fit the block."""
+    lengths = ("stage.max_prompt_length=20", "stage.max_completion_length=12")
+    return micro_overrides(root, data, f"init_from={init}", *lengths, *extra, stage=stage)
+
+
 CHATS = [
     [("user", "What is 2 + 3?"), ("assistant", "5")],
     [("system", "You are terse."), ("user", "Hello"), ("assistant", "Hi."), ("user", "你好"), ("assistant", "你好！")],

@@ -11,19 +11,11 @@ from minillm.data.records import DataError
 from minillm.generate import load_model
 from minillm.losses import IGNORE_INDEX
 from minillm.train import build
-from tests.conftest import micro_overrides
+from tests.conftest import pair_overrides
 
 
 def dpo(root, pref_dir, pretrained, *extra):
-    return micro_overrides(
-        root,
-        pref_dir,
-        f"init_from={pretrained}",
-        "stage.max_prompt_length=20",
-        "stage.max_completion_length=12",
-        *extra,
-        stage="dpo",
-    )
+    return pair_overrides(root, pref_dir, pretrained, *extra, stage="dpo")
 
 
 def test_dpo_schema_types_stage_options():

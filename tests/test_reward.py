@@ -8,19 +8,11 @@ from minillm.generate import load_model
 from minillm.model import RewardModel, last_token_index
 from minillm.pretrained import load_reward_model, save_pretrained
 from minillm.train import build
-from tests.conftest import micro_config, micro_overrides
+from tests.conftest import micro_config, pair_overrides
 
 
 def reward(root, pref_dir, pretrained, *extra):
-    return micro_overrides(
-        root,
-        pref_dir,
-        f"init_from={pretrained}",
-        "stage.max_prompt_length=20",
-        "stage.max_completion_length=12",
-        *extra,
-        stage="reward",
-    )
+    return pair_overrides(root, pref_dir, pretrained, *extra, stage="reward")
 
 
 def test_reward_schema_and_parent():

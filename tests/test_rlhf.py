@@ -11,7 +11,7 @@ from minillm.generate import load_model
 from minillm.rewards import register_reward
 from minillm.rundir import ResumeError
 from minillm.train import build
-from tests.conftest import micro_overrides
+from tests.conftest import micro_overrides, pair_overrides
 
 
 @register_reward("zero")
@@ -33,15 +33,7 @@ def quarter_tokens(completions, completion_ids, **fields):
 @pytest.fixture(scope="session")
 def reward_model(tmp_path_factory, pref_dir, pretrained):
     root = tmp_path_factory.mktemp("reward")
-    overrides = micro_overrides(
-        root,
-        pref_dir,
-        f"init_from={pretrained}",
-        "stage.max_prompt_length=20",
-        "stage.max_completion_length=12",
-        "trainer.max_steps=4",
-        stage="reward",
-    )
+    overrides = pair_overrides(root, pref_dir, pretrained, "trainer.max_steps=4", stage="reward")
     assert build(overrides).fit() == 0
     return root / "run" / "final"
 
