@@ -136,16 +136,27 @@ def read_checkpoint(path: Path) -> dict:
         ) from e
 
 
+# resume=auto: the highest step; at the same step a file written at the step's end before one written in the
+# middle of a fit; never best.ckpt (a file for export and evaluation, whatever step it holds).
+RESUME_PREFERENCE = ("interrupt-", "halt-", "last", "step-")
+
+
+def _resume_rank(path: Path) -> int:
+    return next((len(RESUME_PREFERENCE) - i for i, p in enumerate(RESUME_PREFERENCE) if path.name.startswith(p)), 0)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The loadable checkpoint with the highest step (an unreadable newer one is skipped with a warning)."""
     best: tuple[int, int, Path] | None = None
     for path in checkpoint_files(run_dir):
+        if _resume_rank(path) == 0:  # best.ckpt, or a file minillm did not write
+            continue
         try:
             step = int(read_checkpoint(path).get("global_step", -1))
         except ResumeError as e:
             log.warning("resume=auto: skipping %s, it does not load (%s)", path, e.__cause__)
             continue
-        rank = (step, path.name.startswith("step-"), path)  # on a tie prefer step-*.ckpt
+        rank = (step, _resume_rank(path), path)
         best = rank if best is None or rank[:2] > best[:2] else best
     return best[2] if best else None
 

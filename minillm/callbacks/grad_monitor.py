@@ -11,6 +11,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from minillm.callbacks.checkpoint import save_resume_point
+
 log = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ class GradMonitor(L.Callback):
             return
         dirpath = self.dirpath or Path(trainer.default_root_dir) / "checkpoints"
         path = dirpath / f"halt-step-{trainer.global_step:06d}.ckpt"
-        trainer.save_checkpoint(path)
+        save_resume_point(trainer, path)
         log.error(
             "stopping: %d steps in a row had a non-finite loss or gradient (last at step %d); the last good "
             "state is saved to %s. Lower optim.lr, check the data, or try trainer.precision=32-true",

@@ -1,8 +1,13 @@
-"""SIGINT / SIGTERM: finish the current optimizer step, save a checkpoint, say how to continue, stop.
+"""SIGINT / SIGTERM: finish the current optimizer step (and its validation, when one is due after it), save a
+checkpoint, say how to continue, stop. No validation the uninterrupted run would not do runs after the signal.
 
 The handlers are installed when training starts (replacing Lightning's, so its own interrupt handling never
 races ours) and restored at teardown, so several runs in one process (multirun) don't leak them. A second
 SIGINT exits at once. The entry point exits with 130 (SIGINT) or 143 (SIGTERM) after the save.
+
+Fault injection for tests: MINILLM_FAULT_SIGNAL_AT_STEP=N (with MINILLM_FAULT_SIGNAL=SIGINT|SIGTERM, default
+SIGTERM) makes the process send itself that signal when optimizer step N + 1 starts, as `kill` from another
+shell would, but at a known step.
 """
 
 from __future__ import annotations
@@ -14,16 +19,21 @@ import threading
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+
+from minillm.callbacks.checkpoint import save_resume_point, validation_follows
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FAULT_STEP_ENV, FAULT_SIGNAL_ENV = "MINILLM_FAULT_SIGNAL_AT_STEP", "MINILLM_FAULT_SIGNAL"
 
 
-class InterruptCallback(L.Callback):
+class InterruptCallback(Checkpoint):  # a Checkpoint: Lightning runs it after the other checkpoint callbacks
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
         self.received: int | None = None  # the signal number, once one arrived
         self.saved_to: Path | None = None
+        self._save_after_validation = False
         self._previous: dict[int, object] = {}
 
     @property
@@ -43,6 +53,11 @@ class InterruptCallback(L.Callback):
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        at = os.environ.get(FAULT_STEP_ENV)
+        if at and int(at) == trainer.global_step and self.received is None:  # fault injection (see the docstring)
+            os.kill(os.getpid(), signal.Signals[os.environ.get(FAULT_SIGNAL_ENV, "SIGTERM")])
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -50,13 +65,25 @@ class InterruptCallback(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-        if not stop or trainer.fit_loop._should_accumulate():  # only at an optimizer-step boundary
-            return
+        if not stop or trainer.fit_loop._should_accumulate() or pl_module.stop_reason is not None:
+            return  # only at an optimizer-step boundary, once
         self.received = self.received or signal.SIGTERM  # a rank that got nothing follows the others
+        pl_module.stop_reason = "interrupt"
+        if validation_follows(trainer):
+            self._save_after_validation = True  # the step's validation runs, then on_validation_end saves
+        else:
+            trainer.limit_val_batches = 0  # stopping would force a validation the uninterrupted run never does
+            self._save(trainer)
+        trainer.should_stop = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._save_after_validation:
+            self._save_after_validation = False
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
         self.saved_to = self.dirpath / f"interrupt-step-{trainer.global_step:06d}.ckpt"
-        trainer.save_checkpoint(self.saved_to)
+        save_resume_point(trainer, self.saved_to)
         log.warning(
             "received interrupt signal — checkpoint saved to %s; rerun with resume=auto to continue", self.saved_to
         )
-        pl_module.stop_reason = "interrupt"
-        trainer.should_stop = True

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from minillm import loop_state
 from minillm.config import OptimConfig
 from minillm.model import Attention, MiniGPT, ModelConfig
 
@@ -49,6 +50,7 @@ class LMModule(L.LightningModule):
         self.nonfinite_streak = 0
         self.skipped_steps = 0
         self._rng_to_restore: dict | None = None
+        self._log_to_replay: dict | None = None
         self._last_loss: torch.Tensor | None = None
         self._tokens = 0
         self._clock: float | None = None
@@ -104,8 +106,11 @@ class LMModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True)
         for name, value in extra.items():
             self.log(f"train/{name}", value)
+        self.log_rate()
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def log_rate(self) -> None:
+        """Tokens per second since the previous step, and the learning rate of this step's update. Logged from
+        training_step, so a checkpoint written at the end of the step holds the step's whole row."""
         now = time.perf_counter()
         if self._clock is not None:
             self.log("train/tokens_per_s", self._tokens / max(now - self._clock, 1e-9), prog_bar=True)
@@ -140,8 +145,9 @@ class LMModule(L.LightningModule):
             self.nonfinite_streak,
         )
 
-    # ---- exact resume: RNG states travel in the checkpoint as plain lists and tensors ----
+    # ---- exact resume: RNG states and the logger's position travel in the checkpoint (plain lists, tensors) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        loop_state.annotate(self.trainer, checkpoint)
         version, state, gauss = random.getstate()
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng"] = {
@@ -153,8 +159,11 @@ class LMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng")
+        self._log_to_replay = checkpoint.get(loop_state.KEY)
 
     def on_train_start(self) -> None:
+        log_state, self._log_to_replay = self._log_to_replay, None
+        loop_state.replay(self.trainer, log_state)
         rng, self._rng_to_restore = self._rng_to_restore, None
         if rng is None:
             return

@@ -224,6 +224,7 @@ class RLHFModule(LMModule):
         metrics["train/reward"] = float(_scored_mean(r))
         self._log_rollout(metrics)
         self._tokens = int(r["attention"].sum()) * (1 + updates)
+        self.log_rate()
         return {"metrics": metrics, "prompts": self._prompt_batch(r)}
 
     def _step(self, loss: torch.Tensor) -> None:
