@@ -244,8 +244,26 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
 
 
 def to_config(cfg: DictConfig) -> Config:
-    """Typed, validated dataclasses (runs every __post_init__). Group configs stay plain dicts."""
+    """Typed, validated dataclasses (runs every __post_init__). Group configs stay plain dicts. A key that no
+    schema has (`+optim.lrr=1` gets past Hydra) is an error naming it and the keys that exist."""
+    _check_keys(cfg, "")
     return OmegaConf.to_object(cfg)
+
+
+def _check_keys(node: DictConfig, where: str) -> None:
+    schema = OmegaConf.get_type(node)
+    if not isinstance(schema, type) or not hasattr(schema, "__dataclass_fields__"):
+        return
+    known = [f.name for f in fields(schema)]
+    for key in node.keys():
+        path = f"{where}{key}"
+        if key not in known:
+            raise ValueError(
+                f"unknown config key {path}; the keys of {where.rstrip('.') or 'the config'} are: {', '.join(known)}"
+            )
+        value = node._get_node(key)
+        if isinstance(value, DictConfig):
+            _check_keys(value, path + ".")
 
 
 def resolved_dict(cfg: DictConfig) -> dict:

@@ -1,4 +1,4 @@
-"""python -m minillm.export model_path=outputs/sft_tiny/final out=hf_model/
+"""python -m minillm.export model_path=outputs/sft_tiny/final out=hf_model/ [overwrite=true]
 
 A self-contained copy of a model for sharing, in the transformers layout: config.json (LlamaForCausalLM, or
 LlamaForSequenceClassification for a reward model), model.safetensors, tokenizer.model with
@@ -19,9 +19,18 @@ from minillm.generate import parse_cli
 from minillm.pretrained import _load, save_pretrained
 
 
-def export(model_path: str | Path, out: str | Path) -> Path:
+def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     from minillm.model import RewardModel
 
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={out} is a file, not a folder; choose a folder path (new or empty)")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        raise ValueError(
+            f"out={out} already holds files ({', '.join(held[:5])}{'…' if len(held) > 5 else ''}); choose a new or "
+            "empty folder, or add overwrite=true to write the export over them"
+        )
     model, tokenizer, score = _load(Path(model_path), "cpu")
     if model.config.is_moe:
         raise ValueError(
@@ -38,11 +47,17 @@ def export(model_path: str | Path, out: str | Path) -> Path:
 def main(argv: list[str]) -> None:
     values = parse_cli(argv)
     if "model_path" not in values or "out" not in values:
-        raise SystemExit("usage: python -m minillm.export model_path=DIR_OR_CKPT out=DIR")
+        print("usage: python -m minillm.export model_path=DIR_OR_CKPT out=DIR [overwrite=true]", file=sys.stderr)
+        sys.exit(2)
+    unknown = sorted(set(values) - {"model_path", "out", "overwrite"})
+    if unknown:
+        print(f"error: unknown key(s) {', '.join(unknown)}; the keys are model_path, out, overwrite", file=sys.stderr)
+        sys.exit(2)
     try:
-        out = export(str(values["model_path"]), str(values["out"]))
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        out = export(str(values["model_path"]), str(values["out"]), overwrite=values.get("overwrite") is True)
+    except (ValueError, FileNotFoundError) as e:  # a user error: the message says what to do
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"exported {values['model_path']} to {out} (transformers layout)")
 
 

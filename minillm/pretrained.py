@@ -226,7 +226,14 @@ def _load(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torch.Tensor | 
     tokenizer = Tokenizer(path)
     _check_tokenizer(meta.get("tokenizer_sha256"), tokenizer, meta_path)
     model = MiniGPT(_model_config(meta["model"], meta_path))
-    state = from_hf_state_dict(load_file(path / WEIGHTS_FILE, device=str(map_location)))
+    try:
+        weights = load_file(path / WEIGHTS_FILE, device=str(map_location))
+    except Exception as e:  # safetensors' own errors say what is wrong with the bytes, not where or what to do
+        raise ValueError(
+            f"cannot read the weights {path / WEIGHTS_FILE} ({e}): the file is damaged or not a safetensors file. "
+            "Export the model again (the run's final/ or python -m minillm.export), or copy the folder again"
+        ) from None
+    state = from_hf_state_dict(weights)
     score = state.pop("score.weight", None)
     _load_state(model, state, path / WEIGHTS_FILE)
     return model.eval(), tokenizer, score

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -110,12 +112,22 @@ def weights_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def shape(model: dict) -> dict:
+    """The shape keys of a model config with derived values filled in (intermediate_size 0 = derived)."""
+    from minillm.model import ModelConfig
+
+    known = {k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}
+    return {k: model.get(k) for k in SHAPE_KEYS} | {"intermediate_size": ModelConfig(**known).ffn_dim}
+
+
 def check_same_shape(init: dict, model: dict, where: Path) -> None:
-    diffs = [f"{k}: {init.get(k)!r} (init) vs {model.get(k)!r}" for k in SHAPE_KEYS if init.get(k) != model.get(k)]
+    a, b = shape(init), shape(model)
+    diffs = [f"{k}: {a[k]!r} (init) vs {b[k]!r}" for k in SHAPE_KEYS if a[k] != b[k]]
     if diffs:
         raise ResumeError(
             f"init_from={where} has a different architecture ({'; '.join(diffs)}); use the model "
-            "preset it was trained with"
+            f"preset it was trained with (model=..., or model.<key>=... for each key above), or set init_from to "
+            "weights of this shape"
         )
 
 
@@ -129,9 +141,15 @@ def read_checkpoint(path: Path) -> dict:
         raise ResumeError(f"resume: no checkpoint at {path}; use resume=auto or an existing .ckpt file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated, corrupt, or carrying objects that need pickle
+    except pickle.UnpicklingError as e:  # objects that only unpickling (running code) would rebuild
         raise ResumeError(
-            f"resume: cannot load {path} ({type(e).__name__}: {str(e)[:200]}); "
+            f"resume: {path} holds pickled Python objects besides tensors, which minillm never writes and will not "
+            "load (loading them runs code from the file). Resume from a checkpoint minillm.train wrote. Nothing was "
+            "changed."
+        ) from e
+    except Exception as e:  # truncated, corrupt
+        raise ResumeError(
+            f"resume: cannot load {path} ({type(e).__name__}: {str(e)[:300]}); "
             "the file is corrupt or not a minillm checkpoint. Nothing was changed."
         ) from e
 
@@ -161,13 +179,42 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return best[2] if best else None
 
 
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in `folder` (tried: permission bits do not stop root, a read-only mount does)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
 def check_run_dir(run_dir: Path) -> None:
-    """A run dir must be (or be creatable as) a folder: no part of its path may be an existing file."""
+    """A run dir must be (or be creatable as) a writable folder: no part of its path may be an existing file.
+    Called before Hydra creates the folder and its train.log (see train.py), so a refused command writes nothing."""
     for part in [run_dir, *run_dir.parents]:
-        if part.exists():
-            if not part.is_dir():
-                raise ValueError(f"run_dir={run_dir}: {part} is a file, not a folder; choose another run_dir")
+        if not part.exists():
+            continue
+        if not part.is_dir():
+            raise ValueError(f"run_dir={run_dir}: {part} is a file, not a folder; choose another run_dir")
+        if _writable(part):
+            for sub in ("checkpoints", "logs"):  # a run dir copied read-only keeps read-only subfolders
+                if (run_dir / sub).is_dir() and not _writable(run_dir / sub):
+                    raise ValueError(_read_only(run_dir, run_dir / sub))
             return
+        if part == run_dir:
+            raise ValueError(_read_only(run_dir, run_dir))
+        raise ValueError(
+            f"run_dir={run_dir}: {part} is not writable (a read-only disk or folder); choose a run_dir on a "
+            "writable disk"
+        )
+
+
+def _read_only(run_dir: Path, folder: Path) -> str:
+    return (
+        f"run_dir={run_dir}: {folder} is not writable (a read-only disk or folder). To continue this run, copy the "
+        "run dir to a writable place and resume the copy: run_dir=<copy> resume=auto (a copied run dir resumes "
+        "exactly)"
+    )
 
 
 def resolve_resume(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
@@ -228,14 +275,11 @@ def check_resume(path: Path, config: dict, tokenizer_sha256: str, allow_changes:
     old = hparams.get("config")
     if not isinstance(old, dict):
         raise ResumeError(f"{path} carries no minillm config: it was not written by minillm.train")
-    shape = [
-        f"model.{k}: {old['model'].get(k)!r} -> {config['model'].get(k)!r}"
-        for k in SHAPE_KEYS
-        if old["model"].get(k) != config["model"].get(k)
-    ]
-    if shape:
+    a, b = shape(old["model"]), shape(config["model"])
+    changed = [f"model.{k}: {a[k]!r} -> {b[k]!r}" for k in SHAPE_KEYS if a[k] != b[k]]
+    if changed:
         raise ResumeError(
-            f"{path} is a checkpoint of a different model shape ({'; '.join(shape)}); resume it with "
+            f"{path} is a checkpoint of a different model shape ({'; '.join(changed)}); resume it with "
             "the same model preset, or start a new run_dir"
         )
     if hparams.get("tokenizer_sha256") != tokenizer_sha256:

@@ -100,14 +100,30 @@ class Tokenizer:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
 
 
+class EmptyCorpusError(ValueError):
+    pass
+
+
 def train_tokenizer(lines: Iterable[str], out_dir: str | Path, config: TokenizerConfig) -> Tokenizer:
     """Train a BPE tokenizer on an iterable of text lines and save `tokenizer.model` in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     proto = io.BytesIO()
+    seen: list[int] = [0]
+    raised: list[Exception] = []
+
+    def counted(lines: Iterable[str]) -> Iterator[str]:  # sentencepiece turns our errors into a bare RuntimeError
+        try:
+            for line in lines:
+                seen[0] += 1
+                yield line
+        except Exception as e:
+            raised.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
+            sentence_iterator=counted(lines),
             model_writer=proto,
             model_type="bpe",
             vocab_size=config.vocab_size,
@@ -134,6 +150,10 @@ def train_tokenizer(lines: Iterable[str], out_dir: str | Path, config: Tokenizer
             minloglevel=2,
         )
     except RuntimeError as e:
+        if raised:  # a data error (file:line) raised while reading: that is the message
+            raise raised[0] from None
+        if seen[0] == 0:
+            raise EmptyCorpusError("no text to train the tokenizer on") from None
         raise ValueError(
             f"tokenizer training failed: {e}\nAdjust tokenizer.vocab_size (or tokenizer.character_coverage) "
             "as sentencepiece says above"
@@ -142,13 +162,13 @@ def train_tokenizer(lines: Iterable[str], out_dir: str | Path, config: Tokenizer
     return Tokenizer(out_dir)
 
 
-def _iter_lines(files: list[Path]) -> Iterator[str]:
-    """Text lines of the pretraining records (the data module's reader). Malformed records are skipped here:
-    the data module reports them with file and line right after."""
-    from minillm.data.records import BadRecords, read_texts
+def _iter_lines(files: list[Path], bad) -> Iterator[str]:
+    """Text lines of the pretraining records (the data module's reader). Malformed records are skipped here
+    (counted in `bad`): the data module reports them with file and line right after."""
+    from minillm.data.records import read_texts
 
     for f in files:
-        for text in read_texts(f, BadRecords(skip=True)):
+        for text in read_texts(f, bad):
             yield from (s for s in text.split("\n") if s.strip())
 
 
@@ -178,7 +198,19 @@ def get_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     log.info("tokenizer: training vocab %d on %d files -> %s", config.vocab_size, len(files), out_dir)
-    tok = train_tokenizer(_iter_lines(files), out_dir, config)
+    from minillm.data.records import BadRecords
+
+    bad = BadRecords(skip=True)
+    try:
+        tok = train_tokenizer(_iter_lines(files, bad), out_dir, config)
+    except EmptyCorpusError:
+        skipped = sum(bad.counts.values())
+        why = f"all {skipped} records are bad, the first: {next(iter(bad.examples.values()))}" if skipped else ""
+        raise EmptyCorpusError(
+            f"no text to train the tokenizer on in {', '.join(map(str, files))}: "
+            + (why or "every record is empty")
+            + ". Fix the files (or point data.dir at the right folder)"
+        ) from None
     (out_dir / "tokenizer_train.json").write_text(
         json.dumps(json.loads(key_src) | {"files": [str(f) for f in files]}, indent=2)
     )

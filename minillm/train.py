@@ -68,6 +68,11 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     if typed.stage.name not in STAGES:
         raise ValueError(f"stage={typed.stage.name} has no module; known stages: {sorted(STAGES)}")
     stage_cls = STAGES[typed.stage.name]
+    if cfg.trainer.get("max_steps") == 0:
+        raise ValueError(
+            "trainer.max_steps=0 trains nothing (and would export untrained weights); set a number of steps, or "
+            "trainer.max_steps=-1 with trainer.max_epochs=N to train by epochs"
+        )
     run_dir = Path(typed.run_dir)
     rundir.check_run_dir(run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
@@ -78,6 +83,14 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     if init_dir is not None:  # later stages take the tokenizer saved with their init weights
         init_model, tokenizer = load_pretrained(init_dir)
         cfg.init_from, cfg.init_sha256 = str(init_dir), rundir.weights_sha256(init_dir)
+        if typed.tokenizer.vocab_size != tokenizer.vocab_size:  # the snapshot records the tokenizer really used
+            log.warning(
+                "tokenizer.vocab_size=%d is not used: the tokenizer comes with init_from=%s (%d pieces)",
+                typed.tokenizer.vocab_size,
+                init_dir,
+                tokenizer.vocab_size,
+            )
+            cfg.tokenizer.vocab_size = tokenizer.vocab_size
     else:  # only pretraining trains a tokenizer
         tokenizer = get_tokenizer(files, typed.tokenizer)
     if typed.model.vocab_size not in (0, tokenizer.vocab_size):
@@ -97,10 +110,10 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             )
         cfg.stage.reward_model, cfg.stage.reward_model_sha256 = str(reward_dir), rundir.weights_sha256(reward_dir)
     config = resolved_dict(cfg)
+    if ckpt_path is not None:  # first: a resume with other init weights is named as such
+        rundir.check_resume(ckpt_path, config, tokenizer.sha256, typed.resume_allow_changes)
     if init_dir is not None:
         rundir.check_same_shape(asdict(init_model.config), config["model"], init_dir)
-    if ckpt_path is not None:
-        rundir.check_resume(ckpt_path, config, tokenizer.sha256, typed.resume_allow_changes)
 
     callbacks, loggers = [], []
     updates = stage_cls.updates_per_batch(typed.stage)  # RLHF: several optimizer steps per rollout batch
@@ -190,5 +203,26 @@ def main(cfg: DictConfig) -> float | None:
     return run.metric
 
 
+def check_before_hydra(argv: Sequence[str]) -> None:
+    """Hydra creates the run dir and its train.log before `main` runs: check the run dir first, so that a
+    refused command writes nothing and says why (instead of a raw OSError from Hydra's logging set-up)."""
+    if any(a.startswith("-") for a in argv):  # --help, --cfg, -m (a sweep has a run dir per job): Hydra's own
+        return
+    try:
+        run_dir = Path(compose(argv).run_dir)
+    except Exception:  # a bad override: Hydra reports it with its own message
+        return
+    try:
+        rundir.check_run_dir(run_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        check_before_hydra(sys.argv[1:])
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before training started (our handler takes over once it has)
+        print("\ninterrupted before training started; no checkpoint was written", file=sys.stderr)
+        sys.exit(130)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -54,12 +55,21 @@ GOOD = "\n".join(json.dumps({"text": f"line {i} to be or not to be that is the q
     ("name", "content", "message"),
     [
         ("a.jsonl", GOOD.encode() + b'{"text": "caf\xe9"}\n', r"a\.jsonl:201: not UTF-8"),
-        ("a.jsonl", GOOD + '{"text": "cut in the mid', r"a\.jsonl:201: invalid JSON"),
+        (
+            "a.jsonl",
+            GOOD + '{"text": "cut in the mid',
+            r"a\.jsonl:201: invalid JSON at column 10 \(Unterminated string starting\)",
+        ),
+        ("b.txt", b"Para one.\n\nPara two\n" + b"caf\xe9\n", r"b\.txt:4: not UTF-8"),
         ("a.jsonl", json.dumps([{"text": "x"}]), r"a\.jsonl:1: this looks like a JSON array; JSON Lines is expected"),
-        ("a.jsonl", GOOD + json.dumps({"text": 5}) + "\n", r'a\.jsonl:201: field "text" must be a string, it is a int'),
-        ("a.jsonl", GOOD + json.dumps(["text"]) + "\n", r"a\.jsonl:201: expected a JSON object, got list"),
+        (
+            "a.jsonl",
+            GOOD + json.dumps({"text": 5}) + "\n",
+            r'a\.jsonl:201: field "text" must be a string, it is an int',
+        ),
+        ("a.jsonl", GOOD + json.dumps(["text"]) + "\n", r"a\.jsonl:201: expected a JSON object, got a list"),
     ],
-    ids=["non-utf8", "truncated-jsonl", "json-array", "wrong-type", "not-an-object"],
+    ids=["non-utf8", "truncated-jsonl", "non-utf8-txt", "json-array", "wrong-type", "not-an-object"],
 )
 def test_malformed_pretraining_files(tmp_path, data_dir, name, content, message):
     data = data_with(tmp_path, data_dir, name, content)
@@ -249,6 +259,183 @@ def test_resuming_from_a_checkpoint_with_a_pickle_payload_never_runs_it(tmp_path
         pickle.dump({"global_step": 999999, "state_dict": {}, "hyper_parameters": Payload()}, f, protocol=2)
     with pytest.raises(ResumeError, match=r"cannot load .*evil-step-999999\.ckpt"):
         build(micro_overrides(tmp_path, data_dir, f"resume={evil}"))
+    zipped = run_dir / "checkpoints" / "evil-zip.ckpt"  # torch.save's format, as a real checkpoint would be
+    torch.save({"global_step": 999999, "state_dict": {}, "hyper_parameters": Payload()}, zipped)
+    with pytest.raises(ResumeError, match=r"evil-zip\.ckpt holds pickled Python objects") as refused:
+        build(micro_overrides(tmp_path, data_dir, f"resume={zipped}"))
+    assert str(refused.value).endswith("Nothing was changed.") and "weights_only" not in str(refused.value)
     auto = build(micro_overrides(tmp_path, data_dir, "resume=auto"))  # auto skips it and takes the real latest
     assert auto.ckpt_path is not None and "evil" not in auto.ckpt_path.name
     assert not marker.exists()
+
+
+def test_the_json_array_hint_is_safe_to_run_as_printed(tmp_path, data_dir):
+    records = [{"text": f"record {i}, to be or not to be"} for i in range(30)]
+    original = json.dumps(records, ensure_ascii=False).encode()
+    data = data_with(tmp_path, data_dir, "a.jsonl", original)
+    with pytest.raises(DataError) as refused:
+        build(micro_overrides(tmp_path, data))
+    command = str(refused.value).split("\n  ", 1)[1]
+    assert not re.search(r"a\.jsonl > a\.jsonl(\s|$)", command)  # never reads and writes the same path
+    done = subprocess.run(["bash", "-c", command.replace("python -c", f"{sys.executable} -c")], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    folder = data / "pretrain"
+    assert (folder / "a.jsonl.array.bak").read_bytes() == original  # the user's file, byte for byte
+    assert [json.loads(line) for line in (folder / "a.jsonl").read_text().splitlines()] == records
+    assert build(micro_overrides(tmp_path, data)).datamodule.stats["sources"]["a"]["raw_records"] == 30
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("+data.sources.verses.sample_ratio=0", "+data.sources.prose.sample_ratio=0"), ("data.sample_ratio=0.0001",)],
+    ids=["every-source-at-ratio-0", "a-tiny-global-ratio"],
+)
+def test_sampling_that_leaves_no_training_records(tmp_path, data_dir, overrides):
+    with pytest.raises(
+        DataError, match=r"no training records in .*: of \d+ records, 0 are bad .* left out by sampling"
+    ):
+        build(micro_overrides(tmp_path, data_dir, *overrides))
+
+
+def test_a_source_capped_at_zero_samples(tmp_path, data_dir):
+    overrides = ("+data.sources.verses.max_samples=0", "+data.sources.prose.max_samples=0")
+    with pytest.raises(DataError, match=r"left out by sampling \(data.sample_ratio, data.sources.<name>.sample_ratio"):
+        build(micro_overrides(tmp_path, data_dir, *overrides))
+
+
+def test_pretraining_data_where_every_record_is_bad(tmp_path):
+    folder = tmp_path / "all_bad" / "pretrain"
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl").write_text("".join(json.dumps({"txt": f"wrong field {i}"}) + "\n" for i in range(20)))
+    overrides = micro_overrides(tmp_path, tmp_path / "all_bad", "data.skip_bad_records=true")
+    with pytest.raises(
+        ValueError,
+        match=r'no text to train the tokenizer on .*all 20 records are bad, the first: .*a\.jsonl:1: field "text"',
+    ):
+        build(overrides)
+
+
+def test_chat_data_where_every_record_is_bad(tmp_path, pretrained):
+    folder = tmp_path / "chat_bad" / "sft"
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl").write_text("".join(json.dumps({"chat": i}) + "\n" for i in range(12)))
+    overrides = micro_overrides(
+        tmp_path, tmp_path / "chat_bad", f"init_from={pretrained}", "data.skip_bad_records=true", stage="sft"
+    )
+    with pytest.raises(DataError, match=r"no training records in a\.jsonl: of 12 records, 12 are bad"):
+        build(overrides)
+
+
+def test_a_run_dir_on_a_read_only_disk(tmp_path, data_dir):
+    with pytest.raises(
+        ValueError, match=r"run_dir=/sys/minillm-run: /sys is not writable .* choose a run_dir on a writable"
+    ):
+        build(micro_overrides(tmp_path, data_dir, "run_dir=/sys/minillm-run"))
+
+
+def test_resuming_a_read_only_run_dir_says_to_resume_a_copy(tmp_path, data_dir, finished, monkeypatch):
+    from minillm import rundir
+
+    monkeypatch.setattr(rundir, "_writable", lambda folder: not str(folder).startswith(str(finished)))
+    with pytest.raises(ValueError, match=r"is not writable .* copy the run dir to a writable place .* resume=auto"):
+        build(micro_overrides(tmp_path, data_dir, f"run_dir={finished / 'run'}", "resume=auto"))
+
+
+def test_max_steps_zero_is_refused(tmp_path, data_dir):
+    with pytest.raises(ValueError, match=r"trainer.max_steps=0 trains nothing"):
+        build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=0"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_added_key_no_schema_has(tmp_path, data_dir):
+    with pytest.raises(ValueError, match=r"unknown config key optim.lrr; the keys of optim are: lr, weight_decay"):
+        build(micro_overrides(tmp_path, data_dir, "+optim.lrr=1"))
+
+
+def test_export_into_a_file_or_a_folder_with_files(tmp_path, finished, capsys):
+    from minillm import export
+
+    model = finished / "run" / "final"
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine too")
+    for out, message in (("afile", "is a file, not a folder"), ("full", r"already holds files \(notes.txt\)")):
+        with pytest.raises(SystemExit) as stopped:
+            export.main([f"model_path={model}", f"out={tmp_path / out}"])
+        assert stopped.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert (tmp_path / "afile").read_text() == "mine" and (tmp_path / "full" / "notes.txt").read_text() == "mine too"
+    export.main([f"model_path={model}", f"out={tmp_path / 'full'}", "overwrite=true"])
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_a_damaged_safetensors_file(tmp_path, finished):
+    folder = tmp_path / "model"
+    shutil.copytree(finished / "run" / "final", folder)
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(
+        ValueError, match=r"cannot read the weights .*model\.safetensors .*damaged or not a safetensors"
+    ):
+        load_model(str(folder))
+
+
+def test_init_from_a_transformers_folder_without_minillm_json(tmp_path, data_dir, finished):
+    from minillm.export import export
+
+    folder = export(finished / "run" / "final", tmp_path / "hf")
+    (folder / "minillm.json").unlink()
+    run = build(micro_overrides(tmp_path, data_dir, f"init_from={folder}", "trainer.max_steps=1"))
+    assert run.module.model.config.ffn_dim == json.loads((folder / "config.json").read_text())["intermediate_size"]
+
+
+def test_init_from_keeps_its_tokenizer_and_says_so(tmp_path, data_dir, finished, caplog):
+    model = finished / "run" / "final"
+    run = build(micro_overrides(tmp_path, data_dir, f"init_from={model}", "tokenizer.vocab_size=600"))
+    assert "tokenizer.vocab_size=600 is not used: the tokenizer comes with init_from" in caplog.text
+    snapshot = json.loads((tmp_path / "run" / "training_config_snapshot.json").read_text())
+    assert snapshot["config"]["tokenizer"]["vocab_size"] == run.datamodule.tokenizer.vocab_size == 512
+
+
+def test_resuming_with_other_init_weights_names_them(tmp_path, data_dir, finished, pretrained):
+    first = build(micro_overrides(tmp_path, data_dir, f"init_from={finished / 'run' / 'final'}", "trainer.max_steps=2"))
+    assert first.fit() == 0
+    with pytest.raises(
+        ResumeError, match=r"started from init weights with sha256 .* \(the parent stage was retrained\)"
+    ):
+        build(micro_overrides(tmp_path, data_dir, f"init_from={pretrained}", "resume=auto"))
+
+
+@pytest.mark.slow
+def test_user_errors_before_hydra_and_ctrl_c_at_start_up(tmp_path, data_dir):
+    def train(*extra, **kwargs):
+        cmd = [sys.executable, "-m", "minillm.train", *micro_overrides(tmp_path, data_dir, *extra)]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, **kwargs)
+
+    (tmp_path / "afile").write_text("a file")
+    for run_dir, message in (
+        (tmp_path / "afile" / "run", "is a file, not a folder"),
+        ("/sys/minillm-run", "not writable"),
+    ):
+        refused = train(f"run_dir={run_dir}")
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+    assert (tmp_path / "afile").read_text() == "a file"
+    typo = train("+optim.lrr=1")
+    assert typo.returncode == 2 and "unknown config key optim.lrr" in typo.stdout + typo.stderr
+    assert "Traceback" not in typo.stderr
+
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "minillm.train", *micro_overrides(tmp_path / "c", data_dir, "resume=auto")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:  # Ctrl-C while the tokenizer and the dataset are being built
+        if "starting fresh" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "interrupted before training started" in err

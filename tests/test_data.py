@@ -96,8 +96,8 @@ def test_txt_files_and_long_texts_are_packed_not_dropped(tmp_path, tokenizer):
         ('{"text": "ok"}\n{"text": "broken\n', r"a\.jsonl:2: invalid JSON"),
         ('[{"text": "a"}, {"text": "b"}]\n', r"a\.jsonl:1: this looks like a JSON array"),
         ('{"text": "ok"}\n{"content": "x"}\n', r'a\.jsonl:2: field "text" must be a string, it is missing'),
-        ('{"text": "ok"}\n{"text": 42}\n', r'a\.jsonl:2: field "text" must be a string, it is a int'),
-        ('{"text": "ok"}\n["x"]\n', r"a\.jsonl:2: expected a JSON object, got list"),
+        ('{"text": "ok"}\n{"text": 42}\n', r'a\.jsonl:2: field "text" must be a string, it is an int'),
+        ('{"text": "ok"}\n["x"]\n', r"a\.jsonl:2: expected a JSON object, got a list"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, tokenizer, content, message):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 import logging
 import os
 from collections.abc import Iterator
@@ -233,6 +234,14 @@ class MiniLLMDataModule(L.LightningDataModule):
             f"{rows._fingerprint}|{self.tokenizer.sha256}|{self.block_size}|{packing}|{self.lengths}|"
             f"{PIPELINE_VERSION}".encode()
         ).hexdigest()[:32]
+        splits = Counter(rows["split"])
+        if splits["train"] == 0:
+            raise DataError(
+                f"no training records in {', '.join(f.name for f in self.files)}: of {sum(splits.values())} records, "
+                f"{splits['bad']} are bad (skipped), {splits['unsampled']} are left out by sampling "
+                f"(data.sample_ratio, data.sources.<name>.sample_ratio / max_samples), {splits['val']} are held out "
+                "for validation. Raise the sampling ratios or caps, fix the bad records, or add data"
+            )
         tokenized = rows.filter(lambda s: s in ("train", "val"), input_columns="split", new_fingerprint=f"sel-{fingerprint}")
         window = self.block_size + 1
         tokenize = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,11 +34,17 @@ def chunk_paragraphs(paragraphs: Iterable[str], max_chars: int) -> Iterator[str]
         yield "\n\n".join(piece)
 
 
-def _txt_paragraphs(path: Path) -> Iterator[str]:
+def _txt_paragraphs(path: Path, bad: BadRecords) -> Iterator[str]:
+    """Blank-line separated paragraphs. Lines are decoded one by one, so a non-UTF-8 byte is reported (or
+    skipped) at its line."""
     block: list[str] = []
-    with _open(path) as f:
-        for line in f:
-            line = line.rstrip("\r\n")
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                bad(path, lineno, f"not UTF-8 (byte {e.start} of the line: {e.reason}); re-encode the file as UTF-8")
+                continue
             if line.strip():
                 block.append(line)
             elif block:
@@ -45,10 +52,6 @@ def _txt_paragraphs(path: Path) -> Iterator[str]:
                 block = []
     if block:
         yield "\n".join(block)
-
-
-def _open(path: Path):
-    return path.open(encoding="utf-8", errors="strict")
 
 
 class BadRecords:
@@ -67,6 +70,31 @@ class BadRecords:
         self.examples.setdefault(str(path), f"{where}: {problem}")
 
 
+def a_type(value: object) -> str:
+    """'a list', 'an int': the JSON-ish type of a value, with its article."""
+    name = {"str": "string", "dict": "object", "list": "list", "NoneType": "null"}.get(type(value).__name__)
+    name = name or type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def json_array_hint(path: Path) -> str:
+    """The error for a .jsonl holding one JSON array, with a conversion command that is safe to run as printed:
+    it writes the lines to a new file first and keeps the array file as a backup (it never reads and writes the
+    same path, which would empty it)."""
+    name = path.name
+    backup, lines = f"{name}.array.bak", f"{name}.lines.tmp"
+    code = "import json,sys; [print(json.dumps(r, ensure_ascii=False)) for r in json.load(open(sys.argv[1]))]"
+    command = (
+        f"cd {shlex.quote(str(path.parent))} && python -c '{code}' {shlex.quote(name)} > {shlex.quote(lines)} && "
+        f"mv {shlex.quote(name)} {shlex.quote(backup)} && mv {shlex.quote(lines)} {shlex.quote(name)}"
+    )
+    return (
+        f"{path}:1: this looks like a JSON array; JSON Lines is expected (one object per line). This command "
+        f"writes the records as lines to a new file, keeps the array as {backup} (not read as data) and puts the "
+        f"lines in place of {name}:\n  {command}"
+    )
+
+
 def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line. Lines are decoded one by one, so a non-UTF-8 byte is
     reported at its line."""
@@ -81,18 +109,14 @@ def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
             if not stripped:
                 continue
             if lineno == 1 and stripped.startswith("["):
-                raise DataError(
-                    f"{path}:1: this looks like a JSON array; JSON Lines is expected (one object per line). "
-                    f'Convert it, e.g. python -c "import json,sys; [print(json.dumps(r, ensure_ascii=False)) '
-                    f'for r in json.load(open(sys.argv[1]))]" {path} > {path.with_suffix(".jsonl")}'
-                )
+                raise DataError(json_array_hint(path))
             try:
                 obj = json.loads(stripped)
             except json.JSONDecodeError as e:
-                bad(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+                bad(path, lineno, f"invalid JSON at column {e.colno} ({e.msg.removesuffix(' at')})")
                 continue
             if not isinstance(obj, dict):
-                bad(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+                bad(path, lineno, f"expected a JSON object, got {a_type(obj)}")
                 continue
             yield lineno, obj
 
@@ -100,15 +124,12 @@ def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
 def read_texts(path: Path, bad: BadRecords, field: str = "text") -> Iterator[str]:
     """The pretraining texts of a .jsonl ({"text": ...}) or .txt file."""
     if path.suffix == ".txt":
-        try:
-            yield from chunk_paragraphs(_txt_paragraphs(path), TXT_RECORD_CHARS)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-encode it as UTF-8") from e
+        yield from chunk_paragraphs(_txt_paragraphs(path, bad), TXT_RECORD_CHARS)
         return
     for lineno, obj in read_jsonl(path, bad):
         text = obj.get(field)
         if not isinstance(text, str):
-            got = "missing" if text is None else f"a {type(text).__name__}"
+            got = "missing" if text is None else a_type(text)
             bad(path, lineno, f'field "{field}" must be a string, it is {got} (keys: {sorted(obj)[:8]})')
             continue
         if text:
