@@ -32,6 +32,19 @@ class RankProbe(L.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
 
 
+class GradDump(L.Callback):
+    """Writes the first optimizer step's gradients (after DDP's all-reduce) to <out>/grads<rank>.pt."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            torch.save(grads, self.out / f"grads{trainer.global_rank}.pt")
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -55,12 +68,27 @@ def ddp(root: Path, data_dir: Path, *extra: str, stop_at: int = 0) -> list[str]:
 @pytest.mark.slow
 def test_two_processes_split_the_data_match_one_process_and_resume_exactly(tmp_path, data_dir):
     # one process with the same global batch: data.batch_size is per process, so 2 ranks × 4 == 1 × 8
+    dump = "+callbacks.grads={{_target_:tests.test_ddp.GradDump,out:{}/grads}}"
     single = build(
-        micro_overrides(tmp_path / "single", data_dir, "trainer.max_steps=6", "model.dropout=0", "data.batch_size=8")
+        micro_overrides(
+            tmp_path / "single",
+            data_dir,
+            "trainer.max_steps=6",
+            "model.dropout=0",
+            "data.batch_size=8",
+            dump.format(tmp_path / "single"),
+        )
     )
     assert single.fit() == 0
-    run = build(ddp(tmp_path / "ddp", data_dir))
+    run = build(ddp(tmp_path / "ddp", data_dir, dump.format(tmp_path / "ddp")))
     assert run.fit() == 0
+    # the first step's gradient (not the weights after it: Adam's first step is ~lr * sign(g), blind to a scale)
+    want = torch.load(tmp_path / "single" / "grads" / "grads0.pt")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / "ddp" / "grads" / f"grads{rank}.pt")
+        assert got.keys() == want.keys() and len(want) > 0
+        for k, g in want.items():
+            torch.testing.assert_close(got[k], g, atol=1e-6, rtol=1e-4, msg=f"rank {rank}: {k}")
 
     r0, r1 = (json.loads((tmp_path / "ddp" / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0) == len(r1) == 6
@@ -70,7 +98,7 @@ def test_two_processes_split_the_data_match_one_process_and_resume_exactly(tmp_p
         torch.testing.assert_close(v, single_ref[k], atol=2e-4, rtol=1e-3, msg=k)
 
     outputs = sorted(p.name for p in (tmp_path / "ddp").iterdir())
-    assert outputs == ["datasets", "probe", "run", "tokenizers"]  # one run dir, no per-rank copies
+    assert outputs == ["datasets", "grads", "probe", "run", "tokenizers"]  # one run dir, no per-rank copies
     ckpts = sorted(p.name for p in (tmp_path / "ddp" / "run" / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in ckpts and not any("rank" in c for c in ckpts)
 

@@ -185,8 +185,17 @@ def test_generation_restores_training_mode(micro_model, tokenizer):
 
 def test_prompt_longer_than_block_size_keeps_its_end(micro_model, tokenizer, caplog):
     long_prompt = "To be, or not to be, that is the question. " * 20
-    text = generate(micro_model, tokenizer, long_prompt, GenerationConfig(max_new_tokens=5, do_sample=False, **NO_EOS))
-    assert isinstance(text, str)
+    inputs = []  # what the model is given: the prompt's last block_size - 1 tokens, then one new token at a time
+    hook = micro_model.register_forward_pre_hook(lambda module, args, kwargs: inputs.append(args[0]), with_kwargs=True)
+    try:
+        text = generate(
+            micro_model, tokenizer, long_prompt, GenerationConfig(max_new_tokens=5, do_sample=False, **NO_EOS)
+        )
+    finally:
+        hook.remove()
+    block = micro_model.config.block_size
+    assert inputs[0][0].tolist() == tokenizer.encode(long_prompt)[-(block - 1) :]
+    assert len(tokenizer.encode(text)) >= 1  # the one new token that still fits
     assert "does not fit block_size" in caplog.text
 
 

@@ -54,10 +54,15 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 def validation_follows(trainer: L.Trainer) -> bool:
-    """Whether the loop validates right after the current training batch (asked in on_train_batch_end, before
-    anything sets `should_stop`, which would force a validation)."""
-    fit_loop = trainer.fit_loop
-    return bool(trainer.enable_validation and fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
+    """Whether the loop validates right after the current training batch on its schedule (asked in
+    on_train_batch_end). A validation that only runs because something set `should_stop` (an interrupt, early
+    stopping) does not count: a checkpoint written after it would resume one log label behind."""
+    fit_loop, stop = trainer.fit_loop, trainer.should_stop
+    trainer.should_stop = False
+    try:
+        return bool(trainer.enable_validation and fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
+    finally:
+        trainer.should_stop = stop
 
 
 def save_resume_point(trainer: L.Trainer, path: Path) -> None:
