@@ -26,6 +26,7 @@ def test_transformers_llama_loads_the_export_with_equal_logits(tokenizer, tmp_pa
 
 def test_export_cli_tokenizer_generation_and_round_trip(pretrained, tmp_path):
     import transformers  # the ref venv has it: a missing one fails, never skips
+
     from minillm.export import main
     from minillm.generate import GenerationConfig, generate_ids, load_model
     from minillm.tokenizer import apply_chat_template
@@ -62,6 +63,7 @@ def test_export_cli_tokenizer_generation_and_round_trip(pretrained, tmp_path):
 
 def test_a_reward_model_exports_as_sequence_classification(tokenizer, tmp_path):
     import transformers  # the ref venv has it: a missing one fails, never skips
+
     from minillm.model import RewardModel
 
     torch.manual_seed(0)
