@@ -144,7 +144,7 @@ def _reward_model_scores(model: RewardModel, tokenizer: Tokenizer, prompts: list
 @torch.no_grad()
 def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict], batch_size: int = 16) -> dict:
     """Fraction of preference pairs whose chosen completion scores above the rejected one."""
-    from minillm.data.datamodule import encode_pair
+    from minillm.data.kinds import encode_pair
     from minillm.data.records import to_preference
 
     wins, margins = 0, []
@@ -235,7 +235,7 @@ def distinct_n(token_lists: list[list[int]], n: int) -> float:
 @torch.no_grad()
 def completion_logps(model: MiniGPT, tokenizer: Tokenizer, pairs: list[dict]) -> torch.Tensor:
     """Summed log-probs of the chosen and rejected completions of each pair: (N, 2)."""
-    from minillm.data.datamodule import encode_pair
+    from minillm.data.kinds import encode_pair
     from minillm.data.records import to_preference
     from minillm.losses import sequence_logprobs
 

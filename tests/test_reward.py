@@ -77,7 +77,7 @@ def test_a_language_model_is_not_a_reward_model(tmp_path, tokenizer):
 
 
 def test_eval_pairwise_accuracy_matches_the_scores(tokenizer):
-    from minillm.data.datamodule import encode_pair
+    from minillm.data.kinds import encode_pair
     from minillm.eval import pairwise_accuracy
 
     torch.manual_seed(1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minillm import chat
-from minillm.data.datamodule import encode_chat
+from minillm.data.kinds import SFT, encode_chat
 from minillm.data.records import DataError, to_messages
 from minillm.generate import load_model
 from minillm.losses import IGNORE_INDEX
@@ -73,7 +73,7 @@ def test_bad_conversations_are_named_with_file_and_line(tmp_path, tokenizer, rec
     f.parent.mkdir()
     good = {"prompt": "Hi", "response": "Hello"}
     f.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
-    dm = MiniLLMDataModule(DataConfig(cache_dir=str(tmp_path / "c"), batch_size=1), [f], tokenizer, 32, 0, kind="chat")
+    dm = MiniLLMDataModule(DataConfig(cache_dir=str(tmp_path / "c"), batch_size=1), [f], tokenizer, 32, 0, kind=SFT)
     with pytest.raises(DataError, match=rf"bad\.jsonl:2: .*{message}"):
         dm.setup()
 
@@ -146,7 +146,7 @@ def test_sft_lowers_the_held_out_assistant_loss(tmp_path, chat_dir, pretrained):
     after = float(run.trainer.callback_metrics["val/loss"])
     assert after < before - 0.5
     stats = json.loads((tmp_path / "run" / "dataset_stats.json").read_text())
-    assert stats["kind"] == "chat" and stats["sources"]["qa"]["train_assistant_tokens"] > 0
+    assert stats["kind"] == "sft" and stats["sources"]["qa"]["train_assistant_tokens"] > 0
     model, tokenizer = load_model(str(tmp_path / "run" / "final"))
     snapshot = json.loads((tmp_path / "run" / "training_config_snapshot.json").read_text())
     assert snapshot["config"]["init_sha256"] == run.config.init_sha256

@@ -12,16 +12,18 @@ import torch
 
 from minillm.losses import IGNORE_INDEX, bt_loss
 from minillm.model import RewardModel, last_token_index
+from minillm.config import Config, RewardConfig
+from minillm.data.kinds import PREFERENCE
 from minillm.stages.base import LMModule
 
 
 class RewardModule(LMModule):
-    data_subdir = "preference"
-    data_kind = "preference"
+    schema = RewardConfig
+    data = PREFERENCE
 
-    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
-        super().__init__(config, tokenizer_sha256)
-        self.center = float(config["stage"]["center_rewards_coefficient"])
+    def __init__(self, config: Config, plain_config: dict, tokenizer_sha256: str = "") -> None:
+        super().__init__(config, plain_config, tokenizer_sha256)
+        self.center = config.stage.center_rewards_coefficient
         self.score = RewardModel(self.model.config, trunk=self.model).score  # the head; the trunk is self.model
 
     def exported_model(self) -> RewardModel:

@@ -31,7 +31,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from minillm import rewards
-from minillm.config import RLHFConfig
+from minillm.config import Config, RLHFConfig
+from minillm.data.kinds import PROMPTS
 from minillm.generate import GenerationConfig, generate_ids
 from minillm.losses import (
     entropy_from_logits,
@@ -45,23 +46,27 @@ from minillm.losses import (
     whiten,
 )
 from minillm.model import MiniGPT, RewardModel
-from minillm.stages.base import LMModule, disable_dropout
-from minillm.tokenizer import Tokenizer
+from minillm.rundir import StageInputs
+from minillm.stages.base import LMModule, Needs, disable_dropout
 
 log = logging.getLogger(__name__)
 
 
 class RLHFModule(LMModule):
-    data_subdir = "prompts"
-    data_kind = "prompt"
-    needs_reference = True
+    schema = RLHFConfig
+    data = PROMPTS
+    needs = Needs(reference=True, reward_model=True)
 
-    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
-        super().__init__(config, tokenizer_sha256)
+    @classmethod
+    def needs_for(cls, stage: RLHFConfig) -> Needs:
+        return Needs(reference=True, reward_model=stage.reward == "model")  # a rule needs no reward model
+
+    def __init__(self, config: Config, plain_config: dict, tokenizer_sha256: str = "") -> None:
+        super().__init__(config, plain_config, tokenizer_sha256)
         self.automatic_optimization = False  # several updates per rollout batch
-        self.rl = RLHFConfig(**config["stage"])
-        self.seed = int(config["seed"])
-        block = int(config["model"]["block_size"])
+        self.rl: RLHFConfig = config.stage
+        self.seed = config.seed
+        block = config.model.block_size
         if self.rl.max_prompt_length + self.rl.max_completion_length > block:
             raise ValueError(
                 f"stage.max_prompt_length + stage.max_completion_length = "
@@ -74,20 +79,22 @@ class RLHFModule(LMModule):
         self.val_reward = MeanMetric()
         self.rollouts = 0  # rollout batches done (in checkpoints)
         self.__dict__["reward_model"] = None
-        self.__dict__["tokenizer"] = None
 
     @classmethod
     def updates_per_batch(cls, stage: RLHFConfig) -> int:
         return stage.updates_per_rollout
 
-    # ---- the frozen models and the tokenizer: plain attributes, outside the module tree ----
+    def attach(self, inputs: StageInputs, resuming: bool) -> None:
+        """The reward model first: a fresh run's critic starts from it (`initialise`)."""
+        if inputs.reward_model is not None:
+            self.set_reward_model(inputs.reward_model)
+        super().attach(inputs, resuming)
+
+    # ---- the frozen models: plain attributes, outside the module tree ----
     def set_reward_model(self, model: RewardModel) -> None:
         model = model.eval().requires_grad_(False)
         disable_dropout(model)
         self.__dict__["reward_model"] = model
-
-    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
-        self.__dict__["tokenizer"] = tokenizer
 
     def initialise(self, init_model: MiniGPT) -> None:
         """Policy from the init weights; critic from the reward model, else the init trunk with a zero head."""
