@@ -13,10 +13,8 @@ from pathlib import Path
 
 from benchmarks.common import print_table, write
 from minillm.config import DataConfig, TokenizerConfig
-from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
+from minillm.data.datamodule import MiniLLMDataModule, corpus_tokenizer, find_files, resolve_data_dir
 from minillm.data.kinds import PRETRAIN, SFT, kind_named
-from minillm.tokenizer import get_tokenizer
-
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", default="outputs/bench")
     args = parser.parse_args(argv)
     data_dir = resolve_data_dir(DataConfig(dir=args.data_dir))
-    tokenizer = get_tokenizer(find_files(data_dir, PRETRAIN), TokenizerConfig(vocab_size=args.vocab_size))
+    tokenizer = corpus_tokenizer(find_files(data_dir, PRETRAIN), TokenizerConfig(vocab_size=args.vocab_size))
     rows = []
     for name in args.kinds:
         kind = kind_named(name)

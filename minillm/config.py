@@ -167,7 +167,7 @@ class RLHFConfig(PromptLengths):
     """stage=rlhf hyper-parameters (conf/stage/rlhf.yaml); names as in TRL's PPOConfig / GRPOConfig."""
 
     algorithm: str = "ppo"  # ppo | grpo
-    reward: str = "model"  # model: a trained reward model; else a rule from minillm.rewards (verifiable, ...)
+    reward: str = "model"  # model: a trained reward model; else a rule from minillm.reward_rules (verifiable, ...)
     reward_model: Optional[str] = None  # None: outputs/reward_<model>/final
     reward_model_sha256: Optional[str] = None  # filled in by build(): resume refuses another reward model
     temperature: float = 1.0  # rollout sampling

@@ -92,6 +92,7 @@ class StageInputs:
     init_model: MiniGPT | None = None  # the parent's weights (also the frozen reference's)
     init_sha256: str | None = None
     reward_model: RewardModel | None = None
+    data_dir: Path | None = None  # the data dir the run reads (held-out eval records live under it)
     settings: dict[str, object] = field(default_factory=dict)  # config keys these inputs decide -> values
 
     def check_shape(self, model: dict) -> None:
@@ -99,17 +100,17 @@ class StageInputs:
             check_same_shape(asdict(self.init_model.config), model, self.init_dir)
 
 
-def inputs_for(config, needs, files: list[Path]) -> StageInputs:
+def inputs_for(config, needs, data_dir: Path, files: list[Path]) -> StageInputs:
     """The tokenizer (the init weights' own, or trained on `files` when there are none), the init weights, and
     the reward model when `needs` says so. `settings` records what they decide in the run config: init_from and
     its sha256, the vocabulary size, the reward model and its sha256."""
+    from minillm.data.datamodule import corpus_tokenizer
     from minillm.pretrained import load_pretrained, load_reward_model
-    from minillm.tokenizer import get_tokenizer
 
     init_dir = resolve_init(config.init_from, config.stage.parent, config.model.name)
     settings: dict[str, object] = {}
     if init_dir is None:  # only pretraining trains a tokenizer
-        inputs = StageInputs(tokenizer=get_tokenizer(files, config.tokenizer))
+        inputs = StageInputs(tokenizer=corpus_tokenizer(files, config.tokenizer))
     else:  # later stages take the tokenizer saved with their init weights
         model, tokenizer = load_pretrained(init_dir)
         inputs = StageInputs(tokenizer, init_dir, model, weights_sha256(init_dir))
@@ -137,7 +138,7 @@ def inputs_for(config, needs, files: list[Path]) -> StageInputs:
                 "train both from the same pretraining run"
             )
         settings |= {"stage.reward_model": str(reward_dir), "stage.reward_model_sha256": weights_sha256(reward_dir)}
-    inputs.settings = settings
+    inputs.settings, inputs.data_dir = settings, data_dir
     return inputs
 
 

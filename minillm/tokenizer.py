@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,16 +162,6 @@ def train_tokenizer(lines: Iterable[str], out_dir: str | Path, config: Tokenizer
     return Tokenizer(out_dir)
 
 
-def _iter_lines(files: list[Path], bad) -> Iterator[str]:
-    """Text lines of the pretraining records (the data module's reader). Malformed records are skipped here
-    (counted in `bad`): the data module reports them with file and line right after."""
-    from minillm.data.records import read_texts
-
-    for f in files:
-        for text in read_texts(f, bad):
-            yield from (s for s in text.split("\n") if s.strip())
-
-
 def corpus_fingerprint(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in sorted(files):
@@ -180,8 +170,9 @@ def corpus_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def get_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
-    """The tokenizer for these corpus files and settings: from the cache when trained before, else trained now.
+def get_tokenizer(files: list[Path], config: TokenizerConfig, lines: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The tokenizer for these corpus files and settings: from the cache when trained before, else trained now
+    on `lines()` (the data side reads the files: minillm/data/datamodule.py `corpus_tokenizer`).
 
     The cache key is (corpus content, vocab size, settings, trainer version), so changing any of them trains
     a new tokenizer in a new folder and ids never change under existing weights.
@@ -198,19 +189,7 @@ def get_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     log.info("tokenizer: training vocab %d on %d files -> %s", config.vocab_size, len(files), out_dir)
-    from minillm.data.records import BadRecords
-
-    bad = BadRecords(skip=True)
-    try:
-        tok = train_tokenizer(_iter_lines(files, bad), out_dir, config)
-    except EmptyCorpusError:
-        skipped = sum(bad.counts.values())
-        why = f"all {skipped} records are bad, the first: {next(iter(bad.examples.values()))}" if skipped else ""
-        raise EmptyCorpusError(
-            f"no text to train the tokenizer on in {', '.join(map(str, files))}: "
-            + (why or "every record is empty")
-            + ". Fix the files (or point data.dir at the right folder)"
-        ) from None
+    tok = train_tokenizer(lines(), out_dir, config)
     (out_dir / "tokenizer_train.json").write_text(
         json.dumps(json.loads(key_src) | {"files": [str(f) for f in files]}, indent=2)
     )

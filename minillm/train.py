@@ -73,8 +73,9 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     run_dir = Path(typed.run_dir)
     rundir.check_run_dir(run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
-    files = find_files(resolve_data_dir(typed.data), stage_cls.data)
-    inputs = rundir.inputs_for(typed, stage_cls.needs_for(typed.stage), files)
+    data_dir = resolve_data_dir(typed.data)
+    files = find_files(data_dir, stage_cls.data)
+    inputs = rundir.inputs_for(typed, stage_cls.needs_for(typed.stage), data_dir, files)
     for key, value in inputs.settings.items():  # what the inputs decide is recorded in the run config
         OmegaConf.update(cfg, key, value)
     typed, config = to_config(cfg), resolved_dict(cfg)

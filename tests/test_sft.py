@@ -268,7 +268,7 @@ def test_generate_cli_reads_a_prompt_file_and_speaks_chat(tmp_path, pretrained, 
 
 
 def test_exact_match_counts_only_exact_replies(tokenizer):
-    from minillm.eval import exact_match
+    from minillm.evaluation import exact_match_rate
     from tests.test_generate import scripted
 
     records = [
@@ -279,7 +279,7 @@ def test_exact_match_counts_only_exact_replies(tokenizer):
         for i in range(3)
     ]
     right = scripted(tokenizer, tokenizer.encode("7") + [tokenizer.im_end_id])
-    assert exact_match(right, tokenizer, records, batch_size=1)["exact_match"] == 1.0
+    assert exact_match_rate(right, tokenizer, records, batch_size=1)["exact_match"] == 1.0
     wrong = scripted(tokenizer, tokenizer.encode("77") + [tokenizer.im_end_id])
-    result = exact_match(wrong, tokenizer, records, batch_size=1)
+    result = exact_match_rate(wrong, tokenizer, records, batch_size=1)
     assert result["exact_match"] == 0.0 and result["examples"][0]["reply"] == "77"

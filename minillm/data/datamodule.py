@@ -32,7 +32,7 @@ from minillm.data.builtin import build_builtin
 from minillm.data.kinds import PRETRAIN, Kind, kind_named
 from minillm.data.loader import ResumableLoader, ResumableSampler, WindowTotals
 from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import EmptyCorpusError, Tokenizer, TokenizerConfig, get_tokenizer
 
 log = logging.getLogger(__name__)
 PIPELINE_VERSION = 1  # part of every cache fingerprint: bump when reading/tokenizing/packing changes
@@ -71,6 +71,29 @@ def find_files(data_dir: Path, kind: Kind) -> list[Path]:
         if f.stat().st_size == 0:
             raise DataError(f"{f}: the file is empty; remove it or fill it")
     return files
+
+
+def corpus_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
+    """The tokenizer of these pretraining files (cached by content and settings), trained on their records'
+    lines. Malformed records are skipped here (the data module reports them with file:line right after); when
+    nothing is left, the error shows the first bad record."""
+    bad = BadRecords(skip=True)
+
+    def lines() -> Iterator[str]:
+        for f in files:
+            for text in PRETRAIN.read(f, bad):
+                yield from (s for s in text.split("\n") if s.strip())
+
+    try:
+        return get_tokenizer(files, config, lines)
+    except EmptyCorpusError:
+        skipped = sum(bad.counts.values())
+        why = f"all {skipped} records are bad, the first: {next(iter(bad.examples.values()))}" if skipped else ""
+        raise EmptyCorpusError(
+            f"no text to train the tokenizer on in {', '.join(map(str, files))}: "
+            + (why or "every record is empty")
+            + ". Fix the files (or point data.dir at the right folder)"
+        ) from None
 
 
 def _file_key(f: Path) -> str:

@@ -16,11 +16,19 @@ STAGES: dict[str, type[LMModule]] = {
 }
 
 
-
 def stage_module(name: str) -> type[LMModule]:
     if name not in STAGES:
         raise ValueError(f"stage={name} has no module; known stages: {sorted(STAGES)}")
     return STAGES[name]
 
 
-__all__ = ["STAGES", "stage_module", "DPOModule", "LMModule", "PretrainModule", "RLHFModule", "RewardModule", "SFTModule"]
+__all__ = [
+    "STAGES",
+    "stage_module",
+    "DPOModule",
+    "LMModule",
+    "PretrainModule",
+    "RLHFModule",
+    "RewardModule",
+    "SFTModule",
+]

@@ -19,6 +19,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -83,11 +84,17 @@ class LMModule(L.LightningModule):
         self._clock: float | None = None
         self.__dict__["reference"] = None  # set_reference(): a plain attribute, outside the module tree
         self.__dict__["tokenizer"] = None  # attach(): for the stage and the callbacks that decode or generate
+        self.data_dir: Path | None = None  # attach(): the data dir the run reads
+
+    def eval_records(self, family: str) -> Path | None:
+        """The held-out records of a task family (`<data dir>/eval/<family>.jsonl`), for evaluation callbacks."""
+        return None if self.data_dir is None else self.data_dir / "eval" / f"{family}.jsonl"
 
     def attach(self, inputs: StageInputs, resuming: bool) -> None:
         """Take what `rundir.inputs_for` resolved: the tokenizer, the init weights (a fresh run starts from them;
         a resume loads its checkpoint instead) and, when the stage needs one, a frozen reference."""
         self.__dict__["tokenizer"] = inputs.tokenizer
+        self.data_dir = inputs.data_dir
         if self.needs.reference:
             if inputs.init_model is None:
                 raise ValueError(f"stage={self.stage_name} compares against a reference model: set init_from")

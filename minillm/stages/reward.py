@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from minillm.losses import IGNORE_INDEX, bt_loss
-from minillm.model import RewardModel, last_token_index
 from minillm.config import Config, RewardConfig
 from minillm.data.kinds import PREFERENCE
+from minillm.losses import IGNORE_INDEX, bt_loss
+from minillm.model import RewardModel, last_token_index
 from minillm.stages.base import LMModule
 
 

@@ -2,7 +2,7 @@
 
 Every training step is one rollout batch: B prompts (GRPO: each G times) → sampled completions y with the KV
 cache (`minillm.generate`) → a score s(x, y) from the trained reward model (`stage.reward=model`, read at the
-completion's last token) or a rule (`minillm.rewards`) → `num_ppo_epochs` passes of `num_mini_batches` updates
+completion's last token) or a rule (`minillm.reward_rules`) → `num_ppo_epochs` passes of `num_mini_batches` updates
 (manual optimization; budgets count rollouts, Lightning's global_step counts updates). The frozen reference
 π_ref is the init policy; reference and reward model live outside the module tree (not optimized, not
 checkpointed: recorded by sha256) and are moved to the policy's device and dtype when fit starts.
@@ -30,7 +30,7 @@ import logging
 import torch
 from torchmetrics import MeanMetric
 
-from minillm import rewards
+from minillm import reward_rules
 from minillm.config import Config, RLHFConfig
 from minillm.data.kinds import PROMPTS
 from minillm.generate import GenerationConfig, generate_ids
@@ -73,7 +73,7 @@ class RLHFModule(LMModule):
                 f"{self.rl.max_prompt_length + self.rl.max_completion_length} exceeds model.block_size = {block}"
             )
         if self.rl.reward != "model":
-            rewards.get_reward(self.rl.reward)  # an unknown name fails now, not after the first rollout
+            reward_rules.get_reward(self.rl.reward)  # an unknown name fails now, not after the first rollout
         disable_dropout(self.model)
         self.value = RewardModel(self.model.config) if self.rl.algorithm == "ppo" else None
         self.val_reward = MeanMetric()
@@ -188,7 +188,7 @@ class RLHFModule(LMModule):
             scores = scores.gather(1, last[:, None]).squeeze(1)
         else:
             texts = [self.tokenizer.decode(c) for c in r["completions"]]
-            values = rewards.score(self.rl.reward, texts, r["completions"], r["records"])
+            values = reward_rules.score(self.rl.reward, texts, r["completions"], r["records"])
             scores = torch.tensor(values, dtype=torch.float32, device=self.device)
         if self.rl.missing_eos_penalty is not None:
             scores = scores - self.rl.missing_eos_penalty * (~r["ended"]).float()
@@ -274,9 +274,9 @@ class RLHFModule(LMModule):
             "policy/clipfrac_avg": pg["clipfrac"],
             "loss/policy_avg": pg_loss.detach(),
             "loss/value_avg": vf_loss.detach(),
-            "val/clipfrac_avg": vf["clipfrac"],
+            "value/clipfrac_avg": vf["clipfrac"],
             "policy/entropy_avg": entropy.detach(),
-            "val/ratio": pg["ratio"],
+            "value/ratio": pg["ratio"],
             "train/loss": loss.detach(),
         }
 
@@ -323,7 +323,7 @@ class RLHFModule(LMModule):
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": float((~ended).float().mean()),
             "completions/mean_terminated_length": float(lengths[ended].mean()) if bool(ended.any()) else 0.0,
-            "val/num_eos_tokens": float(ended.sum()),
+            "value/num_eos_tokens": float(ended.sum()),
             "num_tokens": float(r["attention"].sum()),
             "episode": float(self.rollouts * len(r["completions"])),
         }
