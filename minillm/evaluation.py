@@ -141,7 +141,7 @@ def _reward_model_scores(model: RewardModel, tokenizer: Tokenizer, prompts: list
         apply_chat_template(tokenizer, p["prompt"], add_generation_prompt=True).ids + c + [tokenizer.im_end_id]
         for p, c in zip(prompts, completions)
     ]
-    return [float(model(torch.tensor([row]))[0, -1]) for row in rows]
+    return [float(model.sequence_scores(torch.tensor([row]), torch.tensor([len(row) - 1]))[0]) for row in rows]
 
 
 @torch.no_grad()
@@ -164,7 +164,7 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict
             for i, row in enumerate(rows):
                 ids[i, : len(row)] = torch.tensor(row)
             last = torch.tensor([len(row) - 1 for row in rows])  # the completion's <|im_end|>
-            side_scores.append(model(ids).gather(1, last[:, None]).squeeze(1))  # causal: padding after is unseen
+            side_scores.append(model.sequence_scores(ids, last))
         margin = side_scores[0] - side_scores[1]
         wins += int((margin > 0).sum())
         margins += margin.tolist()

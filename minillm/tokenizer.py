@@ -203,6 +203,22 @@ class ChatEncoding:
 
 
 ROLES = ("system", "user", "assistant")
+# The one chat template (ChatML), in the two forms it is needed in: `chat_turns` below, which
+# `apply_chat_template` encodes with the markers inserted by id, and the same layout as Jinja for the
+# tokenizer_config.json of an export (transformers' apply_chat_template). A test renders both and compares.
+TURN_END = "\n"  # after each message's <|im_end|>
+CHAT_TEMPLATE = (
+    f"{{% for message in messages %}}{{{{ '{IM_START}' + message['role'] + '\\n' + message['content'] + "
+    f"'{IM_END}' + '\\n' }}}}{{% endfor %}}{{% if add_generation_prompt %}}{{{{ '{IM_START}assistant\\n' }}}}"
+    "{% endif %}"
+)
+
+
+def chat_turns(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, str, str]]:
+    """(header, content, end) text per turn: `<|im_start|>{role}\\n`, the content, `<|im_end|>\\n`; with
+    add_generation_prompt a last turn `<|im_start|>assistant\\n` with no content or end."""
+    turns = [(f"{IM_START}{m['role']}\n", m["content"], f"{IM_END}{TURN_END}") for m in messages]
+    return turns + ([(f"{IM_START}assistant\n", "", "")] if add_generation_prompt else [])
 
 
 def apply_chat_template(
@@ -214,22 +230,21 @@ def apply_chat_template(
     to write), 0 on headers, user/system text and the newline after each turn. With add_generation_prompt the
     ids end with `<|im_start|>assistant\\n`, ready for generation.
     """
-    ids: list[int] = []
-    mask: list[int] = []
-    newline = tokenizer.encode("\n")
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ValueError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
         if not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
-        header = [tokenizer.im_start_id] + tokenizer.encode(f"{role}\n")
-        body = tokenizer.encode(content) + [tokenizer.im_end_id]
+    ids: list[int] = []
+    mask: list[int] = []
+    roles = [m["role"] for m in messages] + ["assistant"]
+    for role, (header, content, end) in zip(roles, chat_turns(messages, add_generation_prompt)):
+        header_ids = [tokenizer.im_start_id] + tokenizer.encode(header.removeprefix(IM_START))
+        end_ids = [tokenizer.im_end_id] if end else []
+        body = (tokenizer.encode(content) if content else []) + end_ids  # what the assistant writes, with its end
+        after = tokenizer.encode(end.removeprefix(IM_END)) if end else []
         learn = 1 if role == "assistant" else 0
-        ids += header + body + newline
-        mask += [0] * len(header) + [learn] * len(body) + [0] * len(newline)
-    if add_generation_prompt:
-        prompt = [tokenizer.im_start_id] + tokenizer.encode("assistant\n")
-        ids += prompt
-        mask += [0] * len(prompt)
+        ids += header_ids + body + after
+        mask += [0] * len(header_ids) + [learn] * len(body) + [0] * len(after)
     return ChatEncoding(ids=ids, assistant_mask=mask)

@@ -107,3 +107,27 @@ def test_too_small_vocab_is_a_clear_error(tmp_path):
 def test_missing_tokenizer_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
         Tokenizer(tmp_path / "nothing")
+
+
+def test_the_jinja_chat_template_and_the_python_one_render_the_same_text(tokenizer):
+    """Exports carry CHAT_TEMPLATE (Jinja, for transformers); training encodes chat_turns: one layout."""
+    import jinja2
+
+    from minillm.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, chat_turns
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "你好, what is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 3 + 4?\nThanks."},
+    ]
+    for generation_prompt in (False, True):
+        rendered = jinja2.Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=generation_prompt)
+        turns = chat_turns(messages, generation_prompt)
+        assert rendered == "".join(h + c + e for h, c, e in turns)
+        assert rendered.count(IM_START) == len(messages) + generation_prompt and rendered.count(IM_END) == 4
+        ids = apply_chat_template(tokenizer, messages, generation_prompt).ids  # the same turns, markers by id
+        assert ids.count(tokenizer.im_start_id) == len(turns) and ids.count(tokenizer.im_end_id) == len(messages)
+        assert tokenizer.decode([i for i in ids if i not in (tokenizer.im_start_id, tokenizer.im_end_id)]) == "".join(
+            h.removeprefix(IM_START) + c + e.removeprefix(IM_END) for h, c, e in turns
+        )

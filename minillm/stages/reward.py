@@ -33,9 +33,8 @@ class RewardModule(LMModule):
         """(chosen, rejected) rewards, each (B,)."""
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T), right-padded
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        scores = self.exported_model()(ids)  # (2B, T); causal attention: the padding after the end is unseen
         end = last_token_index(labels != IGNORE_INDEX)  # each completion's <|im_end|>
-        return scores.gather(1, end[:, None]).squeeze(1).chunk(2)
+        return self.exported_model().sequence_scores(ids, end).chunk(2)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = bt_loss(*self.rewards(batch), self.center)

@@ -183,9 +183,8 @@ class RLHFModule(LMModule):
     def score(self, r: dict) -> torch.Tensor:
         """s(x, y) per completion, (B,)."""
         if self.rl.reward == "model":
-            scores = self.reward_model(r["ids"], r["attention"], r["positions"])  # (B, P + L)
             last = r["prompt_len"] + r["mask"].sum(1) - 1  # the completion's last token (the prompt's if empty)
-            scores = scores.gather(1, last[:, None]).squeeze(1)
+            scores = self.reward_model.sequence_scores(r["ids"], last, r["attention"], r["positions"])
         else:
             texts = [self.tokenizer.decode(c) for c in r["completions"]]
             values = reward_rules.score(self.rl.reward, texts, r["completions"], r["records"])
