@@ -158,6 +158,8 @@ class LMModule(L.LightningModule):
     def log_rate(self) -> None:
         """Tokens per second since the previous step, and the learning rate of this step's update. Logged from
         training_step, so a checkpoint written at the end of the step holds the step's whole row."""
+        if self._trainer is None:  # training_step outside Lightning (a bare loop): nothing is logged
+            return
         now = time.perf_counter()
         if self._clock is not None:
             self.log("train/tokens_per_s", self._tokens / max(now - self._clock, 1e-9), prog_bar=True)
