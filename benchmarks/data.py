@@ -1,7 +1,7 @@
 """Data pipeline throughput: reading, sampling, splitting, tokenizing and packing into windows (the data
 module's setup, from an empty cache), as tokens/s, with the packing efficiency.
 
-    python benchmarks/data.py [--data-dir DIR] [--kinds text chat]
+    python benchmarks/data.py [--data-dir DIR] [--kinds pretrain sft]
 """
 
 from __future__ import annotations
@@ -13,28 +13,26 @@ from pathlib import Path
 
 from benchmarks.common import print_table, write
 from minillm.config import DataConfig, TokenizerConfig
-from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
-from minillm.tokenizer import get_tokenizer
-
-SUBDIR = {"text": "pretrain", "chat": "sft"}
+from minillm.data.datamodule import MiniLLMDataModule, corpus_tokenizer, find_files, resolve_data_dir
+from minillm.data.kinds import PRETRAIN, SFT, kind_named
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--kinds", nargs="+", default=["text", "chat"])
+    parser.add_argument("--kinds", nargs="+", default=["pretrain", "sft"])
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--out-dir", default="outputs/bench")
     args = parser.parse_args(argv)
     data_dir = resolve_data_dir(DataConfig(dir=args.data_dir))
-    tokenizer = get_tokenizer(find_files(data_dir, "pretrain"), TokenizerConfig(vocab_size=args.vocab_size))
+    tokenizer = corpus_tokenizer(find_files(data_dir, PRETRAIN), TokenizerConfig(vocab_size=args.vocab_size))
     rows = []
-    for kind in args.kinds:
-        patterns = ("*.jsonl", "*.txt") if kind == "text" else ("*.jsonl",)
-        files = find_files(data_dir, SUBDIR[kind], patterns)
+    for name in args.kinds:
+        kind = kind_named(name)
+        files = find_files(data_dir, kind)
         with tempfile.TemporaryDirectory() as cache:  # from an empty cache: nothing reused
-            config = DataConfig(dir=str(data_dir), cache_dir=cache, packing=kind == "chat")
+            config = DataConfig(dir=str(data_dir), cache_dir=cache, packing=kind is SFT)
             module = MiniLLMDataModule(config, files, tokenizer, args.block_size, seed=0, kind=kind)
             start = time.perf_counter()
             module.setup("fit")
@@ -42,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokens = module.stats["train_tokens"] + sum(s["val_tokens"] for s in module.stats["sources"].values())
         rows.append(
             {
-                "kind": kind,
+                "kind": kind.name,
                 "files": len(files),
                 "tokens": tokens,
                 "seconds": seconds,

@@ -63,12 +63,12 @@ def timed(fn, repeats: int) -> float:
 
 def random_tiny(folder: Path) -> Path:
     from minillm.config import DataConfig, TokenizerConfig, model_preset
-    from minillm.data.datamodule import find_files, resolve_data_dir
+    from minillm.data.datamodule import corpus_tokenizer, find_files, resolve_data_dir
+    from minillm.data.kinds import PRETRAIN
     from minillm.model import MiniGPT
     from minillm.pretrained import save_pretrained
-    from minillm.tokenizer import get_tokenizer
 
-    tokenizer = get_tokenizer(find_files(resolve_data_dir(DataConfig()), "pretrain"), TokenizerConfig())
+    tokenizer = corpus_tokenizer(find_files(resolve_data_dir(DataConfig()), PRETRAIN), TokenizerConfig())
     torch.manual_seed(0)
     return save_pretrained(MiniGPT(model_preset("tiny", vocab_size=tokenizer.vocab_size)), tokenizer, folder)
 

@@ -102,19 +102,44 @@ class OptimConfig:
 
 @dataclass
 class StageConfig:
+    """What every stage has. Each stage has its own schema below, pulled in by its conf/stage/<name>.yaml."""
+
     name: str = "pretrain"
     parent: Optional[str] = None  # the stage whose final/ init_from=auto starts from; "dpo|sft": the first found
 
+    @property
+    def lengths(self) -> tuple[int, int]:
+        """(prompt, completion) tokens kept per record, for the stages whose data has prompts."""
+        return (128, 128)
+
 
 @dataclass
-class DPOConfig(StageConfig):
+class PretrainConfig(StageConfig):
+    """stage=pretrain (conf/stage/pretrain.yaml): everything it needs is in model, tokenizer, data and optim."""
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """stage=sft (conf/stage/sft.yaml): packing and lengths are data settings (data.packing, model.block_size)."""
+
+
+@dataclass
+class PromptLengths(StageConfig):
+    max_prompt_length: int = 128  # prompt tokens kept (the end of the prompt)
+    max_completion_length: int = 128  # completion tokens kept (the start); RLHF: new tokens per completion
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        return (self.max_prompt_length, self.max_completion_length)
+
+
+@dataclass
+class DPOConfig(PromptLengths):
     """stage=dpo hyper-parameters (conf/stage/dpo.yaml); names and meanings as in TRL's DPOConfig."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
-    max_prompt_length: int = 128  # prompt tokens kept (the end of the prompt)
-    max_completion_length: int = 128  # completion tokens kept (the start)
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
@@ -124,12 +149,10 @@ class DPOConfig(StageConfig):
 
 
 @dataclass
-class RewardConfig(StageConfig):
+class RewardConfig(PromptLengths):
     """stage=reward hyper-parameters (conf/stage/reward.yaml); names as in TRL's RewardConfig."""
 
     center_rewards_coefficient: float = 0.0  # + c * mean((r_chosen + r_rejected)^2): rewards centred on 0
-    max_prompt_length: int = 128
-    max_completion_length: int = 128
 
     def __post_init__(self) -> None:
         if self.center_rewards_coefficient < 0:
@@ -140,15 +163,13 @@ RLHF_ALGORITHMS = ("ppo", "grpo")
 
 
 @dataclass
-class RLHFConfig(StageConfig):
+class RLHFConfig(PromptLengths):
     """stage=rlhf hyper-parameters (conf/stage/rlhf.yaml); names as in TRL's PPOConfig / GRPOConfig."""
 
     algorithm: str = "ppo"  # ppo | grpo
-    reward: str = "model"  # model: a trained reward model; else a rule from minillm.rewards (verifiable, ...)
+    reward: str = "model"  # model: a trained reward model; else a rule from minillm.reward_rules (verifiable, ...)
     reward_model: Optional[str] = None  # None: outputs/reward_<model>/final
     reward_model_sha256: Optional[str] = None  # filled in by build(): resume refuses another reward model
-    max_prompt_length: int = 64  # prompt tokens kept (the end)
-    max_completion_length: int = 48  # new tokens per completion
     temperature: float = 1.0  # rollout sampling
     top_k: int = 0
     top_p: float = 1.0
@@ -228,9 +249,15 @@ class Config:
 
 ConfigStore.instance().store(name="schema", node=Config)
 # Stage-specific schemas: a stage YAML pulls its own in with `- /stage_schema/<name>@stage` in its defaults.
-ConfigStore.instance().store(group="stage_schema", name="dpo", node=DPOConfig)
-ConfigStore.instance().store(group="stage_schema", name="reward", node=RewardConfig)
-ConfigStore.instance().store(group="stage_schema", name="rlhf", node=RLHFConfig)
+STAGE_SCHEMAS = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "dpo": DPOConfig,
+    "reward": RewardConfig,
+    "rlhf": RLHFConfig,
+}
+for _name, _schema in STAGE_SCHEMAS.items():
+    ConfigStore.instance().store(group="stage_schema", name=_name, node=_schema)
 # PPO and GRPO runs of stage=rlhf get different run dirs: outputs/rlhf_<model>, outputs/rlhf-grpo_<model>
 OmegaConf.register_new_resolver("rlhf_run", lambda algorithm: "rlhf" if algorithm == "ppo" else f"rlhf-{algorithm}")
 

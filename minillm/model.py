@@ -366,6 +366,18 @@ class RewardModel(nn.Module):
         ).hidden
         return self.score(hidden).squeeze(-1).float()  # (B, T)
 
+    def sequence_scores(
+        self,
+        input_ids: torch.Tensor,  # (B, T), right-padded or not
+        last: torch.Tensor,  # (B,) index of each sequence's last real token
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The reward of each sequence: the score at its last real token, (B,). Causal attention: padding after
+        that token is never seen. The one place a sequence is scored (training, RLHF, evaluation)."""
+        scores = self(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # (B, T)
+        return scores.gather(1, last[:, None]).squeeze(1)
+
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last 1 in each row of a (B, T) 0/1 mask (0 for an empty row)."""

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minillm.model import MiniGPT, ModelConfig, RewardModel
-from minillm.tokenizer import MODEL_FILE, Tokenizer
+from minillm.tokenizer import CHAT_TEMPLATE, MODEL_FILE, Tokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "config.json", "minillm.json"
@@ -107,10 +107,6 @@ def save_pretrained(model: MiniGPT | RewardModel, tokenizer: Tokenizer, out_dir:
     return out
 
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
-    "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 SPECIAL = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from minillm.eval import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
+from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
 from minillm.generate import parse_cli
 
 COLUMNS = ("bpb", "exact match", "preference accuracy", "mean reward", "reward-model score", "distinct-2")

@@ -17,10 +17,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from minillm.model import MiniGPT, RewardModel
+    from minillm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 SNAPSHOT = "training_config_snapshot.json"
@@ -67,6 +73,75 @@ class ResumeError(ValueError):
     pass
 
 
+def stage_dir(stage: str, model_name: str) -> Path:
+    """outputs/<stage>_<model>: where `python -m minillm.train stage=<stage> model=<model>` writes by default
+    (conf/train.yaml's run_dir); its final/ is what the next stage starts from."""
+    return Path("outputs") / f"{stage}_{model_name}"
+
+
+def final_dir(stage: str, model_name: str) -> Path:
+    return stage_dir(stage, model_name) / "final"
+
+
+@dataclass
+class StageInputs:
+    """What a stage starts from besides its data, resolved from the run config and the stage's `Needs`."""
+
+    tokenizer: Tokenizer
+    init_dir: Path | None = None
+    init_model: MiniGPT | None = None  # the parent's weights (also the frozen reference's)
+    init_sha256: str | None = None
+    reward_model: RewardModel | None = None
+    data_dir: Path | None = None  # the data dir the run reads (held-out eval records live under it)
+    settings: dict[str, object] = field(default_factory=dict)  # config keys these inputs decide -> values
+
+    def check_shape(self, model: dict) -> None:
+        if self.init_model is not None:
+            check_same_shape(asdict(self.init_model.config), model, self.init_dir)
+
+
+def inputs_for(config, needs, data_dir: Path, files: list[Path]) -> StageInputs:
+    """The tokenizer (the init weights' own, or trained on `files` when there are none), the init weights, and
+    the reward model when `needs` says so. `settings` records what they decide in the run config: init_from and
+    its sha256, the vocabulary size, the reward model and its sha256."""
+    from minillm.data.datamodule import corpus_tokenizer
+    from minillm.pretrained import load_pretrained, load_reward_model
+
+    init_dir = resolve_init(config.init_from, config.stage.parent, config.model.name)
+    settings: dict[str, object] = {}
+    if init_dir is None:  # only pretraining trains a tokenizer
+        inputs = StageInputs(tokenizer=corpus_tokenizer(files, config.tokenizer))
+    else:  # later stages take the tokenizer saved with their init weights
+        model, tokenizer = load_pretrained(init_dir)
+        inputs = StageInputs(tokenizer, init_dir, model, weights_sha256(init_dir))
+        settings |= {"init_from": str(init_dir), "init_sha256": inputs.init_sha256}
+        if config.tokenizer.vocab_size != tokenizer.vocab_size:  # the snapshot records the tokenizer really used
+            log.warning(
+                "tokenizer.vocab_size=%d is not used: the tokenizer comes with init_from=%s (%d pieces)",
+                config.tokenizer.vocab_size,
+                init_dir,
+                tokenizer.vocab_size,
+            )
+            settings["tokenizer.vocab_size"] = tokenizer.vocab_size
+    if config.model.vocab_size not in (0, inputs.tokenizer.vocab_size):
+        raise ValueError(
+            f"model.vocab_size={config.model.vocab_size} but the tokenizer has {inputs.tokenizer.vocab_size} "
+            "pieces; leave model.vocab_size at 0 (taken from the tokenizer) or set tokenizer.vocab_size"
+        )
+    settings["model.vocab_size"] = inputs.tokenizer.vocab_size
+    if needs.reward_model:
+        reward_dir = resolve_reward_model(config.stage.reward_model, config.model.name)
+        inputs.reward_model, reward_tokenizer = load_reward_model(reward_dir)
+        if reward_tokenizer.sha256 != inputs.tokenizer.sha256:
+            raise ValueError(
+                f"the reward model {reward_dir} was trained with another tokenizer than the policy {init_dir}; "
+                "train both from the same pretraining run"
+            )
+        settings |= {"stage.reward_model": str(reward_dir), "stage.reward_model_sha256": weights_sha256(reward_dir)}
+    inputs.settings, inputs.data_dir = settings, data_dir
+    return inputs
+
+
 def resolve_init(init_from: str | None, parent: str | None, model_name: str) -> Path | None:
     """The weights a stage starts from: its parent stage's final/ (init_from=auto), a given path, or none.
 
@@ -75,7 +150,7 @@ def resolve_init(init_from: str | None, parent: str | None, model_name: str) -> 
         return None
     if init_from == "auto":
         parents = parent.split("|")
-        paths = [Path("outputs") / f"{p}_{model_name}" / "final" for p in parents]
+        paths = [final_dir(p, model_name) for p in parents]
         found = next((p for p in paths if (p / "minillm.json").is_file()), None)
         if found is None:
             raise FileNotFoundError(
@@ -92,7 +167,7 @@ def resolve_init(init_from: str | None, parent: str | None, model_name: str) -> 
 
 def resolve_reward_model(reward_model: str | None, model_name: str) -> Path:
     """stage.reward_model, or outputs/reward_<model>/final; a missing one says how to train it."""
-    path = Path(reward_model) if reward_model else Path("outputs") / f"reward_{model_name}" / "final"
+    path = Path(reward_model) if reward_model else final_dir("reward", model_name)
     if not path.exists():
         raise FileNotFoundError(
             f"stage.reward=model needs a trained reward model, but {path} does not exist. Train it first: "

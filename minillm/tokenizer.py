@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -162,16 +162,6 @@ def train_tokenizer(lines: Iterable[str], out_dir: str | Path, config: Tokenizer
     return Tokenizer(out_dir)
 
 
-def _iter_lines(files: list[Path], bad) -> Iterator[str]:
-    """Text lines of the pretraining records (the data module's reader). Malformed records are skipped here
-    (counted in `bad`): the data module reports them with file and line right after."""
-    from minillm.data.records import read_texts
-
-    for f in files:
-        for text in read_texts(f, bad):
-            yield from (s for s in text.split("\n") if s.strip())
-
-
 def corpus_fingerprint(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in sorted(files):
@@ -180,8 +170,9 @@ def corpus_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def get_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
-    """The tokenizer for these corpus files and settings: from the cache when trained before, else trained now.
+def get_tokenizer(files: list[Path], config: TokenizerConfig, lines: Callable[[], Iterable[str]]) -> Tokenizer:
+    """The tokenizer for these corpus files and settings: from the cache when trained before, else trained now
+    on `lines()` (the data side reads the files: minillm/data/datamodule.py `corpus_tokenizer`).
 
     The cache key is (corpus content, vocab size, settings, trainer version), so changing any of them trains
     a new tokenizer in a new folder and ids never change under existing weights.
@@ -198,19 +189,7 @@ def get_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     log.info("tokenizer: training vocab %d on %d files -> %s", config.vocab_size, len(files), out_dir)
-    from minillm.data.records import BadRecords
-
-    bad = BadRecords(skip=True)
-    try:
-        tok = train_tokenizer(_iter_lines(files, bad), out_dir, config)
-    except EmptyCorpusError:
-        skipped = sum(bad.counts.values())
-        why = f"all {skipped} records are bad, the first: {next(iter(bad.examples.values()))}" if skipped else ""
-        raise EmptyCorpusError(
-            f"no text to train the tokenizer on in {', '.join(map(str, files))}: "
-            + (why or "every record is empty")
-            + ". Fix the files (or point data.dir at the right folder)"
-        ) from None
+    tok = train_tokenizer(lines(), out_dir, config)
     (out_dir / "tokenizer_train.json").write_text(
         json.dumps(json.loads(key_src) | {"files": [str(f) for f in files]}, indent=2)
     )
@@ -224,6 +203,22 @@ class ChatEncoding:
 
 
 ROLES = ("system", "user", "assistant")
+# The one chat template (ChatML), in the two forms it is needed in: `chat_turns` below, which
+# `apply_chat_template` encodes with the markers inserted by id, and the same layout as Jinja for the
+# tokenizer_config.json of an export (transformers' apply_chat_template). A test renders both and compares.
+TURN_END = "\n"  # after each message's <|im_end|>
+CHAT_TEMPLATE = (
+    f"{{% for message in messages %}}{{{{ '{IM_START}' + message['role'] + '\\n' + message['content'] + "
+    f"'{IM_END}' + '\\n' }}}}{{% endfor %}}{{% if add_generation_prompt %}}{{{{ '{IM_START}assistant\\n' }}}}"
+    "{% endif %}"
+)
+
+
+def chat_turns(messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, str, str]]:
+    """(header, content, end) text per turn: `<|im_start|>{role}\\n`, the content, `<|im_end|>\\n`; with
+    add_generation_prompt a last turn `<|im_start|>assistant\\n` with no content or end."""
+    turns = [(f"{IM_START}{m['role']}\n", m["content"], f"{IM_END}{TURN_END}") for m in messages]
+    return turns + ([(f"{IM_START}assistant\n", "", "")] if add_generation_prompt else [])
 
 
 def apply_chat_template(
@@ -235,22 +230,21 @@ def apply_chat_template(
     to write), 0 on headers, user/system text and the newline after each turn. With add_generation_prompt the
     ids end with `<|im_start|>assistant\\n`, ready for generation.
     """
-    ids: list[int] = []
-    mask: list[int] = []
-    newline = tokenizer.encode("\n")
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise ValueError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
         if not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
-        header = [tokenizer.im_start_id] + tokenizer.encode(f"{role}\n")
-        body = tokenizer.encode(content) + [tokenizer.im_end_id]
+    ids: list[int] = []
+    mask: list[int] = []
+    roles = [m["role"] for m in messages] + ["assistant"]
+    for role, (header, content, end) in zip(roles, chat_turns(messages, add_generation_prompt)):
+        header_ids = [tokenizer.im_start_id] + tokenizer.encode(header.removeprefix(IM_START))
+        end_ids = [tokenizer.im_end_id] if end else []
+        body = (tokenizer.encode(content) if content else []) + end_ids  # what the assistant writes, with its end
+        after = tokenizer.encode(end.removeprefix(IM_END)) if end else []
         learn = 1 if role == "assistant" else 0
-        ids += header + body + newline
-        mask += [0] * len(header) + [learn] * len(body) + [0] * len(newline)
-    if add_generation_prompt:
-        prompt = [tokenizer.im_start_id] + tokenizer.encode("assistant\n")
-        ids += prompt
-        mask += [0] * len(prompt)
+        ids += header_ids + body + after
+        mask += [0] * len(header_ids) + [learn] * len(body) + [0] * len(after)
     return ChatEncoding(ids=ids, assistant_mask=mask)

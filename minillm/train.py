@@ -10,23 +10,21 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from minillm import rundir
 from minillm.callbacks.interrupt import InterruptCallback
 from minillm.checkpoint_io import remove_stale_tmp
-from minillm.config import compose, resolved_dict, to_config
+from minillm.config import Config, compose, resolved_dict, to_config
 from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
-from minillm.pretrained import load_pretrained, load_reward_model
-from minillm.stages import STAGES, LMModule
-from minillm.tokenizer import get_tokenizer
+from minillm.stages import LMModule, stage_module
 
 log = logging.getLogger("minillm")
 
@@ -57,7 +55,8 @@ class Run:
 
 
 def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect: bool = False) -> Run:
-    """Compose (or take) the config, check the run dir, then build data, trainer and stage module.
+    """Compose (or take) the config, check the run dir, resolve the stage's inputs, then build data, trainer and
+    stage module. Nothing here knows a stage by name: a stage declares its schema, data kind and needs.
 
     `inspect=True` (debug, notebooks): no run-dir checks, no files written, no loggers or callbacks.
     """
@@ -65,9 +64,7 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one directory per sweep job
     typed = to_config(cfg)  # validates every schema value
-    if typed.stage.name not in STAGES:
-        raise ValueError(f"stage={typed.stage.name} has no module; known stages: {sorted(STAGES)}")
-    stage_cls = STAGES[typed.stage.name]
+    stage_cls = stage_module(typed.stage.name)
     if cfg.trainer.get("max_steps") == 0:
         raise ValueError(
             "trainer.max_steps=0 trains nothing (and would export untrained weights); set a number of steps, or "
@@ -76,57 +73,18 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     run_dir = Path(typed.run_dir)
     rundir.check_run_dir(run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
-
-    patterns = ("*.jsonl", "*.txt") if stage_cls.data_kind == "text" else ("*.jsonl",)
-    files = find_files(resolve_data_dir(typed.data), stage_cls.data_subdir, patterns)
-    init_dir = rundir.resolve_init(typed.init_from, typed.stage.parent, typed.model.name)
-    if init_dir is not None:  # later stages take the tokenizer saved with their init weights
-        init_model, tokenizer = load_pretrained(init_dir)
-        cfg.init_from, cfg.init_sha256 = str(init_dir), rundir.weights_sha256(init_dir)
-        if typed.tokenizer.vocab_size != tokenizer.vocab_size:  # the snapshot records the tokenizer really used
-            log.warning(
-                "tokenizer.vocab_size=%d is not used: the tokenizer comes with init_from=%s (%d pieces)",
-                typed.tokenizer.vocab_size,
-                init_dir,
-                tokenizer.vocab_size,
-            )
-            cfg.tokenizer.vocab_size = tokenizer.vocab_size
-    else:  # only pretraining trains a tokenizer
-        tokenizer = get_tokenizer(files, typed.tokenizer)
-    if typed.model.vocab_size not in (0, tokenizer.vocab_size):
-        raise ValueError(
-            f"model.vocab_size={typed.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} "
-            "pieces; leave model.vocab_size at 0 (taken from the tokenizer) or set tokenizer.vocab_size"
-        )
-    cfg.model.vocab_size = tokenizer.vocab_size
-    reward_model = None
-    if getattr(typed.stage, "reward", None) == "model":  # RLHF against a trained reward model
-        reward_dir = rundir.resolve_reward_model(typed.stage.reward_model, typed.model.name)
-        reward_model, reward_tokenizer = load_reward_model(reward_dir)
-        if reward_tokenizer.sha256 != tokenizer.sha256:
-            raise ValueError(
-                f"the reward model {reward_dir} was trained with another tokenizer than the policy {init_dir}; "
-                "train both from the same pretraining run"
-            )
-        cfg.stage.reward_model, cfg.stage.reward_model_sha256 = str(reward_dir), rundir.weights_sha256(reward_dir)
-    config = resolved_dict(cfg)
+    data_dir = resolve_data_dir(typed.data)
+    files = find_files(data_dir, stage_cls.data)
+    inputs = rundir.inputs_for(typed, stage_cls.needs_for(typed.stage), data_dir, files)
+    for key, value in inputs.settings.items():  # what the inputs decide is recorded in the run config
+        OmegaConf.update(cfg, key, value)
+    typed, config = to_config(cfg), resolved_dict(cfg)
     if ckpt_path is not None:  # first: a resume with other init weights is named as such
-        rundir.check_resume(ckpt_path, config, tokenizer.sha256, typed.resume_allow_changes)
-    if init_dir is not None:
-        rundir.check_same_shape(asdict(init_model.config), config["model"], init_dir)
+        rundir.check_resume(ckpt_path, config, inputs.tokenizer.sha256, typed.resume_allow_changes)
+    inputs.check_shape(config["model"])
 
-    callbacks, loggers = [], []
     updates = stage_cls.updates_per_batch(typed.stage)  # RLHF: several optimizer steps per rollout batch
-    if not inspect:  # instantiate Lightning objects first: a bad value fails before any tensor exists
-        callback_cfgs = {k: v for k, v in cfg.callbacks.items() if v is not None}
-        if typed.data.val_ratio == 0:  # nothing to monitor
-            callback_cfgs = {k: v for k, v in callback_cfgs.items() if not str(v.get("monitor", "")).startswith("val/")}
-        if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
-            callback_cfgs = {k: v for k, v in callback_cfgs.items() if not v["_target_"].endswith("ProgressBar")}
-        callbacks = [
-            hydra.utils.instantiate(c, **_per_update(c, "every_n_train_steps", updates)) for c in callback_cfgs.values()
-        ]
-        loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
+    callbacks, loggers = ([], []) if inspect else _callbacks_and_loggers(cfg, typed, updates)
     trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False, "default_root_dir": str(run_dir)}
     trainer_kwargs |= _per_update(cfg.trainer, "max_steps", updates)
     if inspect:
@@ -141,16 +99,12 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     datamodule = MiniLLMDataModule(
         typed.data,
         files,
-        tokenizer,
+        inputs.tokenizer,
         typed.model.block_size,
         typed.seed,
-        kind=stage_cls.data_kind,
+        kind=stage_cls.data,
         accumulate=int(cfg.trainer.accumulate_grad_batches),
-        **{
-            k: getattr(typed.stage, k)
-            for k in ("max_prompt_length", "max_completion_length")
-            if hasattr(typed.stage, k)
-        },
+        lengths=typed.stage.lengths,
     )
     datamodule.setup("fit")
     if typed.data.val_ratio > 0 and len(datamodule.val) == 0:
@@ -158,22 +112,25 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             f"the validation split is empty (data.val_ratio={typed.data.val_ratio}); raise "
             "data.val_ratio, or set data.val_ratio=0 to train without validation"
         )
-    module = stage_cls(config, tokenizer.sha256)
-    if reward_model is not None:
-        module.set_reward_model(reward_model)
-    if hasattr(module, "set_tokenizer"):
-        module.set_tokenizer(tokenizer)
-    if init_dir is not None and ckpt_path is None:  # resume takes precedence over init_from
-        module.initialise(init_model)
-        log.info("initialised from %s (sha256 %s…)", init_dir, cfg.init_sha256[:12])
-    if stage_cls.needs_reference:  # a frozen copy of the init weights, also when resuming
-        if init_dir is None:
-            raise ValueError(f"stage={typed.stage.name} compares against a reference model: set init_from")
-        module.set_reference(init_model)
+    module = stage_cls(typed, config, inputs.tokenizer.sha256)
+    module.attach(inputs, resuming=ckpt_path is not None)
     if not inspect and trainer.is_global_zero:
         rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
         datamodule.write_stats(run_dir / "dataset_stats.json")
     return Run(cfg, datamodule, module, trainer, ckpt_path, run_dir)
+
+
+def _callbacks_and_loggers(cfg: DictConfig, typed: Config, updates: int) -> tuple[list, list]:
+    """Lightning objects first: a bad value fails before any tensor exists."""
+    callback_cfgs = {k: v for k, v in cfg.callbacks.items() if v is not None}
+    if typed.data.val_ratio == 0:  # nothing to monitor
+        callback_cfgs = {k: v for k, v in callback_cfgs.items() if not str(v.get("monitor", "")).startswith("val/")}
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+        callback_cfgs = {k: v for k, v in callback_cfgs.items() if not v["_target_"].endswith("ProgressBar")}
+    callbacks = [
+        hydra.utils.instantiate(c, **_per_update(c, "every_n_train_steps", updates)) for c in callback_cfgs.values()
+    ]
+    return callbacks, [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
 
 
 def _per_update(cfg: DictConfig, key: str, updates: int) -> dict:

@@ -104,7 +104,7 @@ def test_data_smoke(tmp_path, all_data):
     )
     text, chat = out["rows"]
     assert text["tokens"] > 0 and text["tokens/s"] > 0 and 0 < text["packing efficiency"] <= 1
-    assert chat["kind"] == "chat" and 0 < chat["packing efficiency"] <= 1
+    assert chat["kind"] == "sft" and 0 < chat["packing efficiency"] <= 1
 
 
 @pytest.mark.slow

@@ -105,3 +105,23 @@ def test_strategy_presets_compose_and_instantiate_where_they_can(option):
     if option != "fsdp":  # fsdp asks for a GPU
         trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert type(trainer.strategy).__name__.lower().startswith("ddp")
+
+
+def test_every_stage_declares_its_schema_data_kind_and_needs():
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from minillm.config import STAGE_SCHEMAS
+    from minillm.data.kinds import KINDS
+    from minillm.stages import STAGES
+    from minillm.train import build
+
+    assert set(STAGES) == set(STAGE_SCHEMAS)
+    for name, stage in STAGES.items():
+        assert stage.schema is STAGE_SCHEMAS[name], name
+        assert OmegaConf.get_type(compose([f"stage={name}"]).stage) is stage.schema, name  # the YAML pulls it in
+        assert KINDS[stage.data.name] is stage.data, name
+    assert {s.data.name for s in STAGES.values()} == {"pretrain", "sft", "preference", "prompts"}
+    source = inspect.getsource(build)
+    assert not any(f'"{name}"' in source for name in STAGES) and "hasattr" not in source  # generic wiring

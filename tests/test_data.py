@@ -4,7 +4,9 @@ import re
 import pytest
 
 from minillm.config import DataConfig, SourceConfig
-from minillm.data.datamodule import MiniLLMDataModule, ResumableLoader, ResumableSampler, find_files
+from minillm.data.datamodule import MiniLLMDataModule, find_files
+from minillm.data.kinds import PRETRAIN
+from minillm.data.loader import ResumableLoader, ResumableSampler
 from minillm.data.records import DataError, is_held_out
 from minillm.train import build
 from tests.conftest import micro_overrides
@@ -128,10 +130,10 @@ def test_non_utf8_file_is_named(tmp_path, tokenizer):
 def test_missing_and_empty_data_list_what_was_searched(tmp_path):
     (tmp_path / "pretrain").mkdir()
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "pretrain" / "*.jsonl"))):
-        find_files(tmp_path, "pretrain")
+        find_files(tmp_path, PRETRAIN)
     (tmp_path / "pretrain" / "a.jsonl").write_text("")
     with pytest.raises(DataError, match="a.jsonl: the file is empty"):
-        find_files(tmp_path, "pretrain")
+        find_files(tmp_path, PRETRAIN)
 
 
 def test_data_dir_resolution_prefers_the_command_line_over_the_environment(tmp_path, data_dir, monkeypatch):

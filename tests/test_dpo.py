@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minillm.config import DPOConfig, compose, to_config
-from minillm.data.datamodule import encode_pair
+from minillm.data.kinds import encode_pair
 from minillm.data.records import DataError
 from minillm.generate import load_model
 from minillm.losses import IGNORE_INDEX

@@ -8,7 +8,7 @@ policy == reference every implementation logs ln 2 and zero rewards, which would
 import pytest
 import torch
 
-from minillm.data.datamodule import encode_pair
+from minillm.data.kinds import encode_pair
 from minillm.generate import load_model
 from minillm.losses import dpo_loss, sequence_logprobs
 from minillm.model import MiniGPT

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from minillm import eval as ev
+from minillm import eval as eval_cli
+from minillm import evaluation as ev
 from minillm.model import MiniGPT, RewardModel
 from minillm.pretrained import save_pretrained
 from tests.conftest import micro_config
@@ -64,7 +65,7 @@ def eval_data(tmp_path):
 def test_eval_json_has_every_field(tmp_path, tokenizer, eval_data, capsys):
     torch.manual_seed(0)
     folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
-    ev.main(
+    eval_cli.main(
         [
             f"model_path={folder}",
             f"eval.data_dir={eval_data}",
@@ -85,7 +86,7 @@ def test_eval_json_has_every_field(tmp_path, tokenizer, eval_data, capsys):
     assert "bpb" in out and "exact match" in out and "eval.json" in out
 
     reward = save_pretrained(RewardModel(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "rm")
-    ev.main([f"model_path={reward}", f"eval.data_dir={eval_data}", "eval.pairs=[sums]"])
+    eval_cli.main([f"model_path={reward}", f"eval.data_dir={eval_data}", "eval.pairs=[sums]"])
     result = json.loads((reward / "eval.json").read_text())
     assert result["kind"] == "reward" and result["tasks"]["reward_model"]["sums"]["n"] == 4
 
@@ -93,11 +94,11 @@ def test_eval_json_has_every_field(tmp_path, tokenizer, eval_data, capsys):
 def test_eval_cli_names_bad_settings(tmp_path, tokenizer, eval_data):
     folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
     with pytest.raises(SystemExit, match="eval.tasks: unknown \\['perplexity'\\]"):
-        ev.main([f"model_path={folder}", "eval.tasks=[perplexity]"])
+        eval_cli.main([f"model_path={folder}", "eval.tasks=[perplexity]"])
     with pytest.raises(SystemExit, match="limt"):
-        ev.main([f"model_path={folder}", "eval.limt=3"])
+        eval_cli.main([f"model_path={folder}", "eval.limt=3"])
     with pytest.raises(SystemExit, match="no evaluation set"):
-        ev.main([f"model_path={folder}", f"eval.data_dir={tmp_path}", "eval.tasks=[verifiable]"])
+        eval_cli.main([f"model_path={folder}", f"eval.data_dir={tmp_path}", "eval.tasks=[verifiable]"])
 
 
 def test_report_tabulates_each_stage_and_draws_a_chart(tmp_path, tokenizer, eval_data, capsys):

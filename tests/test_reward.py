@@ -77,8 +77,8 @@ def test_a_language_model_is_not_a_reward_model(tmp_path, tokenizer):
 
 
 def test_eval_pairwise_accuracy_matches_the_scores(tokenizer):
-    from minillm.data.datamodule import encode_pair
-    from minillm.eval import pairwise_accuracy
+    from minillm.data.kinds import encode_pair
+    from minillm.evaluation import pairwise_accuracy
 
     torch.manual_seed(1)
     model = RewardModel(micro_config(tokenizer.vocab_size)).eval()
@@ -93,7 +93,7 @@ def test_eval_pairwise_accuracy_matches_the_scores(tokenizer):
 
 
 def test_eval_mean_reward_of_greedy_completions(tokenizer, micro_model):
-    from minillm.eval import mean_reward
+    from minillm.evaluation import mean_reward
     from minillm.generate import GenerationConfig, generate
 
     records = [{"prompt": "What is 1 + 1?", "answer": "2"}, {"prompt": "Hello", "answer": "x"}]

@@ -8,7 +8,7 @@ import torch
 
 from minillm.config import RLHFConfig, compose, to_config
 from minillm.generate import load_model
-from minillm.rewards import register_reward
+from minillm.reward_rules import register_reward
 from minillm.rundir import ResumeError
 from minillm.train import build
 from tests.conftest import micro_overrides, pair_overrides
@@ -138,7 +138,7 @@ def test_ppo_against_a_reward_model(tmp_path, prompt_dir, pretrained, reward_mod
         "policy/clipfrac_avg",
         "loss/policy_avg",
         "loss/value_avg",
-        "val/clipfrac_avg",
+        "value/clipfrac_avg",
     ):
         assert math.isfinite(float(rows[-1][key])), key
     assert any(not torch.equal(v, run.module.value.state_dict()[k]) for k, v in critic.items())  # the critic learns
@@ -267,5 +267,5 @@ def test_bf16_old_log_probs_match_the_update_forward(tmp_path, prompt_dir, pretr
         "trainer.precision=bf16-mixed",
     )
     assert build(overrides).fit() == 0
-    (row,) = [r for r in metrics_rows(tmp_path / "run") if r.get("val/ratio")]
-    assert float(row["val/ratio"]) == 1.0 and float(row["policy/approxkl_avg"]) == 0.0
+    (row,) = [r for r in metrics_rows(tmp_path / "run") if r.get("value/ratio")]
+    assert float(row["value/ratio"]) == 1.0 and float(row["policy/approxkl_avg"]) == 0.0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minillm import chat
-from minillm.data.datamodule import encode_chat
+from minillm.data.kinds import SFT, encode_chat
 from minillm.data.records import DataError, to_messages
 from minillm.generate import load_model
 from minillm.losses import IGNORE_INDEX
@@ -73,7 +73,7 @@ def test_bad_conversations_are_named_with_file_and_line(tmp_path, tokenizer, rec
     f.parent.mkdir()
     good = {"prompt": "Hi", "response": "Hello"}
     f.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
-    dm = MiniLLMDataModule(DataConfig(cache_dir=str(tmp_path / "c"), batch_size=1), [f], tokenizer, 32, 0, kind="chat")
+    dm = MiniLLMDataModule(DataConfig(cache_dir=str(tmp_path / "c"), batch_size=1), [f], tokenizer, 32, 0, kind=SFT)
     with pytest.raises(DataError, match=rf"bad\.jsonl:2: .*{message}"):
         dm.setup()
 
@@ -146,7 +146,7 @@ def test_sft_lowers_the_held_out_assistant_loss(tmp_path, chat_dir, pretrained):
     after = float(run.trainer.callback_metrics["val/loss"])
     assert after < before - 0.5
     stats = json.loads((tmp_path / "run" / "dataset_stats.json").read_text())
-    assert stats["kind"] == "chat" and stats["sources"]["qa"]["train_assistant_tokens"] > 0
+    assert stats["kind"] == "sft" and stats["sources"]["qa"]["train_assistant_tokens"] > 0
     model, tokenizer = load_model(str(tmp_path / "run" / "final"))
     snapshot = json.loads((tmp_path / "run" / "training_config_snapshot.json").read_text())
     assert snapshot["config"]["init_sha256"] == run.config.init_sha256
@@ -268,7 +268,7 @@ def test_generate_cli_reads_a_prompt_file_and_speaks_chat(tmp_path, pretrained, 
 
 
 def test_exact_match_counts_only_exact_replies(tokenizer):
-    from minillm.eval import exact_match
+    from minillm.evaluation import exact_match_rate
     from tests.test_generate import scripted
 
     records = [
@@ -279,7 +279,7 @@ def test_exact_match_counts_only_exact_replies(tokenizer):
         for i in range(3)
     ]
     right = scripted(tokenizer, tokenizer.encode("7") + [tokenizer.im_end_id])
-    assert exact_match(right, tokenizer, records, batch_size=1)["exact_match"] == 1.0
+    assert exact_match_rate(right, tokenizer, records, batch_size=1)["exact_match"] == 1.0
     wrong = scripted(tokenizer, tokenizer.encode("77") + [tokenizer.im_end_id])
-    result = exact_match(wrong, tokenizer, records, batch_size=1)
+    result = exact_match_rate(wrong, tokenizer, records, batch_size=1)
     assert result["exact_match"] == 0.0 and result["examples"][0]["reply"] == "77"

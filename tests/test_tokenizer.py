@@ -1,6 +1,7 @@
 import pytest
 
-from minillm.tokenizer import Tokenizer, TokenizerConfig, apply_chat_template, get_tokenizer
+from minillm.data.datamodule import corpus_tokenizer
+from minillm.tokenizer import Tokenizer, TokenizerConfig, apply_chat_template
 from tests.conftest import FIXTURES
 
 ROUND_TRIP = [
@@ -79,17 +80,17 @@ def test_trained_tokenizers_are_cached_by_corpus_and_settings(tmp_path):
     corpus = tmp_path / "a.txt"
     corpus.write_text((FIXTURES / "corpus.txt").read_text(encoding="utf-8") * 20, encoding="utf-8")
     config = TokenizerConfig(vocab_size=400, character_coverage=1.0, cache_dir=str(tmp_path / "cache"))
-    first = get_tokenizer([corpus], config)
+    first = corpus_tokenizer([corpus], config)
     first_bytes = first.path.read_bytes()  # the first training's file, before the retrain overwrites it
     stamp = first.path.stat().st_mtime_ns
-    again = get_tokenizer([corpus], config)
+    again = corpus_tokenizer([corpus], config)
     assert again.path == first.path and again.path.stat().st_mtime_ns == stamp  # reused, not retrained
-    retrained = get_tokenizer([corpus], TokenizerConfig(**{**config.__dict__, "retrain": True}))
+    retrained = corpus_tokenizer([corpus], TokenizerConfig(**{**config.__dict__, "retrain": True}))
     assert retrained.path == first.path and retrained.path.stat().st_mtime_ns != stamp
-    other_vocab = get_tokenizer([corpus], TokenizerConfig(**{**config.__dict__, "vocab_size": 410}))
+    other_vocab = corpus_tokenizer([corpus], TokenizerConfig(**{**config.__dict__, "vocab_size": 410}))
     assert other_vocab.path != first.path and other_vocab.vocab_size == 410
     corpus.write_text((FIXTURES / "corpus.txt").read_text(encoding="utf-8") * 21, encoding="utf-8")
-    assert get_tokenizer([corpus], config).path != first.path
+    assert corpus_tokenizer([corpus], config).path != first.path
     assert retrained.path.read_bytes() == first_bytes  # retraining on the same corpus keeps every id
 
 
@@ -100,9 +101,33 @@ def test_too_small_vocab_is_a_clear_error(tmp_path):
     corpus.write_text("".join(chr(0x4E00 + i) for i in range(400)) + "\n", encoding="utf-8")
     config = TokenizerConfig(vocab_size=300, character_coverage=1.0, cache_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="Adjust tokenizer.vocab_size"):
-        get_tokenizer([corpus], config)
+        corpus_tokenizer([corpus], config)
 
 
 def test_missing_tokenizer_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing")):
         Tokenizer(tmp_path / "nothing")
+
+
+def test_the_jinja_chat_template_and_the_python_one_render_the_same_text(tokenizer):
+    """Exports carry CHAT_TEMPLATE (Jinja, for transformers); training encodes chat_turns: one layout."""
+    import jinja2
+
+    from minillm.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, chat_turns
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "你好, what is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 3 + 4?\nThanks."},
+    ]
+    for generation_prompt in (False, True):
+        rendered = jinja2.Template(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=generation_prompt)
+        turns = chat_turns(messages, generation_prompt)
+        assert rendered == "".join(h + c + e for h, c, e in turns)
+        assert rendered.count(IM_START) == len(messages) + generation_prompt and rendered.count(IM_END) == 4
+        ids = apply_chat_template(tokenizer, messages, generation_prompt).ids  # the same turns, markers by id
+        assert ids.count(tokenizer.im_start_id) == len(turns) and ids.count(tokenizer.im_end_id) == len(messages)
+        assert tokenizer.decode([i for i in ids if i not in (tokenizer.im_start_id, tokenizer.im_end_id)]) == "".join(
+            h.removeprefix(IM_START) + c + e.removeprefix(IM_END) for h, c, e in turns
+        )

@@ -18,15 +18,12 @@ class ExportCallback(L.Callback):
     def __init__(self, run_dir: str) -> None:
         self.run_dir = Path(run_dir)
 
-    def _tokenizer(self, trainer: L.Trainer):
-        return trainer.datamodule.tokenizer
-
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         folder = self.run_dir / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
-        self._tokenizer(trainer).save(folder)
+        pl_module.tokenizer.save(folder)
         config = {
             "model": pl_module.hparams["config"]["model"],
             "tokenizer_sha256": pl_module.hparams["tokenizer_sha256"],
@@ -38,5 +35,5 @@ class ExportCallback(L.Callback):
             log.info("training stopped early (%s): no final/ export", pl_module.stop_reason)
             return
         if trainer.is_global_zero:
-            out = save_pretrained(pl_module.exported_model(), self._tokenizer(trainer), self.run_dir / "final")
+            out = save_pretrained(pl_module.exported_model(), pl_module.tokenizer, self.run_dir / "final")
             log.info("exported the final model to %s", out)

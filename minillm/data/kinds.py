@@ -81,6 +81,7 @@ class Kind:
     patterns: tuple[str, ...] = ("*.jsonl",)
     targets = True  # rows count their target tokens (`n_targets`) and truncation: stats and weighting
     weighted = False  # the sampler weights each micro-batch by the target tokens of its optimizer step
+    perplexity = True  # the validation loss is a per-token loss (val/ppl is logged)
     read: Callable[[Path, BadRecords], Iterator[str]]
 
     def check(self, block_size: int, lengths: tuple[int, int]) -> None:
@@ -207,6 +208,7 @@ class _Preference(Kind):
     """Prompt + chosen and prompt + rejected, completion tokens as targets."""
 
     name = "preference"
+    perplexity = False
     read = staticmethod(read_preferences)
 
     def check(self, block_size, lengths):

@@ -13,6 +13,8 @@ import shlex
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from minillm.tokenizer import ROLES
+
 TXT_RECORD_CHARS = 4000
 
 
@@ -150,9 +152,6 @@ def is_held_out(record: object, ratio: float) -> bool:
 
 def is_sampled(record: object, ratio: float) -> bool:
     return ratio >= 1.0 or record_fraction(record, "sample") < ratio
-
-
-ROLES = ("system", "user", "assistant")
 
 
 def to_messages(obj: dict) -> list[dict] | str:

@@ -15,4 +15,20 @@ STAGES: dict[str, type[LMModule]] = {
     "rlhf": RLHFModule,
 }
 
-__all__ = ["STAGES", "DPOModule", "LMModule", "PretrainModule", "RLHFModule", "RewardModule", "SFTModule"]
+
+def stage_module(name: str) -> type[LMModule]:
+    if name not in STAGES:
+        raise ValueError(f"stage={name} has no module; known stages: {sorted(STAGES)}")
+    return STAGES[name]
+
+
+__all__ = [
+    "STAGES",
+    "stage_module",
+    "DPOModule",
+    "LMModule",
+    "PretrainModule",
+    "RLHFModule",
+    "RewardModule",
+    "SFTModule",
+]

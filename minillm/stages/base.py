@@ -1,5 +1,14 @@
 """LMModule: what every stage shares — the backbone, AdamW with warmup + cosine, logging, the non-finite step
-guard and RNG state in checkpoints. A stage subclasses it once and writes its training/validation steps.
+guard and RNG state in checkpoints. A stage subclasses it once, declares what it is made of, and writes its
+training/validation steps:
+
+    class DPOModule(LMModule):
+        schema = DPOConfig            # its typed `stage` config (conf/stage/dpo.yaml holds only values)
+        data = PREFERENCE             # its data kind, named after the data folder (minillm/data/kinds.py)
+        needs = Needs(reference=True) # what it starts from besides its parent's weights
+
+`train.build()` reads these declarations and nothing else about a stage: it asks `rundir.inputs_for` for the
+inputs (`StageInputs`) and hands them to `attach`.
 """
 
 from __future__ import annotations
@@ -9,6 +18,8 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -17,8 +28,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from minillm import loop_state
-from minillm.config import OptimConfig
-from minillm.model import Attention, MiniGPT, ModelConfig
+from minillm.config import Config, StageConfig
+from minillm.data.kinds import PRETRAIN, Kind
+from minillm.model import Attention, MiniGPT
+from minillm.rundir import StageInputs
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +46,33 @@ def disable_dropout(model: nn.Module) -> None:
             module.dropout = 0.0
 
 
-class LMModule(L.LightningModule):
-    data_subdir = "pretrain"  # where the stage's files live in a data dir
-    data_kind = "text"  # what the data module builds: "text" (packed windows), "chat", "preference"
-    needs_reference = False  # True: build() hands the init weights to set_reference() (a frozen copy)
+@dataclass(frozen=True)
+class Needs:
+    """What a stage starts from besides its data and its parent's weights (`stage.parent`, `init_from`)."""
 
-    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
-        """`config` is the whole resolved run config as plain dicts (checkpoints load with weights_only=True)."""
+    reference: bool = False  # a frozen copy of the init weights
+    reward_model: bool = False  # the trained reward model (for RLHF: only when stage.reward=model)
+
+
+class LMModule(L.LightningModule):
+    schema: type[StageConfig] = StageConfig
+    data: Kind = PRETRAIN
+    needs = Needs()
+
+    @classmethod
+    def needs_for(cls, stage: StageConfig) -> Needs:
+        """The needs of a run of this stage (a stage whose needs depend on its settings overrides this)."""
+        return cls.needs
+
+    def __init__(self, config: Config, plain_config: dict, tokenizer_sha256: str = "") -> None:
+        """`config`: the typed run config. `plain_config`: the same as plain dicts, the one thing saved in
+        checkpoints besides tensors (they load with weights_only=True)."""
         super().__init__()
-        self.save_hyperparameters()  # once, here: {"config": ..., "tokenizer_sha256": ...}
-        self.optim = OptimConfig(**config["optim"])
-        self.max_steps = int(config["trainer"].get("max_steps") or -1)
-        self.model = MiniGPT(ModelConfig(**config["model"]))
+        self.save_hyperparameters({"config": plain_config, "tokenizer_sha256": tokenizer_sha256})
+        self.stage_name = config.stage.name
+        self.optim = config.optim
+        self.max_steps = int(config.trainer.get("max_steps") or -1)
+        self.model = MiniGPT(config.model)
         self.val_loss = MeanMetric()  # stages update it per batch, weighted by target tokens
         self.stop_reason: str | None = None  # set by callbacks that end training early (interrupt, non-finite)
         self.nonfinite_streak = 0
@@ -55,6 +83,25 @@ class LMModule(L.LightningModule):
         self._tokens = 0
         self._clock: float | None = None
         self.__dict__["reference"] = None  # set_reference(): a plain attribute, outside the module tree
+        self.__dict__["tokenizer"] = None  # attach(): for the stage and the callbacks that decode or generate
+        self.data_dir: Path | None = None  # attach(): the data dir the run reads
+
+    def eval_records(self, family: str) -> Path | None:
+        """The held-out records of a task family (`<data dir>/eval/<family>.jsonl`), for evaluation callbacks."""
+        return None if self.data_dir is None else self.data_dir / "eval" / f"{family}.jsonl"
+
+    def attach(self, inputs: StageInputs, resuming: bool) -> None:
+        """Take what `rundir.inputs_for` resolved: the tokenizer, the init weights (a fresh run starts from them;
+        a resume loads its checkpoint instead) and, when the stage needs one, a frozen reference."""
+        self.__dict__["tokenizer"] = inputs.tokenizer
+        self.data_dir = inputs.data_dir
+        if self.needs.reference:
+            if inputs.init_model is None:
+                raise ValueError(f"stage={self.stage_name} compares against a reference model: set init_from")
+            self.set_reference(inputs.init_model)
+        if inputs.init_model is not None and not resuming:
+            self.initialise(inputs.init_model)
+            log.info("initialised from %s (sha256 %s…)", inputs.init_dir, inputs.init_sha256[:12])
 
     def set_reference(self, model: MiniGPT) -> None:
         """A frozen copy of the init weights, held outside the module tree: not optimized, not in checkpoints,
@@ -122,7 +169,7 @@ class LMModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.log("val/loss", loss, prog_bar=True)
-        if self.data_kind != "preference":  # a perplexity of a preference loss means nothing
+        if self.data.perplexity:  # a perplexity of a preference loss means nothing
             self.log("val/ppl", torch.exp(loss))
         self.val_loss.reset()
 

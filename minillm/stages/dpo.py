@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import torch
 
+from minillm.config import Config, DPOConfig
+from minillm.data.kinds import PREFERENCE
 from minillm.losses import dpo_loss, sequence_logprobs
 from minillm.model import MiniGPT
-from minillm.stages.base import LMModule, disable_dropout
+from minillm.stages.base import LMModule, Needs, disable_dropout
 
 
 class DPOModule(LMModule):
-    data_subdir = "preference"
-    data_kind = "preference"
-    needs_reference = True
+    schema = DPOConfig
+    data = PREFERENCE
+    needs = Needs(reference=True)
 
-    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
-        super().__init__(config, tokenizer_sha256)
-        stage = config["stage"]
-        self.beta, self.loss_type = float(stage["beta"]), stage["loss_type"]
-        self.label_smoothing = float(stage["label_smoothing"])
+    def __init__(self, config: Config, plain_config: dict, tokenizer_sha256: str = "") -> None:
+        super().__init__(config, plain_config, tokenizer_sha256)
+        self.dpo: DPOConfig = config.stage
+        self.beta, self.loss_type, self.label_smoothing = self.dpo.beta, self.dpo.loss_type, self.dpo.label_smoothing
         disable_dropout(self.model)
 
     def on_fit_start(self) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from minillm.config import PretrainConfig
+from minillm.data.kinds import PRETRAIN
 from minillm.losses import lm_loss
 from minillm.stages.base import LMModule
 
 
 class PretrainModule(LMModule):
-    data_subdir = "pretrain"
+    schema = PretrainConfig
+    data = PRETRAIN
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]  # (B, T + 1)

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import torch
 
+from minillm.config import Config, RewardConfig
+from minillm.data.kinds import PREFERENCE
 from minillm.losses import IGNORE_INDEX, bt_loss
 from minillm.model import RewardModel, last_token_index
 from minillm.stages.base import LMModule
 
 
 class RewardModule(LMModule):
-    data_subdir = "preference"
-    data_kind = "preference"
+    schema = RewardConfig
+    data = PREFERENCE
 
-    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
-        super().__init__(config, tokenizer_sha256)
-        self.center = float(config["stage"]["center_rewards_coefficient"])
+    def __init__(self, config: Config, plain_config: dict, tokenizer_sha256: str = "") -> None:
+        super().__init__(config, plain_config, tokenizer_sha256)
+        self.center = config.stage.center_rewards_coefficient
         self.score = RewardModel(self.model.config, trunk=self.model).score  # the head; the trunk is self.model
 
     def exported_model(self) -> RewardModel:
@@ -31,9 +33,8 @@ class RewardModule(LMModule):
         """(chosen, rejected) rewards, each (B,)."""
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T), right-padded
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        scores = self.exported_model()(ids)  # (2B, T); causal attention: the padding after the end is unseen
         end = last_token_index(labels != IGNORE_INDEX)  # each completion's <|im_end|>
-        return scores.gather(1, end[:, None]).squeeze(1).chunk(2)
+        return self.exported_model().sequence_scores(ids, end).chunk(2)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = bt_loss(*self.rewards(batch), self.center)

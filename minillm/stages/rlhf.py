@@ -2,7 +2,7 @@
 
 Every training step is one rollout batch: B prompts (GRPO: each G times) → sampled completions y with the KV
 cache (`minillm.generate`) → a score s(x, y) from the trained reward model (`stage.reward=model`, read at the
-completion's last token) or a rule (`minillm.rewards`) → `num_ppo_epochs` passes of `num_mini_batches` updates
+completion's last token) or a rule (`minillm.reward_rules`) → `num_ppo_epochs` passes of `num_mini_batches` updates
 (manual optimization; budgets count rollouts, Lightning's global_step counts updates). The frozen reference
 π_ref is the init policy; reference and reward model live outside the module tree (not optimized, not
 checkpointed: recorded by sha256) and are moved to the policy's device and dtype when fit starts.
@@ -30,8 +30,9 @@ import logging
 import torch
 from torchmetrics import MeanMetric
 
-from minillm import rewards
-from minillm.config import RLHFConfig
+from minillm import reward_rules
+from minillm.config import Config, RLHFConfig
+from minillm.data.kinds import PROMPTS
 from minillm.generate import GenerationConfig, generate_ids
 from minillm.losses import (
     entropy_from_logits,
@@ -45,49 +46,55 @@ from minillm.losses import (
     whiten,
 )
 from minillm.model import MiniGPT, RewardModel
-from minillm.stages.base import LMModule, disable_dropout
-from minillm.tokenizer import Tokenizer
+from minillm.rundir import StageInputs
+from minillm.stages.base import LMModule, Needs, disable_dropout
 
 log = logging.getLogger(__name__)
 
 
 class RLHFModule(LMModule):
-    data_subdir = "prompts"
-    data_kind = "prompt"
-    needs_reference = True
+    schema = RLHFConfig
+    data = PROMPTS
+    needs = Needs(reference=True, reward_model=True)
 
-    def __init__(self, config: dict, tokenizer_sha256: str = "") -> None:
-        super().__init__(config, tokenizer_sha256)
+    @classmethod
+    def needs_for(cls, stage: RLHFConfig) -> Needs:
+        return Needs(reference=True, reward_model=stage.reward == "model")  # a rule needs no reward model
+
+    def __init__(self, config: Config, plain_config: dict, tokenizer_sha256: str = "") -> None:
+        super().__init__(config, plain_config, tokenizer_sha256)
         self.automatic_optimization = False  # several updates per rollout batch
-        self.rl = RLHFConfig(**config["stage"])
-        self.seed = int(config["seed"])
-        block = int(config["model"]["block_size"])
+        self.rl: RLHFConfig = config.stage
+        self.seed = config.seed
+        block = config.model.block_size
         if self.rl.max_prompt_length + self.rl.max_completion_length > block:
             raise ValueError(
                 f"stage.max_prompt_length + stage.max_completion_length = "
                 f"{self.rl.max_prompt_length + self.rl.max_completion_length} exceeds model.block_size = {block}"
             )
         if self.rl.reward != "model":
-            rewards.get_reward(self.rl.reward)  # an unknown name fails now, not after the first rollout
+            reward_rules.get_reward(self.rl.reward)  # an unknown name fails now, not after the first rollout
         disable_dropout(self.model)
         self.value = RewardModel(self.model.config) if self.rl.algorithm == "ppo" else None
         self.val_reward = MeanMetric()
         self.rollouts = 0  # rollout batches done (in checkpoints)
         self.__dict__["reward_model"] = None
-        self.__dict__["tokenizer"] = None
 
     @classmethod
     def updates_per_batch(cls, stage: RLHFConfig) -> int:
         return stage.updates_per_rollout
 
-    # ---- the frozen models and the tokenizer: plain attributes, outside the module tree ----
+    def attach(self, inputs: StageInputs, resuming: bool) -> None:
+        """The reward model first: a fresh run's critic starts from it (`initialise`)."""
+        if inputs.reward_model is not None:
+            self.set_reward_model(inputs.reward_model)
+        super().attach(inputs, resuming)
+
+    # ---- the frozen models: plain attributes, outside the module tree ----
     def set_reward_model(self, model: RewardModel) -> None:
         model = model.eval().requires_grad_(False)
         disable_dropout(model)
         self.__dict__["reward_model"] = model
-
-    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
-        self.__dict__["tokenizer"] = tokenizer
 
     def initialise(self, init_model: MiniGPT) -> None:
         """Policy from the init weights; critic from the reward model, else the init trunk with a zero head."""
@@ -176,12 +183,11 @@ class RLHFModule(LMModule):
     def score(self, r: dict) -> torch.Tensor:
         """s(x, y) per completion, (B,)."""
         if self.rl.reward == "model":
-            scores = self.reward_model(r["ids"], r["attention"], r["positions"])  # (B, P + L)
             last = r["prompt_len"] + r["mask"].sum(1) - 1  # the completion's last token (the prompt's if empty)
-            scores = scores.gather(1, last[:, None]).squeeze(1)
+            scores = self.reward_model.sequence_scores(r["ids"], last, r["attention"], r["positions"])
         else:
             texts = [self.tokenizer.decode(c) for c in r["completions"]]
-            values = rewards.score(self.rl.reward, texts, r["completions"], r["records"])
+            values = reward_rules.score(self.rl.reward, texts, r["completions"], r["records"])
             scores = torch.tensor(values, dtype=torch.float32, device=self.device)
         if self.rl.missing_eos_penalty is not None:
             scores = scores - self.rl.missing_eos_penalty * (~r["ended"]).float()
@@ -267,9 +273,9 @@ class RLHFModule(LMModule):
             "policy/clipfrac_avg": pg["clipfrac"],
             "loss/policy_avg": pg_loss.detach(),
             "loss/value_avg": vf_loss.detach(),
-            "val/clipfrac_avg": vf["clipfrac"],
+            "value/clipfrac_avg": vf["clipfrac"],
             "policy/entropy_avg": entropy.detach(),
-            "val/ratio": pg["ratio"],
+            "value/ratio": pg["ratio"],
             "train/loss": loss.detach(),
         }
 
@@ -316,7 +322,7 @@ class RLHFModule(LMModule):
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": float((~ended).float().mean()),
             "completions/mean_terminated_length": float(lengths[ended].mean()) if bool(ended.any()) else 0.0,
-            "val/num_eos_tokens": float(ended.sum()),
+            "value/num_eos_tokens": float(ended.sum()),
             "num_tokens": float(r["attention"].sum()),
             "episode": float(self.rollouts * len(r["completions"])),
         }

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from minillm.config import SFTConfig
+from minillm.data.kinds import SFT
 from minillm.losses import IGNORE_INDEX, lm_loss
 from minillm.model import packed_attention_mask
 from minillm.stages.base import LMModule
 
 
 class SFTModule(LMModule):
-    data_subdir = "sft"
-    data_kind = "chat"
+    schema = SFTConfig
+    data = SFT
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, labels = batch["input_ids"][:, :-1], batch["labels"][:, 1:]  # (B, T)

@@ -33,7 +33,7 @@ def get_reward(name: str) -> RewardFn:
     if name not in REWARDS:
         raise ValueError(
             f"stage.reward={name}: unknown reward; use `model` (a trained reward model) or one of "
-            f"{sorted(REWARDS)} (register more with minillm.rewards.register_reward)"
+            f"{sorted(REWARDS)} (register more with minillm.reward_rules.register_reward)"
         )
     return REWARDS[name]
 

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from minillm.data.records import BadRecords, read_prompts, to_prompt
-from minillm.rewards import REWARDS, get_reward, register_reward, score, sentiment_score
+from minillm.reward_rules import REWARDS, get_reward, register_reward, score, sentiment_score
 
 
 def test_exact_match_ignores_spacing_and_a_final_full_stop():

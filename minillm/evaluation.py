@@ -1,0 +1,366 @@
+"""Evaluation as a library: `evaluate(model_path, EvalConfig)` and the task functions it is made of (also used
+by the `TaskEval` callback and the report). The entry point is `python -m minillm.eval` (minillm/eval.py).
+
+Tasks:
+
+    bpb          per-token loss and bits per byte (loss x tokens / UTF-8 bytes / ln 2) on `eval.text` (any .txt or
+                 .jsonl file) or, by default, the pretraining records held out by hash (data.val_ratio 0.01)
+    verifiable   exact match of greedy chat replies on `<data dir>/eval/<eval.family>.jsonl`
+    preference   DPO-style preference accuracy on held-out pairs (`eval.pairs`): the fraction where the policy
+                 gives the chosen completion a higher summed log-prob than the rejected one (with
+                 `eval.reference=DIR`: a higher log-prob *gain over the reference*, DPO's rewards/accuracies)
+    reward       mean score of greedy completions of `eval.prompts` under the rule `eval.reward` (and under the
+                 reward model `eval.reward_model` when given)
+    samples      completions of a fixed prompt list (seeded sampling) and their distinct-1/2
+A reward model (`kind: reward`) gets `reward_model`: pairwise accuracy on the held-out pairs. Every key is an
+`EvalConfig` field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from minillm import reward_rules
+from minillm.generate import GenerationConfig, generate, load_model
+from minillm.model import MiniGPT, RewardModel
+from minillm.tokenizer import Tokenizer, apply_chat_template
+
+TASKS = ("bpb", "verifiable", "preference", "reward", "samples")
+EVAL_VERSION = 1  # in eval.json; bump when a task's meaning or layout changes (the report recomputes then)
+SAMPLE_PROMPTS = ["To be, or not to be", "In the beginning", "中共中央", "What is 12 + 7?", "写一条好评。"]
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    data_dir: str = "data/builtin"
+    text: Optional[str] = None  # bpb text (.txt / .jsonl); None: held-out pretraining records of data_dir
+    family: str = "verifiable"  # eval/<family>.jsonl for exact match
+    pairs: list[str] = field(
+        default_factory=lambda: ["reviews_zh", "chatterbot_pairs", "kjv_pairs", "verifiable_pairs"]
+    )
+    reference: Optional[str] = None  # preference accuracy relative to this model (DPO's implicit reward)
+    prompts: Optional[str] = None  # reward task prompts; None: eval/<family>.jsonl
+    reward: str = "verifiable"  # rule from minillm.reward_rules
+    reward_model: Optional[str] = None  # also score with this reward model
+    limit: int = 200  # records per task (and per pairs file)
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    seed: int = 0
+    out: Optional[str] = None  # eval.json path; None: next to the model
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"eval.tasks: unknown {unknown}; known: {list(TASKS)}")
+
+
+def load_family(path: Path, limit: int | None = None) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return records[:limit] if limit else records
+
+
+def exact_match_rate(
+    model: MiniGPT, tokenizer: Tokenizer, records: list[dict], batch_size: int = 32, max_new_tokens: int = 32
+) -> dict:
+    """Accuracy of greedy replies to each record's conversation minus its last (assistant) message, judged by
+    the `exact_match` rule (the one RLHF rewards with)."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
+    correct, examples = 0, []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [r["conversations"][:-1] for r in chunk]
+        replies = generate(model, tokenizer, prompts, config)
+        hits = reward_rules.exact_match(replies, None, answer=[r["answer"] for r in chunk])
+        for record, reply, hit in zip(chunk, replies, hits):
+            hit = bool(hit)
+            correct += hit
+            if len(examples) < 5:
+                examples.append(
+                    {
+                        "question": record["conversations"][-2]["content"],
+                        "answer": record["answer"],
+                        "reply": reply,
+                        "correct": hit,
+                    }
+                )
+    return {"n": len(records), "exact_match": correct / max(len(records), 1), "examples": examples}
+
+
+def mean_reward(
+    model: MiniGPT,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    reward: str | RewardModel,
+    batch_size: int = 32,
+    max_new_tokens: int = 48,
+    reward_model: RewardModel | None = None,
+) -> dict:
+    """Mean score of greedy completions of RL prompt records (any format) under a named reward function or a
+    reward model (read at the completion's <|im_end|>, as in training); with `reward_model` as well, the same
+    completions' mean reward-model score too. Unscored completions (None) are left out of the mean."""
+    from minillm.data.records import to_prompt
+
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
+    prompts = [to_prompt(r) for r in records]
+    bad = next((p for p in prompts if isinstance(p, str)), None)
+    if bad is not None:
+        raise ValueError(f"not a prompt record: {bad}")
+    scores, model_scores, examples = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        replies = generate(model, tokenizer, [p["prompt"] for p in chunk], config)
+        ids = [tokenizer.encode(r) for r in replies]
+        if isinstance(reward, RewardModel):
+            chunk_scores = _reward_model_scores(reward, tokenizer, chunk, ids)
+        else:
+            chunk_scores = reward_rules.score(reward, replies, ids, chunk)
+        if reward_model is not None:
+            model_scores += _reward_model_scores(reward_model, tokenizer, chunk, ids)
+        scores += [s for s in chunk_scores if s == s]  # NaN: not scored
+        examples += [
+            {"prompt": p["prompt"][-1]["content"], "reply": r, "score": s}
+            for p, r, s in zip(chunk, replies, chunk_scores)
+        ][: max(0, 5 - len(examples))]
+    name = reward if isinstance(reward, str) else "model"
+    out = {"n": len(scores), "reward": name, "mean_reward": sum(scores) / max(len(scores), 1), "examples": examples}
+    if reward_model is not None:
+        out["reward_model_score"] = sum(model_scores) / max(len(model_scores), 1)
+    return out
+
+
+@torch.no_grad()
+def _reward_model_scores(model: RewardModel, tokenizer: Tokenizer, prompts: list[dict], completions: list) -> list:
+    rows = [
+        apply_chat_template(tokenizer, p["prompt"], add_generation_prompt=True).ids + c + [tokenizer.im_end_id]
+        for p, c in zip(prompts, completions)
+    ]
+    return [float(model.sequence_scores(torch.tensor([row]), torch.tensor([len(row) - 1]))[0]) for row in rows]
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict], batch_size: int = 16) -> dict:
+    """Fraction of preference pairs whose chosen completion scores above the rejected one."""
+    from minillm.data.kinds import encode_pair
+    from minillm.data.records import to_preference
+
+    wins, margins = 0, []
+    block = model.config.block_size
+    for start in range(0, len(pairs), batch_size):
+        encoded = [
+            encode_pair(tokenizer, to_preference(p), (block // 2, block - block // 2))
+            for p in pairs[start : start + batch_size]
+        ]
+        side_scores = []
+        for side in ("chosen", "rejected"):
+            rows = [e[f"{side}_ids"] for e in encoded]
+            ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_id)  # right-padded
+            for i, row in enumerate(rows):
+                ids[i, : len(row)] = torch.tensor(row)
+            last = torch.tensor([len(row) - 1 for row in rows])  # the completion's <|im_end|>
+            side_scores.append(model.sequence_scores(ids, last))
+        margin = side_scores[0] - side_scores[1]
+        wins += int((margin > 0).sum())
+        margins += margin.tolist()
+    return {"n": len(pairs), "accuracy": wins / max(len(pairs), 1), "margin": sum(margins) / max(len(margins), 1)}
+
+
+def _eval_set(data_dir: Path, family: str) -> Path:
+    path = data_dir / "eval" / f"{family}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no evaluation set at {path}: build the corpus (python -m minillm.data.builtin) or set eval.data_dir"
+        )
+    return path
+
+
+# ---- bits per byte, distinct-n, preference accuracy ----
+
+
+def heldout_pretraining_texts(data_dir: Path, val_ratio: float = 0.01) -> list[str]:
+    """The pretraining records a run with data.val_ratio=`val_ratio` holds out (the same hash split)."""
+    from minillm.data.records import BadRecords, is_held_out, read_texts
+
+    texts = []
+    for path in sorted((data_dir / "pretrain").glob("*")):
+        if path.suffix in (".jsonl", ".txt"):
+            texts += [t for t in read_texts(path, BadRecords(skip=True)) if is_held_out(t, val_ratio)]
+    return texts
+
+
+def read_eval_text(path: Path) -> list[str]:
+    """Documents of a .txt file (paragraph groups) or a .jsonl file (its "text" fields)."""
+    from minillm.data.records import BadRecords, read_texts
+
+    return list(read_texts(path, BadRecords(skip=False)))
+
+
+@torch.no_grad()
+def bits_per_byte(model: MiniGPT, tokenizer: Tokenizer, texts: list[str]) -> dict:
+    """Next-token loss over every token of each text (each starting after the </s> separator, as in
+    pretraining), in windows of block_size, and bits per byte = Σ loss / Σ UTF-8 bytes / ln 2."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    loss_sum, tokens, n_bytes = 0.0, 0, 0
+    for text in texts:
+        ids = [tokenizer.eos_id] + tokenizer.encode(text)
+        for start in range(0, len(ids) - 1, block):  # window i predicts ids[start + 1 : start + block + 1]
+            window = torch.tensor(ids[start : start + block + 1], device=device)[None]
+            logits = model(window[:, :-1]).logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum"))
+            tokens += window.shape[1] - 1
+        n_bytes += len(text.encode("utf-8"))
+    model.train(was_training)
+    return {
+        "documents": len(texts),
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "loss": loss_sum / max(tokens, 1),
+        "bpb": loss_sum / max(n_bytes, 1) / math.log(2),
+    }
+
+
+def distinct_n(token_lists: list[list[int]], n: int) -> float:
+    """Distinct n-grams / all n-grams over a set of generations (1.0: no repetition; token-level, so it means the
+    same for Chinese and English)."""
+    grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def completion_logps(model: MiniGPT, tokenizer: Tokenizer, pairs: list[dict]) -> torch.Tensor:
+    """Summed log-probs of the chosen and rejected completions of each pair: (N, 2)."""
+    from minillm.data.kinds import encode_pair
+    from minillm.data.records import to_preference
+    from minillm.losses import sequence_logprobs
+
+    model.eval()
+    block = model.config.block_size
+    out = []
+    for p in pairs:
+        enc = encode_pair(tokenizer, to_preference(p), (block // 2, block - block // 2))
+        row = []
+        for side in ("chosen", "rejected"):
+            ids, labels = torch.tensor([enc[f"{side}_ids"]]), torch.tensor([enc[f"{side}_labels"]])
+            row.append(float(sequence_logprobs(model(ids[:, :-1]).logits, labels[:, 1:])[0]))
+        out.append(row)
+    return torch.tensor(out).view(-1, 2)
+
+
+def preference_accuracy(policy_logps: torch.Tensor, reference_logps: torch.Tensor | None = None) -> dict:
+    """Fraction of pairs whose chosen completion wins: by log-prob, or by log-prob gain over the reference."""
+    margins = policy_logps[:, 0] - policy_logps[:, 1]
+    if reference_logps is not None:
+        margins = margins - (reference_logps[:, 0] - reference_logps[:, 1])
+    return {
+        "n": len(margins),
+        "accuracy": float((margins > 0).float().mean()) if len(margins) else 0.0,
+        "margin": float(margins.mean()) if len(margins) else 0.0,
+    }
+
+
+# ---- the whole evaluation ----
+
+
+def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
+    """Run the configured tasks on one model; returns what eval.json holds."""
+    from minillm.pretrained import META_FILE, load_reward_model
+
+    model_path = Path(model_path)
+    meta = model_path / META_FILE
+    kind = json.loads(meta.read_text()).get("kind", "lm") if meta.is_file() else "lm"
+    data_dir = Path(config.data_dir)
+    result: dict = {
+        "eval_version": EVAL_VERSION,
+        "model_path": str(model_path),
+        "kind": kind,
+        "config": asdict(config),
+        "tasks": {},
+    }
+    if kind == "reward":
+        model, tokenizer = load_reward_model(model_path)
+        result["tasks"]["reward_model"] = {
+            name: pairwise_accuracy(model, tokenizer, load_family(_eval_set(data_dir, name), config.limit))
+            for name in config.pairs
+        }
+        return result
+    model, tokenizer = load_model(str(model_path))
+    tasks = result["tasks"]
+    if "bpb" in config.tasks:
+        texts = read_eval_text(Path(config.text)) if config.text else heldout_pretraining_texts(data_dir)
+        tasks["bpb"] = {
+            "source": config.text or f"{data_dir}/pretrain (held out)",
+            **bits_per_byte(model, tokenizer, texts[: config.limit]),
+        }
+    if "verifiable" in config.tasks:
+        records = load_family(_eval_set(data_dir, config.family), config.limit)
+        tasks["verifiable"] = {
+            "family": config.family,
+            **exact_match_rate(model, tokenizer, records, config.batch_size, config.max_new_tokens),
+        }
+    if "preference" in config.tasks:
+        reference = load_model(config.reference)[0] if config.reference else None
+        per = {}
+        for name in config.pairs:
+            pairs = load_family(_eval_set(data_dir, name), config.limit)
+            ref = completion_logps(reference, tokenizer, pairs) if reference is not None else None
+            per[name] = preference_accuracy(completion_logps(model, tokenizer, pairs), ref)
+        n = sum(v["n"] for v in per.values())
+        tasks["preference"] = {
+            "accuracy": sum(v["accuracy"] * v["n"] for v in per.values()) / max(n, 1),
+            "n": n,
+            "relative_to": config.reference,
+            "files": per,
+        }
+    if "reward" in config.tasks:
+        prompts = Path(config.prompts) if config.prompts else _eval_set(data_dir, config.family)
+        records = load_family(prompts, config.limit)
+        rm = load_reward_model(config.reward_model)[0] if config.reward_model else None  # scores the same replies
+        tasks["reward"] = {
+            "prompts": str(prompts),
+            "reward_model": config.reward_model,
+            **mean_reward(model, tokenizer, records, config.reward, config.batch_size, config.max_new_tokens, rm),
+        }
+    if "samples" in config.tasks:
+        generation = GenerationConfig(
+            max_new_tokens=config.max_new_tokens, temperature=0.8, top_p=0.9, seed=config.seed
+        )
+        texts = generate(model, tokenizer, SAMPLE_PROMPTS, generation)
+        ids = [tokenizer.encode(t) for t in texts]
+        tasks["samples"] = {
+            "distinct_1": distinct_n(ids, 1),
+            "distinct_2": distinct_n(ids, 2),
+            "samples": [{"prompt": p, "text": t} for p, t in zip(SAMPLE_PROMPTS, texts)],
+        }
+    return result
+
+
+def headline(result: dict) -> dict[str, float]:
+    """The numbers of a result that go in tables: bpb, task accuracy, preference accuracy, reward, distinct-2."""
+    t = result["tasks"]
+    rows = {
+        "bpb": t.get("bpb", {}).get("bpb"),
+        "val loss (per token)": t.get("bpb", {}).get("loss"),
+        "exact match": t.get("verifiable", {}).get("exact_match"),
+        "preference accuracy": t.get("preference", {}).get("accuracy"),
+        "mean reward": t.get("reward", {}).get("mean_reward"),
+        "reward-model score": t.get("reward", {}).get("reward_model_score"),
+        "distinct-2": t.get("samples", {}).get("distinct_2"),
+    }
+    for name, v in t.get("reward_model", {}).items():
+        rows[f"pairwise accuracy {name}"] = v["accuracy"]
+    return {k: v for k, v in rows.items() if v is not None}
+
+
+def output_path(model_path: Path, config: EvalConfig) -> Path:
+    if config.out:
+        return Path(config.out)
+    return (model_path.parent if model_path.is_file() else model_path) / "eval.json"
