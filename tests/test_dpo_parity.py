@@ -43,12 +43,10 @@ def words(ids):
     return "".join(f"<{i}> " for i in ids)
 
 
-# TRL's ipo averages the log-probs over tokens; ours is the paper's (summed): docs/training.md says so.
-@pytest.mark.parametrize(
-    ("loss_type", "label_smoothing"),
-    [("sigmoid", 0.0), ("hinge", 0.0), ("sigmoid", 0.1)],
-    ids=["sigmoid", "hinge", "cdpo"],
-)
+# TRL's ipo averages the log-probs over tokens; ours is the paper's (summed). TRL 1.16's sigmoid ignores
+# label_smoothing (its `robust` is rDPO, divided by 1 - 2ε): our conservative DPO has no TRL counterpart and is
+# covered by a hand-computed test. docs/training.md says which losses match.
+@pytest.mark.parametrize(("loss_type", "label_smoothing"), [("sigmoid", 0.0), ("hinge", 0.0)], ids=["sigmoid", "hinge"])
 def test_dpo_matches_trl(tokenizer, tmp_path, loss_type, label_smoothing):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
