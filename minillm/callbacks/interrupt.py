@@ -70,16 +70,19 @@ class InterruptCallback(Checkpoint):  # a Checkpoint: Lightning runs it after th
         self.received = self.received or signal.SIGTERM  # a rank that got nothing follows the others
         pl_module.stop_reason = "interrupt"
         if validation_follows(trainer):
-            self._save_after_validation = True  # the step's validation runs, then on_validation_end saves
-        else:
-            trainer.limit_val_batches = 0  # stopping would force a validation the uninterrupted run never does
-            self._save(trainer)
+            # the step's validation runs, then on_validation_end saves and stops; `should_stop` is not set yet,
+            # since Lightning would log this step's metrics row although it is off the log schedule
+            self._save_after_validation = True
+            return
+        trainer.limit_val_batches = 0  # stopping would force a validation the uninterrupted run never does
+        self._save(trainer)
         trainer.should_stop = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._save_after_validation:
             self._save_after_validation = False
             self._save(trainer)
+            trainer.should_stop = True
 
     def _save(self, trainer: L.Trainer) -> None:
         self.saved_to = self.dirpath / f"interrupt-step-{trainer.global_step:06d}.ckpt"
