@@ -38,9 +38,7 @@ def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> 
             "yet; use the minillm folder itself with minillm.generate / minillm.chat"
         )
     if score is not None:
-        head = RewardModel(model.config, trunk=model).score
-        head.weight.data.copy_(score)
-        model = RewardModel(model.config, trunk=model, score=head)
+        model = RewardModel.from_trunk(model, score)
     return save_pretrained(model, tokenizer, out)
 
 

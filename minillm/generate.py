@@ -331,6 +331,17 @@ def _to_text(tokenizer: Tokenizer, ids: list[int], config: GenerationConfig) -> 
     return text[: min(cuts)] if cuts else text
 
 
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that begins a stop string: text that may still become one."""
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -355,7 +366,8 @@ def stream(
     """Yield the continuation of one prompt (text or conversation) piece by piece as it is generated.
 
     A character spelled by several byte-fallback tokens (an emoji, a rare Chinese character) is held back
-    until all its bytes have arrived, so every yielded piece is whole text.
+    until all its bytes have arrived, so every yielded piece is whole text; so is a tail that could still grow
+    into a stop string (`config.stop`), so the pieces join to exactly what `generate` returns.
     """
     config = config or GenerationConfig()
     if config.num_beams > 1:
@@ -372,6 +384,7 @@ def stream(
             ids.append(t)
             text = _to_text(tokenizer, ids, config)
             complete = text.rstrip("\ufffd")  # an unfinished UTF-8 sequence decodes as U+FFFD
+            complete = complete[: len(complete) - _stop_prefix_len(complete, config.stop)]
             if len(complete) > len(emitted):
                 yield complete[len(emitted) :]
                 emitted = complete

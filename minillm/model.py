@@ -355,16 +355,31 @@ class RewardModel(nn.Module):
         if score is None:
             nn.init.normal_(self.score.weight, std=1 / math.sqrt(config.n_embd + 1))
 
+    @classmethod
+    def from_trunk(cls, trunk: MiniGPT, score_weight: torch.Tensor) -> RewardModel:
+        """A trained reward model from its trunk and its head's weight (1, n_embd), as files store them."""
+        head = nn.Linear(trunk.config.n_embd, 1, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(score_weight)
+        return cls(trunk.config, trunk=trunk, score=head)
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
         attention_mask: Optional[torch.Tensor] = None,  # (B, T) 1 = real token
         position_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        hidden = self.model(
-            input_ids, position_ids=position_ids, attention_mask=attention_mask, hidden_only=True
-        ).hidden
-        return self.score(hidden).squeeze(-1).float()  # (B, T)
+        return self.scores_and_aux(input_ids, attention_mask, position_ids)[0]  # (B, T)
+
+    def scores_and_aux(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores (B, T), the trunk's MoE load-balancing loss): a trained head adds the loss as pretraining does."""
+        out = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask, hidden_only=True)
+        return self.score(out.hidden).squeeze(-1).float(), out.aux_loss
 
     def sequence_scores(
         self,
@@ -372,11 +387,14 @@ class RewardModel(nn.Module):
         last: torch.Tensor,  # (B,) index of each sequence's last real token
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """The reward of each sequence: the score at its last real token, (B,). Causal attention: padding after
-        that token is never seen. The one place a sequence is scored (training, RLHF, evaluation)."""
-        scores = self(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # (B, T)
-        return scores.gather(1, last[:, None]).squeeze(1)
+        return_aux: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The reward of each sequence: the score at its last real token, (B,) (and the MoE load-balancing loss
+        with `return_aux`). Causal attention: padding after that token is never seen. The one place a sequence is
+        scored (training, RLHF, evaluation)."""
+        scores, aux = self.scores_and_aux(input_ids, attention_mask, position_ids)  # (B, T)
+        scores = scores.gather(1, last[:, None]).squeeze(1)
+        return (scores, aux) if return_aux else scores
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

@@ -192,9 +192,7 @@ def load_reward_model(path: str | Path, map_location: str | torch.device = "cpu"
             f"{path} is a language model, not a reward model (it has no score head); train one with "
             "`python -m minillm.train stage=reward` and point at its final/ folder"
         )
-    head = torch.nn.Linear(model.config.n_embd, 1, bias=False)
-    head.weight.data.copy_(score)
-    return RewardModel(model.config, trunk=model, score=head).eval(), tokenizer
+    return RewardModel.from_trunk(model, score).eval(), tokenizer
 
 
 def _load(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torch.Tensor | None]:

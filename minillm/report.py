@@ -16,6 +16,7 @@ from pathlib import Path
 
 from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
 from minillm.generate import parse_cli
+from minillm.rundir import final_dir
 
 COLUMNS = ("bpb", "exact match", "preference accuracy", "mean reward", "reward-model score", "distinct-2")
 UNIT_RANGE = ("exact match", "preference accuracy", "distinct-2")
@@ -78,12 +79,12 @@ def main(argv: list[str]) -> None:
     out_dir = Path(str(values.pop("out_dir", "outputs")))
     overrides = OmegaConf.from_dotlist([f"{k.removeprefix('eval.')}={v}" for k, v in values.items()])
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), overrides))
-    reward_folder = out_dir / f"reward_{model}" / "final"
+    reward_folder = final_dir("reward", model, out_dir)
     if config.reward_model is None and reward_folder.is_dir():  # score every stage's replies with it too
         config.reward_model = str(reward_folder)
     rows = {}
     for stage in stages:
-        folder = out_dir / f"{stage}_{model}" / "final"
+        folder = final_dir(stage, model, out_dir)
         if (folder / "model.safetensors").is_file():
             rows[stage] = headline(stage_result(folder, config))
     if not rows:

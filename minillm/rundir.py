@@ -73,14 +73,14 @@ class ResumeError(ValueError):
     pass
 
 
-def stage_dir(stage: str, model_name: str) -> Path:
+def stage_dir(stage: str, model_name: str, root: Path = Path("outputs")) -> Path:
     """outputs/<stage>_<model>: where `python -m minillm.train stage=<stage> model=<model>` writes by default
     (conf/train.yaml's run_dir); its final/ is what the next stage starts from."""
-    return Path("outputs") / f"{stage}_{model_name}"
+    return Path(root) / f"{stage}_{model_name}"
 
 
-def final_dir(stage: str, model_name: str) -> Path:
-    return stage_dir(stage, model_name) / "final"
+def final_dir(stage: str, model_name: str, root: Path = Path("outputs")) -> Path:
+    return stage_dir(stage, model_name, root) / "final"
 
 
 @dataclass
@@ -177,14 +177,18 @@ def resolve_reward_model(reward_model: str | None, model_name: str) -> Path:
     return path
 
 
-def weights_sha256(path: Path) -> str:
-    """sha256 of the weights file of an exported folder (model.safetensors) or of a checkpoint file."""
-    target = path / "model.safetensors" if path.is_dir() else path
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (weights, downloaded archives)."""
     h = hashlib.sha256()
-    with target.open("rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of the weights file of an exported folder (model.safetensors) or of a checkpoint file."""
+    return file_sha256(path / "model.safetensors" if path.is_dir() else path)
 
 
 def shape(model: dict) -> dict:

@@ -66,6 +66,31 @@ def test_sigterm_saves_exits_143_and_resume_auto_finishes(tmp_path, data_dir):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+DOUBLE_CTRL_C = """
+import os, signal, sys, time
+from minillm.callbacks.interrupt import InterruptCallback
+cb = InterruptCallback(sys.argv[1])
+cb.on_train_start(None, None)
+os.kill(os.getpid(), signal.SIGINT)
+print("first handled, received", cb.received, flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(5)
+print("not reached", flush=True)
+"""
+
+
+def test_a_second_ctrl_c_exits_130_at_once_without_a_checkpoint(tmp_path):
+    """The first SIGINT only asks for a checkpoint after the step; the second leaves at once (exit 130)."""
+    out = subprocess.run(
+        [sys.executable, "-c", DOUBLE_CTRL_C, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert f"first handled, received {int(signal.SIGINT)}" in out.stdout and "not reached" not in out.stdout
+    assert "received SIGINT: saving a checkpoint after this step" in out.stderr
+    assert "second interrupt: exiting now, without a checkpoint" in out.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 @pytest.mark.slow
 def test_bad_override_exits_with_hydra_message(tmp_path, data_dir):
     done = subprocess.run(train_cmd(tmp_path, data_dir, "optim.lrr=1"), capture_output=True, text=True)

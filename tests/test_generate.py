@@ -230,6 +230,22 @@ def test_stream_yields_an_emoji_whole(tokenizer):
     assert not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("The answer.\n\nUser: and more words", "The answer."),  # the stop string arrives token by token
+        ("The answer. Use it well", "The answer. Use it well"),  # a tail that began the stop string, released
+    ],
+)
+def test_stream_with_a_multi_token_stop_string_yields_what_generate_returns(tokenizer, script, expected):
+    ids = tokenizer.encode(script)
+    config = GenerationConfig(max_new_tokens=len(ids), do_sample=False, stop=["\n\nUser:"], **NO_EOS)
+    assert len(tokenizer.encode("\n\nUser:")) > 1
+    assert generate(scripted(tokenizer, ids), tokenizer, "q", config) == expected
+    pieces = list(stream(scripted(tokenizer, ids), tokenizer, "q", config))
+    assert "".join(pieces) == expected
+
+
 def test_stream_matches_generate(micro_model, tokenizer):
     config = GenerationConfig(max_new_tokens=15, seed=3, top_p=0.9)
     assert "".join(stream(micro_model, tokenizer, "你好", config)) == generate(micro_model, tokenizer, "你好", config)

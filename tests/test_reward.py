@@ -59,7 +59,7 @@ def test_reward_model_learns_held_out_preferences_and_exports(tmp_path, pref_dir
     assert hf["architectures"] == ["LlamaForSequenceClassification"] and hf["num_labels"] == 1
     loaded, tokenizer = load_reward_model(final)
     batch = next(iter(run.datamodule.val_dataloader()))
-    chosen, _ = run.module.eval().rewards(batch)
+    chosen, _, _ = run.module.eval().rewards(batch)
     ids = batch["chosen_ids"]
     end = last_token_index(batch["chosen_labels"] != -100)
     torch.testing.assert_close(loaded(ids).gather(1, end[:, None]).squeeze(1), chosen, atol=1e-5, rtol=1e-5)

@@ -269,3 +269,25 @@ def test_bf16_old_log_probs_match_the_update_forward(tmp_path, prompt_dir, pretr
     assert build(overrides).fit() == 0
     (row,) = [r for r in metrics_rows(tmp_path / "run") if r.get("value/ratio")]
     assert float(row["value/ratio"]) == 1.0 and float(row["policy/approxkl_avg"]) == 0.0
+
+
+def test_log_probs_are_those_of_the_sampling_temperature(tmp_path, prompt_dir, pretrained):
+    """Completions drawn at temperature 0.7 are scored as π(y|x) = softmax(logits / 0.7): old, reference and
+    update log-probs, so the first update's ratio is 1 for the policy that actually sampled."""
+    overrides = rlhf(tmp_path, prompt_dir, pretrained, "stage.temperature=0.7", "stage.reward=quarter_tokens")
+    run = build(overrides)
+    module = run.module
+    batch = next(iter(run.datamodule.train_dataloader()))
+    r = module.rollout(batch, module.generation(seed=3))
+    with torch.no_grad():
+        logits = module.model(r.ids, position_ids=r.positions, attention_mask=r.attention).logits
+        logits = logits[:, r.prompt_len - 1 : -1].float()
+    sampled = torch.log_softmax(logits / 0.7, -1).gather(-1, r.tokens[..., None]).squeeze(-1)
+    untempered = torch.log_softmax(logits, -1).gather(-1, r.tokens[..., None]).squeeze(-1)
+    mask = r.mask.bool()
+    assert mask.sum() > 10
+    torch.testing.assert_close(r.old_logps[mask], sampled[mask])
+    torch.testing.assert_close(r.ref_logps[mask], sampled[mask])  # the reference is the init policy
+    assert (r.old_logps[mask] - untempered[mask]).abs().max() > 1e-2  # the test can tell the two apart
+    logps = module._policy(r, slice(None))[0]  # the update's forward (with grad)
+    torch.testing.assert_close(logps[mask].detach(), r.old_logps[mask])

