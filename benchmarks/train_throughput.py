@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from benchmarks.common import flops_per_token, measure_peak, median_rate, print_table, write
+from minillm.device import best_device, cpu_has_fast_bf16
 from minillm.model import MiniGPT, ModelConfig
 from minillm.pretrained import save_pretrained
 from minillm.train import build
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", default="outputs/bench")
     args = parser.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.ERROR)
+    if best_device() == "cpu" and not cpu_has_fast_bf16() and "bf16-mixed" in args.precisions:
+        args.precisions = [p for p in args.precisions if p != "bf16-mixed"]  # training would run fp32 (device.py)
+        print("this CPU has no fast bf16 kernel (no AVX-512): bf16-mixed would train in 32-true, not measured")
     peaks = {
         "32-true": measure_peak(torch.float32, args.peak_size),
         "bf16-mixed": measure_peak(torch.bfloat16, args.peak_size),

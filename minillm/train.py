@@ -24,6 +24,7 @@ from minillm.callbacks.interrupt import InterruptCallback
 from minillm.checkpoint_io import remove_stale_tmp
 from minillm.config import Config, compose, resolved_dict, to_config
 from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
+from minillm.device import training_precision
 from minillm.stages import LMModule, stage_module
 
 log = logging.getLogger("minillm")
@@ -87,6 +88,10 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     callbacks, loggers = ([], []) if inspect else _callbacks_and_loggers(cfg, typed, updates)
     trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False, "default_root_dir": str(run_dir)}
     trainer_kwargs |= _per_update(cfg.trainer, "max_steps", updates)
+    precision, why = training_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
+    if why:
+        log.warning(why)
+        trainer_kwargs["precision"] = precision
     if inspect:
         trainer_kwargs |= {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, **trainer_kwargs)

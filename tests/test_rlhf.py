@@ -255,8 +255,9 @@ def test_alarms_warn_about_kl_and_identical_group_rewards(tmp_path, prompt_dir, 
     assert sum("identical rewards" in w for w in warnings) == 1  # once, not every rollout
 
 
-def test_bf16_old_log_probs_match_the_update_forward(tmp_path, prompt_dir, pretrained):
+def test_bf16_old_log_probs_match_the_update_forward(tmp_path, prompt_dir, pretrained, monkeypatch):
     """Old log-probs (no grad) and the first update's (with grad) go through the same attention path: ratio 1."""
+    monkeypatch.setattr("minillm.device.cpu_has_fast_bf16", lambda: True)  # bf16 even on a CPU without AVX-512
     overrides = rlhf(
         tmp_path,
         prompt_dir,
@@ -266,7 +267,9 @@ def test_bf16_old_log_probs_match_the_update_forward(tmp_path, prompt_dir, pretr
         "trainer.max_steps=1",
         "trainer.precision=bf16-mixed",
     )
-    assert build(overrides).fit() == 0
+    run = build(overrides)
+    assert run.trainer.precision == "bf16-mixed"
+    assert run.fit() == 0
     (row,) = [r for r in metrics_rows(tmp_path / "run") if r.get("value/ratio")]
     assert float(row["value/ratio"]) == 1.0 and float(row["policy/approxkl_avg"]) == 0.0
 

@@ -89,6 +89,16 @@ def test_interrupt_then_resume_reproduces_the_uninterrupted_losses(tmp_path, dat
     assert (tmp_path / "b" / "run" / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(("fast", "expected"), [(False, "32-true"), (True, "bf16-mixed")])
+def test_bf16_on_a_cpu_without_a_fast_bf16_kernel_trains_in_fp32(
+    tmp_path, data_dir, caplog, monkeypatch, fast, expected
+):
+    monkeypatch.setattr("minillm.device.cpu_has_fast_bf16", lambda: fast)
+    run = build(micro_overrides(tmp_path, data_dir, "trainer.precision=bf16-mixed", "trainer.accelerator=cpu"))
+    assert run.trainer.precision == expected
+    assert ("training in 32-true instead" in caplog.text) == (not fast)
+
+
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, data_dir, caplog):
     caplog.set_level("INFO")
     run = build(micro_overrides(tmp_path, data_dir, "resume=auto", "trainer.max_steps=2"))
