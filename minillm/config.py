@@ -237,8 +237,9 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)  # name -> _target_ config (null disables one)
     logger: dict[str, Any] = field(default_factory=dict)
     seed: int = 1337
-    run_dir: str = "outputs/${stage.name}_${model.name}"
-    init_from: Optional[str] = "auto"  # auto: outputs/<stage.parent>_<model.name>/final; or a folder / .ckpt; null
+    outputs: str = "outputs"  # where the stages' run dirs live (and where init_from=auto finds the parent's)
+    run_dir: str = "${outputs}/${stage.name}_${model.name}"
+    init_from: Optional[str] = "auto"  # auto: <outputs>/<stage.parent>_<model.name>/final; or a folder / .ckpt; null
     init_sha256: Optional[str] = None  # filled in by build(): sha256 of the init weights file
     resume: Optional[str] = None  # "auto" (latest loadable checkpoint of run_dir) or a .ckpt path
     resume_allow_changes: bool = False  # resume although hyper-parameters differ from the checkpoint's

@@ -6,11 +6,14 @@ Tasks:
     bpb          per-token loss and bits per byte (loss x tokens / UTF-8 bytes / ln 2) on `eval.text` (any .txt or
                  .jsonl file) or, by default, the pretraining records held out by hash (data.val_ratio 0.01)
     verifiable   exact match of greedy chat replies on `<data dir>/eval/<eval.family>.jsonl`
-    preference   DPO-style preference accuracy on held-out pairs (`eval.pairs`): the fraction where the policy
-                 gives the chosen completion a higher summed log-prob than the rejected one (with
-                 `eval.reference=DIR`: a higher log-prob *gain over the reference*, DPO's rewards/accuracies)
+    preference   preference accuracy on held-out pairs (`eval.pairs`): the fraction where the policy gives the
+                 chosen completion a higher summed log-prob than the rejected one; with `eval.reference=DIR`
+                 also `reward_accuracy`, the fraction with a higher log-prob *gain over the reference* (DPO's
+                 rewards/accuracies: what DPO optimizes)
     reward       mean score of greedy completions of `eval.prompts` under the rule `eval.reward` (and under the
-                 reward model `eval.reward_model` when given)
+                 reward model `eval.reward_model` when given), their median length and the share left empty
+    kl           with `eval.reference=DIR`: KL(policy ‖ reference) per reply, Σ_t log π(y_t) - log π_ref(y_t)
+                 averaged over replies sampled from the policy (temperature 1, seeded) to `eval.prompts`
     samples      completions of a fixed prompt list (seeded sampling) and their distinct-1/2
 A reward model (`kind: reward`) gets `reward_model`: pairwise accuracy on the held-out pairs. Every key is an
 `EvalConfig` field.
@@ -27,12 +30,12 @@ from typing import Optional
 import torch
 
 from minillm import reward_rules
-from minillm.generate import GenerationConfig, generate, load_model
+from minillm.generate import GenerationConfig, generate, generate_ids, load_model
 from minillm.model import MiniGPT, RewardModel
 from minillm.tokenizer import Tokenizer, apply_chat_template
 
-TASKS = ("bpb", "verifiable", "preference", "reward", "samples")
-EVAL_VERSION = 1  # in eval.json; bump when a task's meaning or layout changes (the report recomputes then)
+TASKS = ("bpb", "verifiable", "preference", "reward", "kl", "samples")
+EVAL_VERSION = 2  # in eval.json; bump when a task's meaning or layout changes (the report recomputes then)
 SAMPLE_PROMPTS = ["To be, or not to be", "In the beginning", "中共中央", "What is 12 + 7?", "写一条好评。"]
 
 
@@ -45,7 +48,7 @@ class EvalConfig:
     pairs: list[str] = field(
         default_factory=lambda: ["reviews_zh", "chatterbot_pairs", "kjv_pairs", "verifiable_pairs"]
     )
-    reference: Optional[str] = None  # preference accuracy relative to this model (DPO's implicit reward)
+    reference: Optional[str] = None  # DPO's reward accuracy and the KL are relative to this model
     prompts: Optional[str] = None  # reward task prompts; None: eval/<family>.jsonl
     reward: str = "verifiable"  # rule from minillm.reward_rules
     reward_model: Optional[str] = None  # also score with this reward model
@@ -72,7 +75,7 @@ def exact_match_rate(
     """Accuracy of greedy replies to each record's conversation minus its last (assistant) message, judged by
     the `exact_match` rule (the one RLHF rewards with)."""
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
-    correct, examples = 0, []
+    correct, examples, per_task = 0, [], {}
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         prompts = [r["conversations"][:-1] for r in chunk]
@@ -81,6 +84,9 @@ def exact_match_rate(
         for record, reply, hit in zip(chunk, replies, hits):
             hit = bool(hit)
             correct += hit
+            if "task" in record:  # generated families name their task (add, reverse, ...)
+                task = per_task.setdefault(record["task"], [0, 0])
+                task[0], task[1] = task[0] + hit, task[1] + 1
             if len(examples) < 5:
                 examples.append(
                     {
@@ -90,7 +96,8 @@ def exact_match_rate(
                         "correct": hit,
                     }
                 )
-    return {"n": len(records), "exact_match": correct / max(len(records), 1), "examples": examples}
+    tasks = {name: {"n": n, "exact_match": hit / n} for name, (hit, n) in sorted(per_task.items())}
+    return {"n": len(records), "exact_match": correct / max(len(records), 1), "tasks": tasks, "examples": examples}
 
 
 def mean_reward(
@@ -112,11 +119,12 @@ def mean_reward(
     bad = next((p for p in prompts if isinstance(p, str)), None)
     if bad is not None:
         raise ValueError(f"not a prompt record: {bad}")
-    scores, model_scores, examples = [], [], []
+    scores, model_scores, examples, lengths = [], [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         replies = generate(model, tokenizer, [p["prompt"] for p in chunk], config)
         ids = [tokenizer.encode(r) for r in replies]
+        lengths += [len(i) for i in ids]
         if isinstance(reward, RewardModel):
             chunk_scores = _reward_model_scores(reward, tokenizer, chunk, ids)
         else:
@@ -129,7 +137,14 @@ def mean_reward(
             for p, r, s in zip(chunk, replies, chunk_scores)
         ][: max(0, 5 - len(examples))]
     name = reward if isinstance(reward, str) else "model"
-    out = {"n": len(scores), "reward": name, "mean_reward": sum(scores) / max(len(scores), 1), "examples": examples}
+    out = {
+        "n": len(scores),
+        "reward": name,
+        "mean_reward": sum(scores) / max(len(scores), 1),
+        "median_length": float(torch.tensor(lengths, dtype=torch.float).median()) if lengths else 0.0,
+        "empty_fraction": sum(n == 0 for n in lengths) / max(len(lengths), 1),
+        "examples": examples,
+    }
     if reward_model is not None:
         out["reward_model_score"] = sum(model_scores) / max(len(model_scores), 1)
     return out
@@ -256,15 +271,53 @@ def completion_logps(model: MiniGPT, tokenizer: Tokenizer, pairs: list[dict]) ->
 
 
 def preference_accuracy(policy_logps: torch.Tensor, reference_logps: torch.Tensor | None = None) -> dict:
-    """Fraction of pairs whose chosen completion wins: by log-prob, or by log-prob gain over the reference."""
+    """Fraction of pairs whose chosen completion wins by log-prob (`accuracy`, `margin`) and, given the
+    reference's log-probs, by log-prob gain over the reference (`reward_accuracy`, `reward_margin`: DPO's
+    implicit reward, what DPO's rewards/accuracies counts)."""
     margins = policy_logps[:, 0] - policy_logps[:, 1]
+    out = {"n": len(margins), **_wins(margins, "")}
     if reference_logps is not None:
-        margins = margins - (reference_logps[:, 0] - reference_logps[:, 1])
+        out |= _wins(margins - (reference_logps[:, 0] - reference_logps[:, 1]), "reward_")
+    return out
+
+
+def _wins(margins: torch.Tensor, prefix: str) -> dict[str, float]:
     return {
-        "n": len(margins),
-        "accuracy": float((margins > 0).float().mean()) if len(margins) else 0.0,
-        "margin": float(margins.mean()) if len(margins) else 0.0,
+        f"{prefix}accuracy": float((margins > 0).float().mean()) if len(margins) else 0.0,
+        f"{prefix}margin": float(margins.mean()) if len(margins) else 0.0,
     }
+
+
+@torch.no_grad()
+def kl_to_reference(
+    model: MiniGPT, reference: MiniGPT, tokenizer: Tokenizer, records: list[dict], max_new_tokens: int = 48, seed=0
+) -> dict:
+    """KL(π ‖ π_ref) per reply, estimated on replies y ~ π (temperature 1, seeded) to each prompt record:
+    mean over replies of Σ_t log π(y_t | x, y_<t) - log π_ref(y_t | x, y_<t) (RLHF's objective/kl)."""
+    from minillm.data.records import to_prompt
+    from minillm.losses import token_logprobs
+
+    model.eval()
+    reference.eval()
+    totals, lengths = [], []
+    for i, record in enumerate(records):
+        context = apply_chat_template(tokenizer, to_prompt(record)["prompt"], add_generation_prompt=True).ids
+        context = context[-(model.config.block_size - max_new_tokens) :]  # room for the reply
+        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + i)
+        prompt = torch.tensor([context])
+        (completion,) = generate_ids(model, tokenizer, prompt, torch.ones_like(prompt), config)
+        lengths.append(len(completion))
+        if not completion:
+            totals.append(0.0)
+            continue
+        ids = torch.tensor([context + completion])
+        gap = [
+            token_logprobs(m(ids[:, :-1]).logits[:, len(context) - 1 :], ids[:, len(context) :])
+            for m in (model, reference)
+        ]
+        totals.append(float((gap[0] - gap[1]).sum()))
+    n = max(len(totals), 1)
+    return {"n": len(totals), "kl": sum(totals) / n, "mean_length": sum(lengths) / n}
 
 
 # ---- the whole evaluation ----
@@ -314,10 +367,11 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
             ref = completion_logps(reference, tokenizer, pairs) if reference is not None else None
             per[name] = preference_accuracy(completion_logps(model, tokenizer, pairs), ref)
         n = sum(v["n"] for v in per.values())
+        keys = ("accuracy", "reward_accuracy") if reference is not None else ("accuracy",)
         tasks["preference"] = {
-            "accuracy": sum(v["accuracy"] * v["n"] for v in per.values()) / max(n, 1),
+            **{k: sum(v[k] * v["n"] for v in per.values()) / max(n, 1) for k in keys},
             "n": n,
-            "relative_to": config.reference,
+            "reference": config.reference,
             "files": per,
         }
     if "reward" in config.tasks:
@@ -328,6 +382,21 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
             "prompts": str(prompts),
             "reward_model": config.reward_model,
             **mean_reward(model, tokenizer, records, config.reward, config.batch_size, config.max_new_tokens, rm),
+        }
+    if "kl" in config.tasks and config.reference:
+        prompts = Path(config.prompts) if config.prompts else _eval_set(data_dir, config.family)
+        reference = load_model(config.reference)[0]
+        tasks["kl"] = {
+            "prompts": str(prompts),
+            "reference": config.reference,
+            **kl_to_reference(
+                model,
+                reference,
+                tokenizer,
+                load_family(prompts, config.limit),
+                config.max_new_tokens,
+                config.seed,
+            ),
         }
     if "samples" in config.tasks:
         generation = GenerationConfig(
@@ -351,10 +420,15 @@ def headline(result: dict) -> dict[str, float]:
         "val loss (per token)": t.get("bpb", {}).get("loss"),
         "exact match": t.get("verifiable", {}).get("exact_match"),
         "preference accuracy": t.get("preference", {}).get("accuracy"),
+        "reward accuracy": t.get("preference", {}).get("reward_accuracy"),
         "mean reward": t.get("reward", {}).get("mean_reward"),
         "reward-model score": t.get("reward", {}).get("reward_model_score"),
+        "median length": t.get("reward", {}).get("median_length"),
+        "KL": t.get("kl", {}).get("kl"),
         "distinct-2": t.get("samples", {}).get("distinct_2"),
     }
+    for task, v in t.get("verifiable", {}).get("tasks", {}).items():
+        rows[f"exact match {task}"] = v["exact_match"]
     for name, v in t.get("reward_model", {}).items():
         rows[f"pairwise accuracy {name}"] = v["accuracy"]
     return {k: v for k, v in rows.items() if v is not None}

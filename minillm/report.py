@@ -1,25 +1,54 @@
-"""python -m minillm.report [model=tiny] [stages=[pretrain,sft,dpo,rlhf]] [eval.limit=100 ...]
+"""python -m minillm.report [model=tiny] [stages=[pretrain,sft,dpo,reward,rlhf]] [targets=demo|quality]
+[out_dir=outputs] [card=outputs/report.md] [eval.limit=100 ...]
 
-The per-stage table `make demo` ends with: each stage's `outputs/<stage>_<model>/final` is evaluated (its
-eval.json reused when newer than the weights) and the headline numbers — bits per byte, exact match on the
-held-out verifiable family, preference accuracy on held-out pairs, mean reward (the `eval.reward` rule) and the
-reward model's mean score of the same replies — go to `outputs/report.md` and a chart to `outputs/report.png`.
-The reward model, when there is one (`outputs/reward_<model>/final`), also adds its pairwise accuracy per file.
+The report card `make demo` (and `make quality`) ends with: each stage's `outputs/<stage>_<model>/final` is
+evaluated on held-out data (its eval.json reused when newer than the weights and made with the same settings)
+and the card (`card`, default `<out_dir>/report.md`) shows, per stage, the metric that stage is for, with its
+change from the stage it started from (read from the run's `training_config_snapshot.json`):
+
+    pretrain   bits per byte on held-out pretraining text
+    sft        exact match of greedy replies on the held-out verifiable family (and per task)
+    dpo        reward accuracy on held-out pairs (the policy's log-prob gain over its reference ranks the chosen
+               reply first: what DPO optimizes) and exact match, against the SFT model it started from
+    reward     the reward model's pairwise accuracy on each held-out family
+    rlhf       the reward its training optimized (the reward model's score, or the rule's) on held-out prompts,
+               the KL to the model it started from, and the median reply length
+
+then every other column, the exact match per task, and a line saying which targets of the chosen set (`TARGETS`)
+are met. A chart goes beside it (`report.png`).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
 from minillm.generate import parse_cli
-from minillm.rundir import final_dir
+from minillm.rundir import final_dir, stage_dir
 
-COLUMNS = ("bpb", "exact match", "preference accuracy", "mean reward", "reward-model score", "distinct-2")
-UNIT_RANGE = ("exact match", "preference accuracy", "distinct-2")
+STAGES = ("pretrain", "sft", "dpo", "reward", "rlhf")
+COLUMNS = (
+    "bpb",
+    "exact match",
+    "preference accuracy",
+    "reward accuracy",
+    "mean reward",
+    "reward-model score",
+    "KL",
+    "median length",
+    "distinct-2",
+)
+UNIT_RANGE = ("exact match", "preference accuracy", "reward accuracy", "distinct-2")
+# What each stage must show (issue: every stage moves its own target), per budget.
+TARGETS = {
+    "demo": {"sft_gain": 0.30, "dpo_reward_accuracy": 0.80, "reward_accuracy": 0.85, "rlhf_gain": 0.5},
+    "quality": {"sft_gain": 0.60, "dpo_reward_accuracy": 0.95, "reward_accuracy": 0.95, "rlhf_gain": 1.0},
+}
+KL_BOUND = 20.0  # nats per reply: RLHFMonitor's default alarm
+LENGTH_FLOOR = 0.5  # the median reply may shrink to half its start, not collapse
 
 
 def stage_result(folder: Path, config: EvalConfig) -> dict:
@@ -35,18 +64,125 @@ def stage_result(folder: Path, config: EvalConfig) -> dict:
     return result
 
 
-def markdown(rows: dict[str, dict[str, float]], reward_model: dict | None) -> str:
-    lines = ["| stage | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+def parent_stage(stage: str, model: str, out_dir: Path) -> str | None:
+    """The stage whose final/ this stage's run started from (its snapshot's init_from), if it is one of ours."""
+    snapshot = stage_dir(stage, model, out_dir) / "training_config_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    init = (json.loads(snapshot.read_text(encoding="utf-8")).get("config") or {}).get("init_from")
+    if not init:
+        return None
+    return next((s for s in STAGES if final_dir(s, model, out_dir).resolve() == Path(init).resolve()), None)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _delta(value: float, start: float) -> str:
+    return f"{value - start:+.3f}"
+
+
+def target_cell(stage: str, values: dict, parent: str | None, start: dict) -> str:
+    """The stage's own metric, with its change from the stage it started from."""
+    vs = f" vs {parent}" if parent else ""
+    if stage == "pretrain" and "bpb" in values:
+        return f"bpb {_fmt(values['bpb'])}"
+    if stage == "sft" and "exact match" in values:
+        gain = f" ({_delta(values['exact match'], start['exact match'])}{vs})" if "exact match" in start else ""
+        return f"exact match {_fmt(values['exact match'])}{gain}"
+    if stage == "dpo" and "reward accuracy" in values:
+        cell = f"reward accuracy {_fmt(values['reward accuracy'])}{vs}"
+        if "exact match" in values and "exact match" in start:
+            cell += (
+                f"; exact match {_fmt(values['exact match'])} ({_delta(values['exact match'], start['exact match'])})"
+            )
+        return cell
+    if stage == "reward":
+        accuracies = {k.removeprefix("pairwise accuracy "): v for k, v in values.items() if k.startswith("pairwise")}
+        if accuracies:
+            return f"pairwise accuracy ≥ {_fmt(min(accuracies.values()))} on {len(accuracies)} families"
+    if stage.startswith("rlhf"):
+        key = "reward-model score" if "reward-model score" in values else "mean reward"
+        if key in values:
+            gain = f" ({_delta(values[key], start[key])}{vs})" if key in start else ""
+            cell = f"{key} {_fmt(values[key])}{gain}"
+            if "KL" in values:
+                cell += f", KL {values['KL']:.2f}"
+            if "median length" in values:
+                was = f" ({parent} {start['median length']:.0f})" if "median length" in start else ""
+                cell += f", median length {values['median length']:.0f}{was}"
+            return cell
+    return "–"
+
+
+def targets_met(rows: dict[str, dict], parents: dict[str, str | None], targets: dict) -> list[tuple[str, bool]]:
+    """(what was checked, met) for each target whose numbers the card has."""
+    checks: list[tuple[str, bool]] = []
+    start = {stage: rows.get(parents.get(stage) or "", {}) for stage in rows}
+    sft, dpo = rows.get("sft", {}), rows.get("dpo", {})
+    if "exact match" in sft and "exact match" in start["sft"]:
+        gain, need = sft["exact match"] - start["sft"]["exact match"], targets["sft_gain"]
+        checks.append((f"sft exact match {gain:+.3f} vs its start (≥ +{need:.2f})", gain >= need))
+    if "reward accuracy" in dpo:
+        value, need = dpo["reward accuracy"], targets["dpo_reward_accuracy"]
+        checks.append((f"dpo reward accuracy {_fmt(value)} (≥ {need:.2f})", value >= need))
+    if "exact match" in dpo and "exact match" in start["dpo"]:
+        value, was = dpo["exact match"], start["dpo"]["exact match"]
+        checks.append((f"dpo exact match {_fmt(value)} (≥ its start's {_fmt(was)})", value >= was))
+    family = {k.removeprefix("pairwise accuracy "): v for k, v in rows.get("reward", {}).items() if "pairwise" in k}
+    if family:
+        worst, need = min(family, key=family.get), targets["reward_accuracy"]
+        what = f"reward model ≥ {need:.2f} on every family (lowest: {worst} {_fmt(family[worst])})"
+        checks.append((what, family[worst] >= need))
+    for stage in (s for s in rows if s.startswith("rlhf")):
+        values, begin = rows[stage], start[stage]
+        key = "reward-model score" if "reward-model score" in values else "mean reward"
+        if key in values and key in begin:
+            need = begin[key] + targets["rlhf_gain"] * abs(begin[key])  # x(1 + gain) for a positive start
+            what = f"{stage} {key} {_fmt(values[key])} (≥ {_fmt(need)}, from {_fmt(begin[key])})"
+            checks.append((what, values[key] >= need))
+        if "KL" in values:
+            kl = values["KL"]
+            checks.append((f"{stage} KL {kl:.2f} (finite, ≤ {KL_BOUND:.0f})", kl == kl and abs(kl) <= KL_BOUND))
+        if "median length" in values and "median length" in begin:
+            length, floor = values["median length"], LENGTH_FLOOR * begin["median length"]
+            checks.append((f"{stage} median reply length {length:.0f} (≥ {floor:.0f})", length >= max(floor, 1)))
+    return checks
+
+
+def markdown(rows: dict[str, dict[str, float]], parents: dict[str, str | None], targets: str) -> str:
+    starts = {stage: rows.get(parents.get(stage) or "", {}) for stage in rows}
+    columns = [c for c in COLUMNS if any(c in v for v in rows.values())]
+    lines = ["| stage | its target | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for stage, values in rows.items():
-        cells = [f"{values[c]:.3f}" if c in values else "–" for c in COLUMNS]
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        cells = [_fmt(values[c]) if c in values else "–" for c in columns]
+        lines.append(
+            f"| {stage} | {target_cell(stage, values, parents.get(stage), starts[stage])} | " + " | ".join(cells) + " |"
+        )
     text = "\n".join(lines) + "\n"
-    if reward_model:
+    tasks = sorted({k.removeprefix("exact match ") for v in rows.values() for k in v if k.startswith("exact match ")})
+    if tasks:
+        text += "\nExact match per task (held out):\n\n| stage | " + " | ".join(tasks) + " |\n"
+        text += "|---" * (len(tasks) + 1) + "|\n"
+        for stage, values in rows.items():
+            if any(f"exact match {t}" in values for t in tasks):
+                cells = [_fmt(values[f"exact match {t}"]) if f"exact match {t}" in values else "–" for t in tasks]
+                text += f"| {stage} | " + " | ".join(cells) + " |\n"
+    reward = {
+        k.removeprefix("pairwise accuracy "): v for k, v in rows.get("reward", {}).items() if k.startswith("pairwise")
+    }
+    if reward:
         text += (
             "\nReward model, held-out pairwise accuracy: "
-            + ", ".join(f"{name} {v['accuracy']:.3f} ({v['n']} pairs)" for name, v in reward_model.items())
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in reward.items())
             + "\n"
         )
+    checks = targets_met(rows, parents, TARGETS[targets])
+    if checks:
+        met = sum(ok for _, ok in checks)
+        text += f"\nTargets ({targets}), {met} of {len(checks)} met:\n"
+        text += "".join(f"- {what}: {'met' if ok else 'NOT met'}\n" for what, ok in checks)
     return text
 
 
@@ -56,7 +192,7 @@ def chart(rows: dict[str, dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [c for c in COLUMNS[:5] if any(c in v for v in rows.values())]
+    columns = [c for c in COLUMNS if c not in ("median length", "distinct-2") and any(c in v for v in rows.values())]
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3), squeeze=False)
     for ax, column in zip(axes[0], columns):
         stages = [s for s, v in rows.items() if column in v]
@@ -75,25 +211,34 @@ def main(argv: list[str]) -> None:
 
     values = parse_cli(argv)
     model = str(values.pop("model", "tiny"))
-    stages = [str(s) for s in values.pop("stages", ["pretrain", "sft", "dpo", "rlhf"])]
+    stages = [str(s) for s in values.pop("stages", list(STAGES))]
     out_dir = Path(str(values.pop("out_dir", "outputs")))
+    card = Path(str(values.pop("card", out_dir / "report.md")))
+    targets = str(values.pop("targets", "demo"))
+    if targets not in TARGETS:
+        raise SystemExit(f"error: targets={targets}: choose one of {sorted(TARGETS)}")
     overrides = OmegaConf.from_dotlist([f"{k.removeprefix('eval.')}={v}" for k, v in values.items()])
     config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), overrides))
     reward_folder = final_dir("reward", model, out_dir)
     if config.reward_model is None and reward_folder.is_dir():  # score every stage's replies with it too
         config.reward_model = str(reward_folder)
-    rows = {}
+    rows, parents = {}, {}
     for stage in stages:
         folder = final_dir(stage, model, out_dir)
-        if (folder / "model.safetensors").is_file():
-            rows[stage] = headline(stage_result(folder, config))
+        if not (folder / "model.safetensors").is_file():
+            continue
+        parents[stage] = parent_stage(stage, model, out_dir)
+        stage_config = config
+        if parents[stage] and (stage == "dpo" or stage.startswith("rlhf")):  # reward accuracy, KL: vs the start
+            stage_config = replace(config, reference=str(final_dir(parents[stage], model, out_dir)))
+        rows[stage] = headline(stage_result(folder, stage_config))
     if not rows:
         raise SystemExit(f"error: no final/ model under {out_dir}/<stage>_{model}/ for stages {stages}")
-    reward = stage_result(reward_folder, config)["tasks"]["reward_model"] if reward_folder.is_dir() else None
-    table = markdown(rows, reward)
-    (out_dir / "report.md").write_text(f"# minillm report: model={model}\n\n{table}", encoding="utf-8")
-    chart(rows, out_dir / "report.png")
-    print(table + f"\nwrote {out_dir / 'report.md'} and {out_dir / 'report.png'}")
+    table = markdown(rows, parents, targets)
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(f"# minillm report: model={model}, {out_dir}/\n\n{table}", encoding="utf-8")
+    chart(rows, card.with_suffix(".png"))
+    print(table + f"\nwrote {card} and {card.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

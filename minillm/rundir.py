@@ -74,8 +74,8 @@ class ResumeError(ValueError):
 
 
 def stage_dir(stage: str, model_name: str, root: Path = Path("outputs")) -> Path:
-    """outputs/<stage>_<model>: where `python -m minillm.train stage=<stage> model=<model>` writes by default
-    (conf/train.yaml's run_dir); its final/ is what the next stage starts from."""
+    """<outputs>/<stage>_<model>: where `python -m minillm.train stage=<stage> model=<model>` writes by default
+    (conf/train.yaml's run_dir, `outputs` its root); its final/ is what the next stage starts from."""
     return Path(root) / f"{stage}_{model_name}"
 
 
@@ -107,7 +107,7 @@ def inputs_for(config, needs, data_dir: Path, files: list[Path]) -> StageInputs:
     from minillm.data.datamodule import corpus_tokenizer
     from minillm.pretrained import load_pretrained, load_reward_model
 
-    init_dir = resolve_init(config.init_from, config.stage.parent, config.model.name)
+    init_dir = resolve_init(config.init_from, config.stage.parent, config.model.name, Path(config.outputs))
     settings: dict[str, object] = {}
     if init_dir is None:  # only pretraining trains a tokenizer
         inputs = StageInputs(tokenizer=corpus_tokenizer(files, config.tokenizer))
@@ -130,7 +130,7 @@ def inputs_for(config, needs, data_dir: Path, files: list[Path]) -> StageInputs:
         )
     settings["model.vocab_size"] = inputs.tokenizer.vocab_size
     if needs.reward_model:
-        reward_dir = resolve_reward_model(config.stage.reward_model, config.model.name)
+        reward_dir = resolve_reward_model(config.stage.reward_model, config.model.name, Path(config.outputs))
         inputs.reward_model, reward_tokenizer = load_reward_model(reward_dir)
         if reward_tokenizer.sha256 != inputs.tokenizer.sha256:
             raise ValueError(
@@ -142,7 +142,9 @@ def inputs_for(config, needs, data_dir: Path, files: list[Path]) -> StageInputs:
     return inputs
 
 
-def resolve_init(init_from: str | None, parent: str | None, model_name: str) -> Path | None:
+def resolve_init(
+    init_from: str | None, parent: str | None, model_name: str, outputs: Path = Path("outputs")
+) -> Path | None:
     """The weights a stage starts from: its parent stage's final/ (init_from=auto), a given path, or none.
 
     `parent` may list alternatives, "dpo|sft": the first whose final/ exists."""
@@ -150,7 +152,7 @@ def resolve_init(init_from: str | None, parent: str | None, model_name: str) -> 
         return None
     if init_from == "auto":
         parents = parent.split("|")
-        paths = [final_dir(p, model_name) for p in parents]
+        paths = [final_dir(p, model_name, outputs) for p in parents]
         found = next((p for p in paths if (p / "minillm.json").is_file()), None)
         if found is None:
             raise FileNotFoundError(
@@ -165,9 +167,9 @@ def resolve_init(init_from: str | None, parent: str | None, model_name: str) -> 
     return path
 
 
-def resolve_reward_model(reward_model: str | None, model_name: str) -> Path:
-    """stage.reward_model, or outputs/reward_<model>/final; a missing one says how to train it."""
-    path = Path(reward_model) if reward_model else final_dir("reward", model_name)
+def resolve_reward_model(reward_model: str | None, model_name: str, outputs: Path = Path("outputs")) -> Path:
+    """stage.reward_model, or <outputs>/reward_<model>/final; a missing one says how to train it."""
+    path = Path(reward_model) if reward_model else final_dir("reward", model_name, outputs)
     if not path.exists():
         raise FileNotFoundError(
             f"stage.reward=model needs a trained reward model, but {path} does not exist. Train it first: "

@@ -125,3 +125,16 @@ def test_every_stage_declares_its_schema_data_kind_and_needs():
     assert {s.data.name for s in STAGES.values()} == {"pretrain", "sft", "preference", "prompts"}
     source = inspect.getsource(build)
     assert not any(f'"{name}"' in source for name in STAGES) and "hasattr" not in source  # generic wiring
+
+
+def test_outputs_moves_every_run_dir_and_where_parents_are_found(tmp_path):
+    from minillm.rundir import resolve_init
+
+    cfg = to_config(compose(["stage=sft", f"outputs={tmp_path}/q"]))
+    assert cfg.run_dir == f"{tmp_path}/q/sft_tiny"
+    assert to_config(compose(["stage=rlhf", f"outputs={tmp_path}/q"])).run_dir == f"{tmp_path}/q/rlhf_tiny"
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/q/pretrain_tiny/final"):
+        resolve_init("auto", "pretrain", "tiny", tmp_path / "q")
+    (tmp_path / "q" / "pretrain_tiny" / "final").mkdir(parents=True)
+    (tmp_path / "q" / "pretrain_tiny" / "final" / "minillm.json").write_text("{}")
+    assert resolve_init("auto", "pretrain", "tiny", tmp_path / "q") == tmp_path / "q" / "pretrain_tiny" / "final"

@@ -41,7 +41,21 @@ def test_preference_accuracy_by_hand():
     policy = torch.tensor([[-1.0, -2.0], [-3.0, -1.0]])  # margins +1, -2
     assert ev.preference_accuracy(policy) == {"n": 2, "accuracy": 0.5, "margin": -0.5}
     reference = torch.tensor([[-1.0, -3.0], [-3.0, -2.0]])  # margins +2, -1: the policy gained -1 on both
-    assert ev.preference_accuracy(policy, reference)["accuracy"] == 0.0
+    relative = ev.preference_accuracy(policy, reference)
+    assert relative["accuracy"] == 0.5 and relative["reward_accuracy"] == 0.0 and relative["reward_margin"] == -1.0
+
+
+def test_kl_to_the_reference_by_hand(tokenizer):
+    torch.manual_seed(0)
+    sharp = MiniGPT(micro_config(tokenizer.vocab_size)).eval()
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(300.0)  # near-deterministic: log π(y_t) ≈ 0 for the tokens it samples
+    uniform = uniform_model(tokenizer.vocab_size)  # log π_ref(y_t) = -ln V
+    prompts = [{"prompt": f"What is {i} + 1?"} for i in range(4)]
+    assert ev.kl_to_reference(sharp, sharp, tokenizer, prompts, max_new_tokens=6)["kl"] == 0.0
+    result = ev.kl_to_reference(sharp, uniform, tokenizer, prompts, max_new_tokens=6)
+    assert result["n"] == 4 and result["mean_length"] > 0
+    assert result["kl"] == pytest.approx(result["mean_length"] * math.log(tokenizer.vocab_size), rel=0.02)
 
 
 @pytest.fixture
@@ -55,7 +69,7 @@ def eval_data(tmp_path):
     with (root / "eval" / "verifiable.jsonl").open("w") as f:
         for i in range(5):
             msgs = [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]
-            f.write(json.dumps({"conversations": msgs, "answer": str(i + 1)}) + "\n")
+            f.write(json.dumps({"conversations": msgs, "answer": str(i + 1), "task": "add"}) + "\n")
     with (root / "eval" / "sums.jsonl").open("w") as f:
         for i in range(4):
             f.write(json.dumps({"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": "no"}) + "\n")
@@ -79,8 +93,11 @@ def test_eval_json_has_every_field(tmp_path, tokenizer, eval_data, capsys):
     assert set(tasks) == {"bpb", "verifiable", "preference", "reward", "samples"} and result["kind"] == "lm"
     assert tasks["bpb"]["documents"] > 0 and tasks["bpb"]["bpb"] > 0 and tasks["bpb"]["loss"] > 0
     assert tasks["verifiable"]["n"] == 5 and 0 <= tasks["verifiable"]["exact_match"] <= 1
+    assert tasks["verifiable"]["tasks"]["add"] == {"n": 5, "exact_match": tasks["verifiable"]["exact_match"]}
     assert tasks["preference"]["n"] == 4 and set(tasks["preference"]["files"]) == {"sums"}
     assert tasks["reward"]["n"] == 5 and tasks["reward"]["reward"] == "verifiable"
+    assert 0 <= tasks["reward"]["median_length"] <= 4 and 0 <= tasks["reward"]["empty_fraction"] <= 1
+    assert "kl" not in tasks  # the KL needs eval.reference
     assert len(tasks["samples"]["samples"]) == len(ev.SAMPLE_PROMPTS) and 0 <= tasks["samples"]["distinct_2"] <= 1
     out = capsys.readouterr().out
     assert "bpb" in out and "exact match" in out and "eval.json" in out
@@ -101,26 +118,67 @@ def test_eval_cli_names_bad_settings(tmp_path, tokenizer, eval_data):
         eval_cli.main([f"model_path={folder}", f"eval.data_dir={tmp_path}", "eval.tasks=[verifiable]"])
 
 
-def test_report_tabulates_each_stage_and_draws_a_chart(tmp_path, tokenizer, eval_data, capsys):
+def test_report_tabulates_each_stage_against_its_start_and_draws_a_chart(tmp_path, tokenizer, eval_data, capsys):
     from minillm import report
 
     out = tmp_path / "outputs"
     torch.manual_seed(0)
-    for stage in ("pretrain", "sft"):
+    for stage, parent in (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft"), ("rlhf", "dpo")):
         save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, out / f"{stage}_micro" / "final")
+        init = str(out / f"{parent}_micro" / "final") if parent else None
+        snapshot = {"config": {"init_from": init}}
+        (out / f"{stage}_micro" / "training_config_snapshot.json").write_text(json.dumps(snapshot))
     save_pretrained(RewardModel(micro_config(tokenizer.vocab_size)), tokenizer, out / "reward_micro" / "final")
     args = ["model=micro", f"out_dir={out}", f"eval.data_dir={eval_data}", "eval.pairs=[sums]", "eval.max_new_tokens=4"]
     report.main(args)
     text = (out / "report.md").read_text()
-    assert "| pretrain |" in text and "| sft |" in text and "| dpo |" not in text  # only stages that exist
-    assert "bpb" in text and "Reward model, held-out pairwise accuracy: sums" in text
-    sft = json.loads((out / "sft_micro" / "final" / "eval.json").read_text())
-    assert isinstance(sft["tasks"]["reward"]["reward_model_score"], float)  # the reward model scored the replies
-    assert text.count("–") == 0  # every column filled for both stages
+    rows = {}  # the first table: stage -> its row
+    for line in text.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
+    sft = json.loads((out / "sft_micro" / "final" / "eval.json").read_text())["tasks"]
+    pre = json.loads((out / "pretrain_micro" / "final" / "eval.json").read_text())["tasks"]
+    gain = sft["verifiable"]["exact_match"] - pre["verifiable"]["exact_match"]
+    assert f"| exact match {sft['verifiable']['exact_match']:.3f} ({gain:+.3f} vs pretrain) |" in rows["sft"]
+    dpo = json.loads((out / "dpo_micro" / "final" / "eval.json").read_text())
+    assert dpo["config"]["reference"] == str(out / "sft_micro" / "final")  # DPO's reward accuracy: vs its start
+    assert f"| reward accuracy {dpo['tasks']['preference']['reward_accuracy']:.3f} vs sft;" in rows["dpo"]
+    rlhf = json.loads((out / "rlhf_micro" / "final" / "eval.json").read_text())["tasks"]
+    assert rlhf["kl"]["reference"] == str(out / "dpo_micro" / "final") and f"KL {rlhf['kl']['kl']:.2f}" in rows["rlhf"]
+    assert "reward-model score" in rows["rlhf"] and "median length" in rows["rlhf"]
+    assert "pairwise accuracy ≥" in rows["reward"] and "Reward model, held-out pairwise accuracy: sums" in text
+    assert "| stage | add |" in text  # exact match per task
+    targets = text.split("Targets (demo), ")[1].splitlines()[1:]
+    assert [t.split(" ")[1] for t in targets[:2]] == ["sft", "dpo"] and any(t.startswith("- rlhf KL") for t in targets)
     assert (out / "report.png").stat().st_size > 1000
     first = (out / "sft_micro" / "final" / "eval.json").stat().st_mtime_ns
     report.main(args)  # eval.json newer than the weights: reused
     assert (out / "sft_micro" / "final" / "eval.json").stat().st_mtime_ns == first
+
+
+def test_report_targets_by_hand():
+    from minillm.report import TARGETS, targets_met
+
+    rows = {
+        "pretrain": {"exact match": 0.0},
+        "sft": {"exact match": 0.35},
+        "dpo": {"exact match": 0.30, "reward accuracy": 0.9},
+        "reward": {"pairwise accuracy a": 0.9, "pairwise accuracy b": 0.6},
+        "rlhf": {"reward-model score": 0.5, "KL": 3.0, "median length": 2.0},
+    }
+    rows["dpo"] |= {"reward-model score": 0.3, "median length": 10.0}
+    parents = {"sft": "pretrain", "dpo": "sft", "reward": "sft", "rlhf": "dpo"}
+    checks = dict(targets_met(rows, parents, TARGETS["demo"]))
+    verdicts = {what.split(" (")[0]: ok for what, ok in checks.items()}
+    assert verdicts == {
+        "sft exact match +0.350 vs its start": True,  # ≥ +0.30
+        "dpo reward accuracy 0.900": True,
+        "dpo exact match 0.300": False,  # below SFT's 0.35
+        "reward model ≥ 0.85 on every family": False,  # b at 0.6
+        "rlhf reward-model score 0.500": True,  # ≥ 0.3 x 1.5
+        "rlhf KL 3.00": True,
+        "rlhf median reply length 2": False,  # < half of 10: collapsed
+    }
 
 
 def test_task_eval_logs_exact_match_during_training_and_leaves_the_loss_curve(
