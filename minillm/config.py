@@ -184,6 +184,10 @@ class RLHFConfig(PromptLengths):
     num_ppo_epochs: int = 2  # passes over each rollout batch (GRPO's num_iterations)
     num_mini_batches: int = 1  # updates per pass
     missing_eos_penalty: Optional[float] = None  # subtracted from the score of a completion without EOS
+    # reward hacking guard: a reply with fewer than min_completion_length tokens before its EOS (default: an empty
+    # reply) has short_completion_penalty subtracted from its score (a learned reward model may prefer silence)
+    min_completion_length: int = 1
+    short_completion_penalty: Optional[float] = 1.0
     loss_type: str = "dapo"  # GRPO aggregation: grpo | dapo | dr_grpo
     scale_rewards: str = "group"  # GRPO advantage scaling: group | batch | none
     max_grad_norm: float = 1.0  # clip_gradients (the Trainer's gradient_clip_val is off under manual optimization)
@@ -202,6 +206,7 @@ class RLHFConfig(PromptLengths):
             ),
             (self.max_completion_length >= 1, "stage.max_completion_length must be >= 1"),
             (self.temperature > 0, "stage.temperature must be > 0"),
+            (self.min_completion_length >= 0, "stage.min_completion_length must be >= 0"),
             (0 < self.cliprange < 1, "stage.cliprange must be in (0, 1)"),
             (self.loss_type in ("grpo", "dapo", "dr_grpo"), "stage.loss_type must be grpo, dapo or dr_grpo"),
             (self.scale_rewards in ("group", "batch", "none"), "stage.scale_rewards must be group, batch or none"),

@@ -1,5 +1,6 @@
 import io
 import json
+import re
 import subprocess
 import tarfile
 import zipfile
@@ -133,13 +134,39 @@ def test_builder_writes_the_data_layout_from_fake_archives(tmp_path, fake_archiv
         ("Are you a robot?", "yes", "Hi"),
     ]
     assert [(p["prompt"], p["chosen"]) for p in pairs_of("kjv_pairs")] == [("Recite Genesis 2:1.", "Thus the heavens.")]
-    verifiable_pairs = pairs_of("verifiable_pairs")
-    assert len(verifiable_pairs) == 1500
+    held = read_jsonl(out / "eval/verifiable.jsonl")
+    verifiable_pairs = read_jsonl(out / "preference/verifiable_pairs.jsonl")
+    assert len(verifiable_pairs) == 1500 and len(read_jsonl(out / "eval/verifiable_pairs.jsonl")) == len(held)
     assert all(
         p["chosen"] != p["rejected"] and sorted(p["chosen"].split()) == sorted(p["rejected"].split())
         for p in verifiable_pairs
         if p["task"] != "add"
     )
+
+    # no held-out verifiable question in any training file, in any order of its numbers or words
+    key = builtin.verifiable_key
+    held_keys = {key(r["conversations"][0]["content"]) for r in held}
+    assert held_keys
+    train_questions = [r["conversations"][0]["content"] for r in read_jsonl(out / "sft/verifiable.jsonl")]
+    train_questions += [r["prompt"] for r in read_jsonl(out / "prompts/verifiable.jsonl")]
+    train_questions += [p["prompt"] for p in verifiable_pairs]
+    assert held_keys.isdisjoint(key(q) for q in train_questions)
+    assert key("What is 12 + 7?") == key("What is 7 + 12?")
+    drills = read_jsonl(out / "pretrain/drills.jsonl")
+    lines = [line for d in drills for line in d["text"].splitlines()]
+    assert len(drills) == 2000 and len(lines) == 2000 * 16
+    for line in lines:
+        if " + " in line:
+            a, b, total = map(int, re.fullmatch(r"(\d+) \+ (\d+) = (\d+)\.", line).groups())
+            assert a + b == total and key(f"What is {a} + {b}?") not in held_keys
+        else:
+            listed, kind_answer = line.rstrip(".").split(", ")
+            kind, answer = kind_answer.split(": ")
+            assert answer.split() == (
+                sorted(listed.split()) if kind == "in alphabetical order" else listed.split()[::-1]
+            )
+            task = "Sort the words alphabetically" if kind == "in alphabetical order" else "Reverse the words"
+            assert key(f"{task}: {listed}") not in held_keys
 
     pairs = read_jsonl(out / "preference/reviews_zh.jsonl") + read_jsonl(out / "eval/reviews_zh.jsonl")
     assert len(pairs) == 4

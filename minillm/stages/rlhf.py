@@ -221,6 +221,9 @@ class RLHFModule(LMModule):
             scores = torch.tensor(values, dtype=torch.float32, device=self.device)
         if self.rl.missing_eos_penalty is not None:
             scores = scores - self.rl.missing_eos_penalty * (~r.ended).float()
+        if self.rl.short_completion_penalty is not None:  # the EOS token is not content
+            content = torch.tensor([len(c) for c in r.completions], device=self.device) - r.ended.long()
+            scores = scores - self.rl.short_completion_penalty * (content < self.rl.min_completion_length).float()
         return scores
 
     def _policy(self, r: Rollout, rows, model: MiniGPT | None = None) -> tuple[torch.Tensor, ...]:
