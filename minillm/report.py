@@ -29,7 +29,7 @@ from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, out
 from minillm.generate import parse_cli
 from minillm.rundir import final_dir, stage_dir
 
-STAGES = ("pretrain", "sft", "dpo", "reward", "rlhf")
+STAGES = ("pretrain", "sft", "dpo", "reward", "rlhf", "rlhf-grpo")
 COLUMNS = (
     "bpb",
     "exact match",
@@ -44,8 +44,24 @@ COLUMNS = (
 UNIT_RANGE = ("exact match", "preference accuracy", "reward accuracy", "distinct-2")
 # What each stage must show (issue: every stage moves its own target), per budget.
 TARGETS = {
-    "demo": {"sft_gain": 0.30, "dpo_reward_accuracy": 0.80, "reward_accuracy": 0.85, "rlhf_gain": 0.5},
-    "quality": {"sft_gain": 0.60, "dpo_reward_accuracy": 0.95, "reward_accuracy": 0.95, "rlhf_gain": 1.0},
+    "demo": {
+        "sft_gain": 0.30,
+        "sft_min": 0.0,
+        "sft_task_min": 0.0,
+        "dpo_reward_accuracy": 0.80,
+        "reward_accuracy": 0.85,
+        "rlhf_gain": 0.5,
+        "grpo_gain": 0.1,
+    },
+    "quality": {
+        "sft_gain": 0.60,
+        "sft_min": 0.90,
+        "sft_task_min": 0.75,
+        "dpo_reward_accuracy": 0.95,
+        "reward_accuracy": 0.95,
+        "rlhf_gain": 1.0,
+        "grpo_gain": 0.1,
+    },
 }
 KL_BOUND = 20.0  # nats per reply: RLHFMonitor's default alarm
 LENGTH_FLOOR = 0.5  # the median reply may shrink to half its start, not collapse
@@ -73,6 +89,13 @@ def parent_stage(stage: str, model: str, out_dir: Path) -> str | None:
     if not init:
         return None
     return next((s for s in STAGES if final_dir(s, model, out_dir).resolve() == Path(init).resolve()), None)
+
+
+def rlhf_metric(stage: str, values: dict) -> str:
+    """What an RLHF run optimized: GRPO against the verifiable rule, exact match; PPO, the reward model's score."""
+    if stage == "rlhf-grpo":
+        return "exact match"
+    return "reward-model score" if "reward-model score" in values else "mean reward"
 
 
 def _fmt(value: float) -> str:
@@ -103,7 +126,7 @@ def target_cell(stage: str, values: dict, parent: str | None, start: dict) -> st
         if accuracies:
             return f"pairwise accuracy ≥ {_fmt(min(accuracies.values()))} on {len(accuracies)} families"
     if stage.startswith("rlhf"):
-        key = "reward-model score" if "reward-model score" in values else "mean reward"
+        key = rlhf_metric(stage, values)
         if key in values:
             gain = f" ({_delta(values[key], start[key])}{vs})" if key in start else ""
             cell = f"{key} {_fmt(values[key])}{gain}"
@@ -124,6 +147,18 @@ def targets_met(rows: dict[str, dict], parents: dict[str, str | None], targets: 
     if "exact match" in sft and "exact match" in start["sft"]:
         gain, need = sft["exact match"] - start["sft"]["exact match"], targets["sft_gain"]
         checks.append((f"sft exact match {gain:+.3f} vs its start (≥ +{need:.2f})", gain >= need))
+    if "exact match" in sft and targets["sft_min"]:
+        value, need = sft["exact match"], targets["sft_min"]
+        checks.append((f"sft exact match {_fmt(value)} (≥ {need:.2f})", value >= need))
+    per_task = {k.removeprefix("exact match "): v for k, v in sft.items() if k.startswith("exact match ")}
+    if per_task and targets["sft_task_min"]:
+        worst, need = min(per_task, key=per_task.get), targets["sft_task_min"]
+        checks.append(
+            (
+                f"sft exact match on every task ≥ {need:.2f} (lowest: {worst} {_fmt(per_task[worst])})",
+                per_task[worst] >= need,
+            )
+        )
     if "reward accuracy" in dpo:
         value, need = dpo["reward accuracy"], targets["dpo_reward_accuracy"]
         checks.append((f"dpo reward accuracy {_fmt(value)} (≥ {need:.2f})", value >= need))
@@ -137,8 +172,11 @@ def targets_met(rows: dict[str, dict], parents: dict[str, str | None], targets: 
         checks.append((what, family[worst] >= need))
     for stage in (s for s in rows if s.startswith("rlhf")):
         values, begin = rows[stage], start[stage]
-        key = "reward-model score" if "reward-model score" in values else "mean reward"
-        if key in values and key in begin:
+        key = rlhf_metric(stage, values)
+        if key == "exact match" and key in values and key in begin:
+            need = begin[key] + targets["grpo_gain"]
+            checks.append((f"{stage} exact match {_fmt(values[key])} (≥ {_fmt(need)})", values[key] >= need))
+        elif key in values and key in begin:
             need = begin[key] + targets["rlhf_gain"] * abs(begin[key])  # x(1 + gain) for a positive start
             what = f"{stage} {key} {_fmt(values[key])} (≥ {_fmt(need)}, from {_fmt(begin[key])})"
             checks.append((what, values[key] >= need))

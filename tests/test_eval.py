@@ -204,3 +204,21 @@ def test_task_eval_logs_exact_match_during_training_and_leaves_the_loss_curve(
         logged = [r["val/exact_match"] for r in rows if r.get("val/exact_match")]
         assert len(logged) == (2 if setting.endswith("=4") else 0)  # validation at steps 3 and 6
     assert curves[0] == curves[1] and len(curves[0]) == 6
+
+
+def test_quality_targets_by_hand():
+    from minillm.report import TARGETS, targets_met
+
+    rows = {
+        "pretrain": {"exact match": 0.0},
+        "sft": {"exact match": 0.92, "exact match add": 0.8, "exact match sort": 0.7},
+        "rlhf-grpo": {"exact match": 0.95, "reward-model score": 9.0},
+    }
+    checks = targets_met(rows, {"sft": "pretrain", "rlhf-grpo": "sft"}, TARGETS["quality"])
+    verdicts = {what.split(" (")[0]: ok for what, ok in checks}
+    assert verdicts == {
+        "sft exact match +0.920 vs its start": True,
+        "sft exact match 0.920": True,  # ≥ 0.90
+        "sft exact match on every task ≥ 0.75": False,  # sort at 0.7
+        "rlhf-grpo exact match 0.950": False,  # GRPO is judged on exact match: +0.03 < +0.10
+    }
