@@ -154,7 +154,7 @@ def test_builder_writes_the_data_layout_from_fake_archives(tmp_path, fake_archiv
     assert key("What is 12 + 7?") == key("What is 7 + 12?")
     drills = read_jsonl(out / "pretrain/drills.jsonl")
     lines = [line for d in drills for line in d["text"].splitlines()]
-    assert len(drills) == 2000 and len(lines) == 2000 * 16
+    assert len(drills) == 1000 and len(lines) == 1000 * 16
     for line in lines:
         if " + " in line:
             a, b, total = map(int, re.fullmatch(r"(\d+) \+ (\d+) = (\d+)\.", line).groups())

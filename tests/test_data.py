@@ -81,6 +81,9 @@ def test_unknown_source_name_is_an_error(tmp_path, tokenizer):
     write_jsonl(tmp_path / "p" / "a.jsonl", texts(10))
     with pytest.raises(DataError, match=r"data.sources names \['typo'\]"):
         datamodule(tmp_path, tokenizer, [tmp_path / "p" / "a.jsonl"], sources={"typo": SourceConfig()})
+    # leaving out a file that is not there is fine (a recipe excludes another recipe's generated file)
+    dm = datamodule(tmp_path, tokenizer, [tmp_path / "p" / "a.jsonl"], sources={"absent": SourceConfig(0.0)})
+    assert dm.stats["sources"]
 
 
 def test_txt_files_and_long_texts_are_packed_not_dropped(tmp_path, tokenizer):

@@ -276,7 +276,7 @@ def verifiable(n: int = 6000) -> Iterator[dict]:
                            family="verifiable", task="sort")
 
 
-def drills(held_out: set[str], paragraphs: int = 2000, lines: int = 16) -> Iterator[dict]:
+def drills(held_out: set[str], paragraphs: int = 1000, lines: int = 16) -> Iterator[dict]:
     """Task-shaped pretraining text: sums and reversed or sorted word lists written as plain statements
     ("47 + 38 = 85."), so the base model (and the tokenizer) know digits, `+` and the list words before SFT asks
     the questions. A statement whose question is held out (`verifiable_key`) is never written."""

@@ -155,7 +155,8 @@ class MiniLLMDataModule(L.LightningDataModule):
         self.train: Dataset | None = None
         self.val: Dataset | None = None
         self.stats: dict = {}
-        unknown = sorted(set(config.sources) - {f.stem for f in files})
+        left_out = {name for name, src in config.sources.items() if src.sample_ratio == 0}  # absent is fine then
+        unknown = sorted(set(config.sources) - {f.stem for f in files} - left_out)
         if unknown:
             raise DataError(f"data.sources names {unknown}, but the data files are {[f.stem for f in files]}")
 

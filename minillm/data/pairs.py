@@ -1,0 +1,79 @@
+"""python -m minillm.data.pairs model_path=DIR [data_dir=data/builtin] [family=verifiable] [limit=1000]
+[max_new_tokens=32] [batch_size=32] [out=<data_dir>/preference/<family>_onpolicy.jsonl]
+
+On-policy preference pairs: the model answers the questions of `<data_dir>/sft/<family>.jsonl` (the training
+split only — held-out questions are never asked) greedily, and each wrong answer becomes a pair with the
+reference answer chosen and the model's own reply rejected. DPO then learns from the mistakes this model
+actually makes, and the reward model gets hard negatives (near misses of the policy it will judge). Empty replies
+are counted and skipped (a pair needs two completions). The file is rewritten only when the model is newer than
+it, so `make demo` can run this every time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from minillm import reward_rules
+from minillm.evaluation import load_family
+from minillm.generate import GenerationConfig, generate, load_model, parse_cli
+
+
+def onpolicy_pairs(model, tokenizer, records: list[dict], max_new_tokens: int = 32, batch_size: int = 32) -> dict:
+    """{"pairs": [...], "asked": n, "wrong": n, "empty": n} for chat records with an `answer`."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
+    pairs, wrong, empty = [], 0, 0
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        replies = generate(model, tokenizer, [r["conversations"][:-1] for r in chunk], config)
+        hits = reward_rules.exact_match(replies, None, answer=[r["answer"] for r in chunk])
+        for record, reply, hit in zip(chunk, replies, hits):
+            if hit:
+                continue
+            wrong += 1
+            if not reply.strip():
+                empty += 1
+                continue
+            extra = {k: v for k, v in record.items() if k not in ("conversations", "answer")}
+            prompt = record["conversations"][:-1]
+            question = prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else prompt
+            pairs.append({"prompt": question, "chosen": record["answer"], "rejected": reply.strip(), **extra})
+    return {"pairs": pairs, "asked": len(records), "wrong": wrong, "empty": empty}
+
+
+def main(argv: list[str]) -> None:
+    values = parse_cli(argv)
+    if "model_path" not in values:
+        raise SystemExit(__doc__.split("\n\n")[0])
+    model_path = Path(str(values.pop("model_path")))
+    data_dir = Path(str(values.pop("data_dir", "data/builtin")))
+    family = str(values.pop("family", "verifiable"))
+    limit = int(values.pop("limit", 1000))
+    max_new_tokens = int(values.pop("max_new_tokens", 32))
+    batch_size = int(values.pop("batch_size", 32))
+    out = Path(str(values.pop("out", data_dir / "preference" / f"{family}_onpolicy.jsonl")))
+    if values:
+        raise SystemExit(f"error: unknown keys {sorted(values)}; see python -m minillm.data.pairs")
+    source = data_dir / "sft" / f"{family}.jsonl"
+    if not source.is_file():
+        raise SystemExit(f"error: no training questions at {source}: build the corpus or set data_dir/family")
+    weights = model_path / "model.safetensors"
+    if out.is_file() and weights.is_file() and out.stat().st_mtime >= weights.stat().st_mtime:
+        print(f"{out} is newer than {weights}: kept")
+        return
+    records = [r for r in load_family(source, limit) if "answer" in r]
+    model, tokenizer = load_model(str(model_path))
+    result = onpolicy_pairs(model, tokenizer, records, max_new_tokens, batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["pairs"]), encoding="utf-8")
+    tmp.replace(out)
+    print(
+        f"{model_path} answered {result['asked'] - result['wrong']} of {result['asked']} {family} training "
+        f"questions; {len(result['pairs'])} wrong answers written as pairs to {out} ({result['empty']} empty, skipped)"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
