@@ -431,6 +431,8 @@ def test_user_errors_before_hydra_and_ctrl_c_at_start_up(tmp_path, data_dir):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a test run in the background (nohup, `&`) hands its children SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in proc.stdout:  # Ctrl-C while the tokenizer and the dataset are being built
         if "starting fresh" in line:
