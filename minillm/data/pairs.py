@@ -65,6 +65,10 @@ def main(argv: list[str]) -> None:
     records = [r for r in load_family(source, limit) if "answer" in r]
     model, tokenizer = load_model(str(model_path))
     result = onpolicy_pairs(model, tokenizer, records, max_new_tokens, batch_size)
+    if not result["pairs"]:  # an empty preference file would be a data error for DPO: write none
+        out.unlink(missing_ok=True)
+        print(f"{model_path}: no non-empty wrong answers to {result['asked']} {family} training questions; no pairs")
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["pairs"]), encoding="utf-8")
