@@ -31,18 +31,19 @@ data: $(STAMP)
 DEMO_MODEL ?= tiny
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
 DEMO_CHAT := 'What is 12 + 7?\nReverse the words: apple moon tree\nRecite Genesis 1:1.\nHello, how are you?\n/exit\n'
-DEMO_PAIRS := 'eval.pairs=[reviews_zh,chatterbot_pairs,verifiable_pairs]'
+# The card's pairs and RL prompts: the families the demo's DPO, reward model and PPO train on (held-out records).
+DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,verifiable_pairs]' eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
 demo: data
 	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=demo resume=auto
 	$(PY) -m minillm.generate model_path=outputs/pretrain_$(DEMO_MODEL)/final $(DEMO_PROMPTS) \
 		max_new_tokens=48 temperature=0.8 top_p=0.9 repetition_penalty=1.1 seed=0
 	$(PY) -m minillm.train stage=sft model=$(DEMO_MODEL) experiment=demo_sft resume=auto
-	$(PY) -m minillm.data.pairs model_path=outputs/sft_$(DEMO_MODEL)/final
+	$(PY) -m minillm.data.pairs model_path=outputs/sft_$(DEMO_MODEL)/final limit=3000
 	$(PY) -m minillm.train stage=dpo model=$(DEMO_MODEL) experiment=demo_dpo resume=auto
 	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward resume=auto
 	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=demo_rlhf resume=auto
 	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/rlhf_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
-	$(PY) -m minillm.report model=$(DEMO_MODEL) eval.limit=50 $(DEMO_PAIRS)
+	$(PY) -m minillm.report model=$(DEMO_MODEL) $(DEMO_EVAL)
 
 # The one-hour recipe (about 60 minutes of training on 2 Zen 4 cores in bf16; a CPU without AVX-512 trains in fp32,
 # several times longer): the same chain with longer budgets in outputs/quality/, then GRPO against the verifiable

@@ -140,8 +140,11 @@ class DPOConfig(PromptLengths):
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # conservative DPO (sigmoid only)
+    rpo_alpha: float = 0.0  # + alpha * NLL of the chosen replies (RPO, Pang et al. 2024); 0: plain DPO
 
     def __post_init__(self) -> None:
+        if self.rpo_alpha < 0:
+            raise ValueError(f"stage.rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.beta <= 0:
             raise ValueError(f"stage.beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:

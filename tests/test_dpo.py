@@ -59,6 +59,22 @@ def test_dpo_starts_at_ln2_moves_the_policy_and_never_the_reference(tmp_path, pr
     assert stats["kind"] == "preference" and set(stats["sources"]) == {"sums", "greetings"}
 
 
+def test_rpo_alpha_adds_the_mean_nll_of_the_chosen_replies(tmp_path, pref_dir, pretrained):
+    import torch.nn.functional as F
+
+    run = build(dpo(tmp_path, pref_dir, pretrained, "stage.rpo_alpha=0.5"))
+    run.datamodule.setup("fit")
+    batch = next(iter(run.datamodule.train_dataloader()))
+    with torch.no_grad():
+        loss, metrics, _ = run.module._step(batch)
+        logits = run.module.model(batch["chosen_ids"][:, :-1]).logits  # computed apart, as a token-mean cross-entropy
+        nll = F.cross_entropy(logits.flatten(0, 1), batch["chosen_labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    assert float(metrics["nll_loss"]) == pytest.approx(float(nll), rel=1e-5)
+    assert float(loss) == pytest.approx(math.log(2) + 0.5 * float(nll), rel=1e-5)  # policy == reference: DPO is ln 2
+    with pytest.raises(ValueError, match="stage.rpo_alpha must be >= 0"):
+        to_config(compose(["stage=dpo", "stage.rpo_alpha=-1"]))
+
+
 def test_dpo_learns_the_preferences(tmp_path, pref_dir, pretrained):
     run = build(
         dpo(

@@ -2,7 +2,9 @@
 
 Per pair: h = (log π(y_w|x) - log π(y_l|x)) - (log π_ref(y_w|x) - log π_ref(y_l|x)) on summed completion
 log-probs, L = -log σ(β h) (see `losses.dpo_loss` for ipo, hinge and label smoothing). Chosen and rejected go
-through the policy in one concatenated forward. The reference lives outside the module tree — not optimized,
+through the policy in one concatenated forward. With `rpo_alpha` > 0 the loss adds α times the policy's mean
+per-token negative log-likelihood of the chosen replies (RPO, TRL's `rpo_alpha`): DPO alone can lower the
+likelihood of the right answer as long as the wrong one falls faster, and greedy answers then get worse. The reference lives outside the module tree — not optimized,
 not in checkpoints, not DDP-wrapped — and is moved to the policy's device when fit starts. Dropout is switched
 off in both (probability 0, as TRL does: `.eval()` would be undone after validation), so before the first
 update the loss is exactly ln 2.
@@ -14,7 +16,7 @@ import torch
 
 from minillm.config import Config, DPOConfig
 from minillm.data.kinds import PREFERENCE
-from minillm.losses import dpo_loss, sequence_logprobs
+from minillm.losses import IGNORE_INDEX, dpo_loss, sequence_logprobs
 from minillm.model import MiniGPT
 from minillm.stages.base import LMModule, Needs, disable_dropout
 
@@ -51,6 +53,10 @@ class DPOModule(LMModule):
         loss, metrics = dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing
         )
+        if self.dpo.rpo_alpha > 0:
+            nll = -chosen.sum() / (batch["chosen_labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+            metrics["nll_loss"] = nll.detach()
+            loss = loss + self.dpo.rpo_alpha * nll
         return loss, metrics, aux
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
