@@ -283,3 +283,33 @@ def test_exact_match_counts_only_exact_replies(tokenizer):
     wrong = scripted(tokenizer, tokenizer.encode("77") + [tokenizer.im_end_id])
     result = exact_match_rate(wrong, tokenizer, records, batch_size=1)
     assert result["exact_match"] == 0.0 and result["examples"][0]["reply"] == "77"
+
+
+@pytest.mark.slow
+def test_sft_raises_held_out_exact_match_on_a_toy_family(tmp_path, pretrained):
+    """The direction the report card asks of SFT (held-out exact match up from its start), on a family a micro
+    model learns in seconds: name the first of two letters. Every letter is in training, no held-out pair is (in
+    either order); the pretrained model answers none of them, the SFT model most."""
+    from minillm.evaluation import exact_match_rate
+
+    words = list("abcdefghijklmnopqrstuvwxyz")  # one token each, so the answer is one copied token
+
+    def record(a: str, b: str) -> dict:
+        turns = [{"role": "user", "content": f"First letter:\n{a} {b}"}, {"role": "assistant", "content": a}]
+        return {"conversations": turns, "answer": a}
+
+    pairs = [(i, j) for i in range(len(words)) for j in range(len(words)) if i != j]
+    out = {(i, j) for i, j in pairs if (min(i, j) + 2 * max(i, j)) % 7 == 0}  # both orders held out
+    data = tmp_path / "toy"
+    (data / "sft").mkdir(parents=True)
+    with (data / "sft" / "first.jsonl").open("w") as f:
+        f.writelines(json.dumps(record(words[i], words[j])) + "\n" for i, j in pairs if (i, j) not in out)
+    held_out = [record(words[i], words[j]) for i, j in sorted(out)]
+    model, tokenizer = load_model(str(pretrained))
+    before = exact_match_rate(model, tokenizer, held_out, max_new_tokens=12)["exact_match"]
+    overrides = ["trainer.max_steps=400", "trainer.val_check_interval=400", "optim.lr=1e-3", "data.batch_size=8"]
+    assert build(sft(tmp_path, data, pretrained, *overrides)).fit() == 0
+    model, tokenizer = load_model(str(tmp_path / "run" / "final"))
+    after = exact_match_rate(model, tokenizer, held_out, max_new_tokens=12)
+    assert before == 0.0
+    assert after["exact_match"] >= before + 0.5, after["examples"]  # measured: 0.98 of 92 held-out pairs
