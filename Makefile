@@ -30,7 +30,7 @@ data: $(STAMP)
 # resume=auto everywhere: a finished stage is not redone, an interrupted one continues.
 DEMO_MODEL ?= tiny
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
-DEMO_CHAT := 'What is 12 + 7?\nReverse the words: apple moon tree\nRecite Genesis 1:1.\nHello, how are you?\n/exit\n'
+DEMO_CHAT := 'What is 12 + 7?\n/reset\nReverse the words: apple river stone\n/reset\nSort the words alphabetically: tiger lemon paper\n/reset\nHello, how are you?\n/exit\n'
 # The card's pairs and RL prompts: the families the demo's DPO, reward model and PPO train on (held-out records).
 DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,verifiable_pairs]' eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
 demo: data

@@ -421,7 +421,7 @@ def headline(result: dict) -> dict[str, float]:
         "exact match": t.get("verifiable", {}).get("exact_match"),
         "preference accuracy": t.get("preference", {}).get("accuracy"),
         "reward accuracy": t.get("preference", {}).get("reward_accuracy"),
-        "mean reward": t.get("reward", {}).get("mean_reward"),
+        "mean reward": t.get("reward", {}).get("mean_reward") if t.get("reward", {}).get("n") else None,  # none scored
         "reward-model score": t.get("reward", {}).get("reward_model_score"),
         "median length": t.get("reward", {}).get("median_length"),
         "KL": t.get("kl", {}).get("kl"),

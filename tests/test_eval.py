@@ -222,3 +222,10 @@ def test_quality_targets_by_hand():
         "sft exact match on every task ≥ 0.75": False,  # sort at 0.7
         "rlhf-grpo exact match 0.950": False,  # GRPO is judged on exact match: +0.03 < +0.10
     }
+
+
+def test_headline_leaves_out_a_mean_reward_nothing_was_scored_by():
+    scored = {"tasks": {"reward": {"n": 3, "mean_reward": 0.5, "median_length": 4.0}}}
+    unscored = {"tasks": {"reward": {"n": 0, "mean_reward": 0.0, "median_length": 4.0}}}  # the rule judged none
+    assert ev.headline(scored)["mean reward"] == 0.5
+    assert "mean reward" not in ev.headline(unscored) and ev.headline(unscored)["median length"] == 4.0
