@@ -29,7 +29,7 @@ def all_data(tmp_path, data_dir, chat_dir, pref_dir, prompt_dir):
     for sub, source in (("pretrain", data_dir), ("sft", chat_dir), ("preference", pref_dir)):
         (root / sub).symlink_to(source / sub)
     (root / "prompts").mkdir()
-    (root / "prompts" / "verifiable.jsonl").symlink_to(prompt_dir / "prompts" / "sums.jsonl")  # demo_rlhf names it
+    (root / "prompts" / "chatterbot.jsonl").symlink_to(prompt_dir / "prompts" / "sums.jsonl")  # demo_rlhf trains on it
     return root
 
 
