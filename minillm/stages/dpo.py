@@ -5,10 +5,9 @@ log-probs, L = -log σ(β h) (see `losses.dpo_loss` for ipo, hinge and label smo
 through the policy in one concatenated forward. With `rpo_alpha` > 0 the loss adds α times the policy's mean
 per-token negative log-likelihood of the chosen replies (RPO, TRL's `rpo_alpha`): DPO alone can lower the
 likelihood of the right answer as long as the wrong one falls faster, and greedy answers then get worse.
-The reference lives outside the module tree — not optimized,
-not in checkpoints, not DDP-wrapped — and is moved to the policy's device when fit starts. Dropout is switched
-off in both (probability 0, as TRL does: `.eval()` would be undone after validation), so before the first
-update the loss is exactly ln 2.
+The reference lives outside the module tree — not optimized, not in checkpoints, not DDP-wrapped — and is moved
+to the policy's device when fit starts. Dropout is switched off in both (probability 0, as TRL does: `.eval()`
+would be undone after validation), so before the first update the loss is exactly ln 2.
 """
 
 from __future__ import annotations
