@@ -415,15 +415,16 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
 def headline(result: dict) -> dict[str, float]:
     """The numbers of a result that go in tables: bpb, task accuracy, preference accuracy, reward, distinct-2."""
     t = result["tasks"]
+    reward = t.get("reward", {})
     rows = {
         "bpb": t.get("bpb", {}).get("bpb"),
         "val loss (per token)": t.get("bpb", {}).get("loss"),
         "exact match": t.get("verifiable", {}).get("exact_match"),
         "preference accuracy": t.get("preference", {}).get("accuracy"),
         "reward accuracy": t.get("preference", {}).get("reward_accuracy"),
-        "mean reward": t.get("reward", {}).get("mean_reward") if t.get("reward", {}).get("n") else None,  # none scored
-        "reward-model score": t.get("reward", {}).get("reward_model_score"),
-        "median length": t.get("reward", {}).get("median_length"),
+        "mean reward": reward.get("mean_reward") if reward.get("n") else None,  # None: the rule scored no reply
+        "reward-model score": reward.get("reward_model_score"),
+        "median length": reward.get("median_length"),
         "KL": t.get("kl", {}).get("kl"),
         "distinct-2": t.get("samples", {}).get("distinct_2"),
     }
