@@ -43,7 +43,7 @@ demo: data
 	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward resume=auto
 	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=demo_rlhf resume=auto
 	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/rlhf_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
-	$(PY) -m minillm.report model=$(DEMO_MODEL) $(DEMO_EVAL)
+	$(PY) -m minillm.report model_name=$(DEMO_MODEL) $(DEMO_EVAL)
 
 # The one-hour recipe (about 60 minutes of training on 2 Zen 4 cores in bf16; a CPU without AVX-512 trains in fp32,
 # several times longer): the same chain with longer budgets in outputs/quality/, then GRPO against the verifiable
@@ -59,7 +59,7 @@ quality: data
 	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=quality_reward resume=auto
 	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=quality_rlhf resume=auto
 	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=quality_rlhf $(QUALITY_RULE) resume=auto
-	$(PY) -m minillm.report model=$(DEMO_MODEL) out_dir=outputs/quality card=outputs/report_quality.md \
+	$(PY) -m minillm.report model_name=$(DEMO_MODEL) out_dir=outputs/quality card=outputs/report_quality.md \
 		targets=quality 'stages=[pretrain,sft,dpo,reward,rlhf,rlhf-grpo]' eval.limit=200
 
 LINTED := minillm tests benchmarks

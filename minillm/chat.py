@@ -1,29 +1,34 @@
-"""python -m minillm.chat model_path=outputs/sft_tiny/final [temperature=0.7 top_p=0.9 ...]
+"""minillm chat model_path=outputs/sft_tiny/final [temperature=0.7 top_p=0.9 ...]
 
 Interactive chat with history: each turn is rendered with the same chat template as training, the reply is
 streamed and stops at <|im_end|>. `/reset` clears the history, `/exit` (or end of input) quits. Keys other
-than model_path, system and device are GenerationConfig fields. Reading from a pipe works too:
-`printf 'Hello\\n/exit\\n' | python -m minillm.chat model_path=...` (the input is echoed).
+than model_path, system and device are GenerationConfig fields (defaults in minillm/conf/chat.yaml). Reading
+from a pipe works too: `printf 'Hello\\n/exit\\n' | minillm chat model_path=...` (the input is echoed).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
-from minillm.generate import config_from, load_model, parse_cli, stream
+from minillm.cli import Command
+from minillm.generate import GenerationConfig, generation_config, load_model, stream
 
-DEFAULTS = {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
+
+@dataclass
+class ChatCommand(GenerationConfig):
+    """`minillm chat` (minillm/conf/chat.yaml): a model, an optional system message, GenerationConfig fields."""
+
+    model_path: str = "???"
+    system: Optional[str] = None
+    device: str = "cpu"
 
 
-def main(argv: list[str], stdin=sys.stdin, out=sys.stdout) -> None:
-    values = parse_cli(argv)
-    if "model_path" not in values:
-        raise SystemExit('usage: python -m minillm.chat model_path=DIR [system="..."] [GenerationConfig fields]')
-    model_path, device = str(values.pop("model_path")), str(values.pop("device", "cpu"))
-    system = values.pop("system", None)
+def run(command: ChatCommand, stdin=sys.stdin, out=sys.stdout) -> None:
+    config, system, model_path = generation_config(command), command.system, command.model_path
     try:
-        config = config_from(values, **DEFAULTS)
-        model, tokenizer = load_model(model_path, device)
+        model, tokenizer = load_model(model_path, command.device)
     except Exception as e:
         raise SystemExit(f"error: {e}") from None
     echo = not stdin.isatty()
@@ -58,5 +63,13 @@ def main(argv: list[str], stdin=sys.stdin, out=sys.stdout) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+COMMAND = Command("chat", ChatCommand, run)
+cli = COMMAND.cli
+
+
+def main(argv: list[str], stdin=sys.stdin, out=sys.stdout) -> None:
+    run(COMMAND.compose(argv), stdin, out)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

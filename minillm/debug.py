@@ -1,4 +1,4 @@
-"""python -m minillm.debug stage=<stage> model=<preset> ['prompt="你好，MiniGPT！"'] — the whole stack, one step.
+"""minillm debug stage=<stage> model=<preset> ['prompt="你好，MiniGPT！"'] — the whole stack, one step.
 
 Composes the same config and builds the same data module and stage module as `minillm.train`, prints the
 first batch (raw text, token ids, loss mask, shapes), runs one optimizer step through the stage's own
@@ -8,12 +8,12 @@ training_step and prints the loss and gradient norm, then generates from `prompt
 from __future__ import annotations
 
 import logging
-import sys
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 
-from minillm.config import compose
+from minillm.cli import Command
 from minillm.generate import GenerationConfig, generate
 from minillm.losses import IGNORE_INDEX
 from minillm.train import build
@@ -34,9 +34,8 @@ class _FirstStep(L.Callback):
         self.loss = float(outputs["loss"])
 
 
-def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg = compose(argv)
+def run(cfg: DictConfig) -> None:
+    logging.getLogger().setLevel(logging.WARNING)  # the batch and the step, not Lightning's set-up messages
     cfg.trainer.max_steps = 1
     cfg.trainer.limit_val_batches = 0
     run = build(cfg=cfg, inspect=True)
@@ -63,5 +62,13 @@ def main(argv: list[str]) -> None:
     print(f"== generate({cfg.prompt!r}) -> {text!r}")
 
 
+COMMAND = Command("debug", None, run)  # minillm/conf/debug.yaml: the train config, nothing written
+cli = COMMAND.cli
+
+
+def main(argv: list[str]) -> None:
+    run(COMMAND.compose(argv))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

@@ -1,14 +1,15 @@
-"""python -m minillm.device — which accelerator training would use, and proof the run dir is writable."""
+"""minillm device [train overrides] — which accelerator training would use, and proof the run dir is writable."""
 
 from __future__ import annotations
 
 import platform
-import sys
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
-from minillm.config import compose, resolved_dict
+from minillm.cli import Command
+from minillm.config import resolved_dict
 from minillm.rundir import write_snapshot
 
 
@@ -41,8 +42,7 @@ def training_precision(precision: str, accelerator: str) -> tuple[str, str | Non
     return str(precision), None
 
 
-def main(argv: list[str]) -> None:
-    cfg = compose(argv)
+def run(cfg: DictConfig) -> None:
     device = best_device()
     detail = f" ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} visible)" if device == "cuda" else ""
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported() or device == "cpu" and cpu_has_fast_bf16()
@@ -52,5 +52,13 @@ def main(argv: list[str]) -> None:
     print(f"config snapshot written to {path}")
 
 
+COMMAND = Command("device", None, run)  # minillm/conf/device.yaml: the train config
+cli = COMMAND.cli
+
+
+def main(argv: list[str]) -> None:
+    run(COMMAND.compose(argv))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

@@ -1,4 +1,4 @@
-"""python -m minillm.export model_path=outputs/sft_tiny/final out=hf_model/ [overwrite=true]
+"""minillm export model_path=outputs/sft_tiny/final out=hf_model/ [overwrite=true]
 
 A self-contained copy of a model for sharing, in the transformers layout: config.json (LlamaForCausalLM, or
 LlamaForSequenceClassification for a reward model), model.safetensors, tokenizer.model with
@@ -13,9 +13,10 @@ equivalent): they stay usable as minillm folders.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from minillm.generate import parse_cli
+from minillm.cli import Command
 from minillm.pretrained import _load, save_pretrained
 
 
@@ -42,22 +43,31 @@ def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> 
     return save_pretrained(model, tokenizer, out)
 
 
-def main(argv: list[str]) -> None:
-    values = parse_cli(argv)
-    if "model_path" not in values or "out" not in values:
-        print("usage: python -m minillm.export model_path=DIR_OR_CKPT out=DIR [overwrite=true]", file=sys.stderr)
-        sys.exit(2)
-    unknown = sorted(set(values) - {"model_path", "out", "overwrite"})
-    if unknown:
-        print(f"error: unknown key(s) {', '.join(unknown)}; the keys are model_path, out, overwrite", file=sys.stderr)
-        sys.exit(2)
+@dataclass
+class ExportCommand:
+    """`minillm export` (minillm/conf/export.yaml)."""
+
+    model_path: str = "???"  # a final/ folder or a training checkpoint
+    out: str = "???"  # a new or empty folder
+    overwrite: bool = False  # write over the files already in `out`
+
+
+def run(command: ExportCommand) -> None:
     try:
-        out = export(str(values["model_path"]), str(values["out"]), overwrite=values.get("overwrite") is True)
+        out = export(command.model_path, command.out, overwrite=command.overwrite)
     except (ValueError, FileNotFoundError) as e:  # a user error: the message says what to do
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported {values['model_path']} to {out} (transformers layout)")
+    print(f"exported {command.model_path} to {out} (transformers layout)")
+
+
+COMMAND = Command("export", ExportCommand, run)
+cli = COMMAND.cli
+
+
+def main(argv: list[str]) -> None:
+    run(COMMAND.compose(argv))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

@@ -16,11 +16,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
 
 import torch
 
+from minillm.cli import Command
 from minillm.model import MiniGPT
 from minillm.pretrained import load_pretrained
 from minillm.tokenizer import Tokenizer, apply_chat_template
@@ -438,48 +439,50 @@ def load_model(path: str, device: str | torch.device = "cpu") -> tuple[MiniGPT, 
     return model.to(device), tokenizer
 
 
-def parse_cli(argv: list[str]) -> dict:
-    """`key=value` arguments parsed like Hydra overrides (quotes, lists), as a dict."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+@dataclass
+class GenerateCommand(GenerationConfig):
+    """`minillm generate` (minillm/conf/generate.yaml): a model, prompts, and every GenerationConfig field.
 
-    return {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(argv)}
+    `prompt` may be a list (prompt='["To be","你好"]') or `prompt_file=FILE` (one per line) for one batched call;
+    `chat=true` sends each prompt as a user message through the chat template (for SFT models). Values are parsed
+    as Hydra overrides, so quote commas, `!` and non-ASCII text.
+    """
+
+    model_path: str = "???"  # a final/ folder, an export, or a training checkpoint
+    prompt: Any = ""  # a string or a list of strings
+    prompt_file: Optional[str] = None
+    chat: bool = False
+    device: str = "cpu"
 
 
-def config_from(values: dict, **defaults) -> GenerationConfig:
-    """A GenerationConfig from CLI values over `defaults`; an unknown key or a wrong type names itself."""
-    from omegaconf import OmegaConf
+def generation_config(command: GenerationConfig) -> GenerationConfig:
+    """The GenerationConfig part of a command config that extends it."""
+    return GenerationConfig(**{f.name: getattr(command, f.name) for f in fields(GenerationConfig)})
 
-    merged = OmegaConf.merge(OmegaConf.structured(GenerationConfig), defaults, values)
-    return OmegaConf.to_object(merged)
+
+def run(command: GenerateCommand) -> None:
+    prompt = command.prompt
+    if command.prompt_file is not None:  # one prompt per line
+        with open(command.prompt_file, encoding="utf-8") as f:
+            prompt = [line.rstrip("\n") for line in f if line.strip()]
+    try:
+        model, tokenizer = load_model(command.model_path, command.device)
+    except Exception as e:  # a missing folder, an unreadable checkpoint: say which
+        raise SystemExit(f"error: {e}") from None
+    prompts = [str(p) for p in prompt] if isinstance(prompt, (list, tuple)) else [str(prompt)]
+    inputs = [[{"role": "user", "content": p}] for p in prompts] if command.chat else prompts
+    for p, text in zip(prompts, generate(model, tokenizer, inputs, generation_config(command))):
+        print(f"{p}\n→ {text}\n" if command.chat else f"{p}{text}\n")
+
+
+COMMAND = Command("generate", GenerateCommand, run)
+cli = COMMAND.cli
 
 
 def main(argv: list[str]) -> None:
-    """python -m minillm.generate model_path=DIR 'prompt="Hello, world"' [max_new_tokens=64 top_p=0.9 ...]
-
-    `prompt` may be a list (prompt='["To be","你好"]') or `prompt_file=FILE` (one per line) for one batched call;
-    `chat=true` sends each prompt as a user message through the chat template (for SFT models); every other key
-    is a GenerationConfig field. Values are parsed like Hydra overrides, so quote commas, `!` and non-ASCII text.
-    """
-    values = parse_cli(argv)
-    if "model_path" not in values:
-        raise SystemExit("usage: python -m minillm.generate model_path=DIR 'prompt=\"text\"' [GenerationConfig fields]")
-    model_path, prompt = str(values.pop("model_path")), values.pop("prompt", "")
-    device, as_chat = str(values.pop("device", "cpu")), bool(values.pop("chat", False))
-    if "prompt_file" in values:  # one prompt per line
-        with open(str(values.pop("prompt_file")), encoding="utf-8") as f:
-            prompt = [line.rstrip("\n") for line in f if line.strip()]
-    try:
-        config = config_from(values)
-        model, tokenizer = load_model(model_path, device)
-    except Exception as e:  # an unknown key, a wrong type, a missing folder: say which
-        raise SystemExit(f"error: {e}") from None
-    prompts = [str(p) for p in prompt] if isinstance(prompt, list) else [str(prompt)]
-    inputs = [[{"role": "user", "content": p}] for p in prompts] if as_chat else prompts
-    for p, text in zip(prompts, generate(model, tokenizer, inputs, config)):
-        print(f"{p}\n→ {text}\n" if as_chat else f"{p}{text}\n")
+    """`minillm generate model_path=DIR 'prompt="Hello, world"' [max_new_tokens=64 top_p=0.9 ...]` from Python."""
+    run(COMMAND.compose(argv))
 
 
 if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    cli()

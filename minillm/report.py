@@ -1,4 +1,4 @@
-"""python -m minillm.report [model=tiny] [stages=[pretrain,sft,dpo,reward,rlhf]] [targets=demo|quality]
+"""minillm report [model_name=tiny] [stages=[pretrain,sft,dpo,reward,rlhf]] [targets=demo|quality]
 [out_dir=outputs] [card=outputs/report.md] [eval.limit=100 ...]
 
 The report card `make demo` (and `make quality`) ends with: each stage's `outputs/<stage>_<model>/final` is
@@ -21,12 +21,12 @@ are met. A chart goes beside it (`report.png`).
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
+from minillm.cli import Command
 from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
-from minillm.generate import parse_cli
 from minillm.rundir import final_dir, stage_dir
 
 STAGES = ("pretrain", "sft", "dpo", "reward", "rlhf", "rlhf-grpo")
@@ -244,19 +244,26 @@ def chart(rows: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> None:
-    from omegaconf import OmegaConf
+@dataclass
+class ReportCommand:
+    """`minillm report` (minillm/conf/report.yaml)."""
 
-    values = parse_cli(argv)
-    model = str(values.pop("model", "tiny"))
-    stages = [str(s) for s in values.pop("stages", list(STAGES))]
-    out_dir = Path(str(values.pop("out_dir", "outputs")))
-    card = Path(str(values.pop("card", out_dir / "report.md")))
-    targets = str(values.pop("targets", "demo"))
-    if targets not in TARGETS:
-        raise SystemExit(f"error: targets={targets}: choose one of {sorted(TARGETS)}")
-    overrides = OmegaConf.from_dotlist([f"{k.removeprefix('eval.')}={v}" for k, v in values.items()])
-    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), overrides))
+    model_name: str = "tiny"  # whose run dirs: <out_dir>/<stage>_<model_name> (`model` is train's preset group)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    targets: str = "demo"  # a key of TARGETS
+    out_dir: str = "outputs"
+    card: Optional[str] = None  # None: <out_dir>/report.md
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets={self.targets}: choose one of {sorted(TARGETS)}")
+
+
+def run(command: ReportCommand) -> None:
+    model, stages, targets, config = command.model_name, command.stages, command.targets, command.eval
+    out_dir = Path(command.out_dir)
+    card = Path(command.card) if command.card else out_dir / "report.md"
     reward_folder = final_dir("reward", model, out_dir)
     if config.reward_model is None and reward_folder.is_dir():  # score every stage's replies with it too
         config.reward_model = str(reward_folder)
@@ -279,5 +286,13 @@ def main(argv: list[str]) -> None:
     print(table + f"\nwrote {card} and {card.with_suffix('.png')}")
 
 
+COMMAND = Command("report", ReportCommand, run)
+cli = COMMAND.cli
+
+
+def main(argv: list[str]) -> None:
+    run(COMMAND.compose(argv))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

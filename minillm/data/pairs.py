@@ -1,4 +1,4 @@
-"""python -m minillm.data.pairs model_path=DIR [data_dir=data/builtin] [family=verifiable] [limit=1000]
+"""minillm pairs model_path=DIR [data_dir=data/builtin] [family=verifiable] [limit=1000]
 [max_new_tokens=32] [batch_size=32] [out=<data_dir>/preference/<family>_onpolicy.jsonl]
 
 On-policy preference pairs: the model answers the questions of `<data_dir>/sft/<family>.jsonl` (the training
@@ -12,12 +12,14 @@ it, so `make demo` can run this every time.
 from __future__ import annotations
 
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from minillm import reward_rules
 from minillm.evaluation import load_family
-from minillm.generate import GenerationConfig, generate, load_model, parse_cli
+from minillm.cli import Command
+from minillm.generate import GenerationConfig, generate, load_model
 
 
 def onpolicy_pairs(model, tokenizer, records: list[dict], max_new_tokens: int = 32, batch_size: int = 32) -> dict:
@@ -42,19 +44,23 @@ def onpolicy_pairs(model, tokenizer, records: list[dict], max_new_tokens: int = 
     return {"pairs": pairs, "asked": len(records), "wrong": wrong, "empty": empty}
 
 
-def main(argv: list[str]) -> None:
-    values = parse_cli(argv)
-    if "model_path" not in values:
-        raise SystemExit(__doc__.split("\n\n")[0])
-    model_path = Path(str(values.pop("model_path")))
-    data_dir = Path(str(values.pop("data_dir", "data/builtin")))
-    family = str(values.pop("family", "verifiable"))
-    limit = int(values.pop("limit", 1000))
-    max_new_tokens = int(values.pop("max_new_tokens", 32))
-    batch_size = int(values.pop("batch_size", 32))
-    out = Path(str(values.pop("out", data_dir / "preference" / f"{family}_onpolicy.jsonl")))
-    if values:
-        raise SystemExit(f"error: unknown keys {sorted(values)}; see python -m minillm.data.pairs")
+@dataclass
+class PairsCommand:
+    """`minillm pairs` (minillm/conf/pairs.yaml)."""
+
+    model_path: str = "???"
+    data_dir: str = "data/builtin"
+    family: str = "verifiable"  # <data_dir>/sft/<family>.jsonl: the questions (training split)
+    limit: int = 1000
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    out: Optional[str] = None  # None: <data_dir>/preference/<family>_onpolicy.jsonl
+
+
+def run(command: PairsCommand) -> None:
+    model_path, data_dir, family = Path(command.model_path), Path(command.data_dir), command.family
+    limit, max_new_tokens, batch_size = command.limit, command.max_new_tokens, command.batch_size
+    out = Path(command.out) if command.out else data_dir / "preference" / f"{family}_onpolicy.jsonl"
     source = data_dir / "sft" / f"{family}.jsonl"
     if not source.is_file():
         raise SystemExit(f"error: no training questions at {source}: build the corpus or set data_dir/family")
@@ -79,5 +85,13 @@ def main(argv: list[str]) -> None:
     )
 
 
+COMMAND = Command("pairs", PairsCommand, run)
+cli = COMMAND.cli
+
+
+def main(argv: list[str]) -> None:
+    run(COMMAND.compose(argv))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

@@ -1,0 +1,119 @@
+"""One command line for every entry point: `minillm <command> [key=value ...]`, or `python -m minillm.<module>`.
+
+Every command is a Hydra app over the package's config tree: `minillm/conf/<command>.yaml` holds its values, a
+dataclass its schema (registered in Hydra's ConfigStore as `<command>_schema`). So each one has the same
+conventions as `minillm train`: `--help` shows its keys, `--cfg job` prints the composed config, a typo or a
+wrong type is Hydra's error naming the key, `-m` sweeps (`minillm eval -m model_path=a,b`), and a folder of your
+own presets joins the search path with `--config-dir DIR` (or `hydra.searchpath=[file://DIR]`).
+
+Tests and notebooks call `<module>.main([...])`: the same config through Hydra's compose API, user errors raised
+as `SystemExit("error: ...")`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+# command -> module with a `cli()`; `python -m <module>` runs the same app
+COMMANDS = {
+    "train": ("minillm.train", "train a stage: minillm train stage=sft model=tiny"),
+    "debug": ("minillm.debug", "one step of a stage, printed in full; writes nothing"),
+    "device": ("minillm.device", "the accelerator training would use; writes the run's config snapshot"),
+    "generate": ("minillm.generate", "complete prompts with a trained model"),
+    "chat": ("minillm.chat", "chat with a trained model (streamed, with history)"),
+    "eval": ("minillm.eval", "evaluate a model on held-out data (eval.json)"),
+    "report": ("minillm.report", "the report card of a chain of stages (report.md)"),
+    "export": ("minillm.export", "a model in the transformers layout"),
+    "pairs": ("minillm.data.pairs", "on-policy preference pairs from a model's wrong answers"),
+    "data": ("minillm.data.builtin", "build the built-in corpus (data/builtin)"),
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command's config (minillm/conf/<name>.yaml, typed by `schema`) and what it runs with the typed config.
+    `schema=None`: the command composes the train config (debug, device) and `run` gets it as composed, to build
+    the run exactly as `minillm train` does."""
+
+    name: str
+    schema: type | None
+    run: Callable[[Any], Any]
+
+    def register(self) -> None:
+        from hydra.core.config_store import ConfigStore
+
+        if self.schema is not None:
+            ConfigStore.instance().store(name=f"{self.name}_schema", node=self.schema)
+
+    def typed(self, cfg) -> Any:
+        """The schema's dataclass (every `__post_init__` check run); a bad value is a SystemExit naming it."""
+        from omegaconf import OmegaConf
+
+        if self.schema is None:
+            return cfg
+        try:
+            return OmegaConf.to_object(cfg)
+        except Exception as e:
+            raise SystemExit(f"error: {e}") from None
+
+    def compose(self, argv: Sequence[str]) -> Any:
+        """The typed config `minillm <name> <argv>` would run with (Hydra's compose API, same overrides)."""
+        from minillm.config import compose
+
+        self.register()
+        try:
+            cfg = compose(argv, config_name=self.name)
+        except Exception as e:  # Hydra: an unknown key, a wrong type, a bad override
+            raise SystemExit(f"error: {e}") from None
+        return self.typed(cfg)
+
+    def cli(self) -> Any:
+        """Hydra's own command line (`python -m minillm.<x>` and `minillm <name>`)."""
+        import hydra
+
+        from minillm.config import CONF_DIR
+
+        self.register()
+
+        def task(cfg):
+            return self.run(self.typed(cfg))
+
+        return hydra.main(config_path=str(CONF_DIR), config_name=self.name, version_base="1.3")(task)()
+
+
+def fields_of(schema: type, value: Any) -> dict:
+    """The fields of dataclass `schema` taken from `value` (a command config that extends it)."""
+    return {f.name: getattr(value, f.name) for f in fields(schema)}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items()]
+    return (
+        "usage: minillm <command> [key=value ...] [--help] [--cfg job] [-m]\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n`minillm <command> --help` lists a command's keys; `python -m <module>` runs the same command."
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """The `minillm` console script: dispatch to a command's Hydra app."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[name][0])
+    sys.argv = [f"minillm {name}", *rest]  # Hydra reads its overrides from sys.argv
+    return module.cli()
+
+
+if __name__ == "__main__":
+    main()
