@@ -1,0 +1,95 @@
+"""The one command line (minillm/cli.py): every command is a Hydra app over the package's config tree."""
+
+import json
+import sys
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from minillm import cli
+from minillm.model import MiniGPT
+from minillm.pretrained import save_pretrained
+from tests.conftest import micro_config
+
+# a key of each command's schema that --help must show
+SCHEMA_KEY = {
+    "train": "init_from",
+    "debug": "show_tokens",
+    "device": "run_dir",
+    "generate": "prompt_file",
+    "chat": "system",
+    "eval": "reward_model",
+    "report": "targets",
+    "export": "overwrite",
+    "pairs": "family",
+    "data": "force",
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hydra(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["minillm"])  # the dispatcher rewrites it; restored after each test
+    yield
+    GlobalHydra.instance().clear()
+
+
+def test_every_command_is_listed_and_documented():
+    assert set(SCHEMA_KEY) == set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMA_KEY))
+def test_help_shows_the_keys_of_the_command(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([name, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert f"minillm {name}" in out and f"{SCHEMA_KEY[name]}:" in out
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMA_KEY))
+def test_a_typo_is_an_error_that_names_the_key(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([name, "no_such_key=1"])
+    assert exit_.value.code not in (0, None)
+    assert "no_such_key" in capsys.readouterr().err
+
+
+def test_unknown_command_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["trian"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'" in err and all(f"  {name} " in err for name in cli.COMMANDS)
+    cli.main([])
+    assert "usage: minillm <command>" in capsys.readouterr().out
+
+
+def test_a_command_run_from_another_folder_writes_nothing_there(tmp_path, tokenizer, monkeypatch, capsys):
+    torch.manual_seed(0)
+    folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cli.main(["generate", f"model_path={folder}", "prompt=Hello", "max_new_tokens=3", "seed=0"])
+    assert capsys.readouterr().out.startswith("Hello")
+    assert list(work.iterdir()) == []  # no .hydra/, no log file, no outputs/
+
+
+def test_eval_sweeps_several_models_in_one_command(tmp_path, tokenizer, monkeypatch):
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "t.jsonl").write_text(
+        "".join(json.dumps({"text": f"Line {i}: to be or not to be."}) + "\n" for i in range(300))
+    )
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = MiniGPT(micro_config(tokenizer.vocab_size))
+        folders.append(save_pretrained(model, tokenizer, tmp_path / f"m{seed}"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cli.main(["eval", "-m", f"model_path={folders[0]},{folders[1]}", f"eval.data_dir={tmp_path}", "eval.tasks=[bpb]"])
+    bpb = [json.loads((f / "eval.json").read_text())["tasks"]["bpb"]["bpb"] for f in folders]
+    assert all(b > 0 for b in bpb) and bpb[0] != bpb[1]  # each job evaluated its own model
+    assert [p.name for p in (work / "outputs" / "sweeps" / "eval").glob("*/multirun.yaml")] == ["multirun.yaml"]
