@@ -28,16 +28,33 @@ DATA_DIR_ENV = "MINIGPT_DATA_DIR"
 
 @dataclass
 class SourceConfig:
-    """Per-source sampling, keyed by file stem under `data.sources` (`+data.sources.kjv.sample_ratio=0.5` on the
-    command line: the `+` adds a key the config does not have yet)."""
+    """One source under `data.sources.<name>`: a file of the data dir (keyed by its stem) or, with `hf` set, a
+    Hugging Face dataset (minillm/data/hf.py). On the command line `+data.sources.<name>.sample_ratio=0.5` adds a
+    key the config does not have yet, `'+data.sources.stories={hf: roneneldan/TinyStories}'` a whole source."""
 
-    sample_ratio: float = 1.0  # 0 leaves the file out
+    sample_ratio: float = 1.0  # 0 leaves the source out
     max_samples: Optional[int] = None
     val_ratio: Optional[float] = None  # None: data.val_ratio
+    # A Hugging Face dataset: a hub id, a builder (parquet, csv, json, arrow, text) with data_files, or a local
+    # path (a save_to_disk folder, a data file, a folder of data files).
+    hf: Optional[str] = None
+    subset: Optional[str] = None  # the hub dataset's config name
+    split: str = "train"
+    revision: Optional[str] = None
+    data_files: Any = None  # a path, a list of paths or {split: paths}, for a builder
+    columns: dict[str, str] = field(default_factory=dict)  # our field -> the dataset's column: {text: story}
+    kind: Optional[str] = None  # pretrain | sft | preference | prompts; None: whatever the stage reads
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sample_ratio <= 1.0:
             raise ValueError(f"sample_ratio must be in [0, 1], got {self.sample_ratio}")
+        hf_only = ("subset", "revision", "data_files", "kind")
+        set_ = [k for k in hf_only if getattr(self, k) is not None] + (["columns"] if self.columns else [])
+        if self.hf is None and set_:
+            raise ValueError(f"{', '.join(set_)}: only a Hugging Face source (hf=...) takes these")
+        kinds = ("pretrain", "sft", "preference", "prompts")
+        if self.kind is not None and self.kind not in kinds:
+            raise ValueError(f"kind must be one of {', '.join(kinds)}, got {self.kind!r}")
 
 
 @dataclass

@@ -100,7 +100,7 @@ class StageInputs:
             check_same_shape(asdict(self.init_model.config), model, self.init_dir)
 
 
-def inputs_for(config, needs, data_dir: Path, files: list[Path]) -> StageInputs:
+def inputs_for(config, needs, data_dir: Path | None, files: list) -> StageInputs:
     """The tokenizer (the init weights' own, or trained on `files` when there are none), the init weights, and
     the reward model when `needs` says so. `settings` records what they decide in the run config: init_from and
     its sha256, the vocabulary size, the reward model and its sha256."""

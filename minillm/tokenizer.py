@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import sentencepiece as spm
 
@@ -35,6 +36,7 @@ class TokenizerConfig:
     vocab_size: int = 8192
     character_coverage: float = 0.9995  # rarer characters are spelled with byte pieces
     max_sentences: int = 2_000_000  # lines sampled for training (sentencepiece's input_sentence_size)
+    max_chars: Optional[int] = None  # read only the first max_chars characters of the corpus (huge sets); None: all
     cache_dir: str = "data/tokenizers"
     retrain: bool = False  # overwrite a cached tokenizer with the same key
 
@@ -162,11 +164,15 @@ def train_tokenizer(lines: Iterable[str], out_dir: str | Path, config: Tokenizer
     return Tokenizer(out_dir)
 
 
-def corpus_fingerprint(files: list[Path]) -> str:
+def corpus_fingerprint(files: list) -> str:
+    """Of the corpus content: each file's bytes, or a dataset source's own `fingerprint()`."""
     h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.name.encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+    for f in sorted(files, key=str):
+        if isinstance(f, Path):
+            h.update(f.name.encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        else:
+            h.update(f.fingerprint().encode())
     return h.hexdigest()
 
 
@@ -180,6 +186,8 @@ def get_tokenizer(files: list[Path], config: TokenizerConfig, lines: Callable[[]
     if not files:
         raise FileNotFoundError("no corpus files given to train the tokenizer on")
     settings = {k: v for k, v in asdict(config).items() if k not in ("cache_dir", "retrain")}
+    if settings["max_chars"] is None:  # keys of tokenizers trained before the setting existed stay valid
+        del settings["max_chars"]
     key_src = json.dumps({"corpus": corpus_fingerprint(files), "settings": settings, "v": TRAINER_VERSION})
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     out_dir = Path(config.cache_dir) / f"bpe{config.vocab_size}-{key}"

@@ -23,7 +23,7 @@ from minillm import rundir
 from minillm.callbacks.interrupt import InterruptCallback
 from minillm.checkpoint_io import remove_stale_tmp
 from minillm.config import CONF_DIR, Config, compose, resolved_dict, to_config
-from minillm.data.datamodule import MiniLLMDataModule, find_files, resolve_data_dir
+from minillm.data.datamodule import MiniLLMDataModule, find_sources
 from minillm.device import training_precision
 from minillm.stages import LMModule, stage_module
 
@@ -74,8 +74,7 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     run_dir = Path(typed.run_dir)
     rundir.check_run_dir(run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
-    data_dir = resolve_data_dir(typed.data)
-    files = find_files(data_dir, stage_cls.data)
+    data_dir, files = find_sources(typed.data, stage_cls.data)  # files of the data dir, Hugging Face datasets
     inputs = rundir.inputs_for(typed, stage_cls.needs_for(typed.stage), data_dir, files)
     for key, value in inputs.settings.items():  # what the inputs decide is recorded in the run config
         OmegaConf.update(cfg, key, value)

@@ -129,7 +129,8 @@ def test_report_tabulates_each_stage_against_its_start_and_draws_a_chart(tmp_pat
         snapshot = {"config": {"init_from": init}}
         (out / f"{stage}_micro" / "training_config_snapshot.json").write_text(json.dumps(snapshot))
     save_pretrained(RewardModel(micro_config(tokenizer.vocab_size)), tokenizer, out / "reward_micro" / "final")
-    args = ["model_name=micro", f"out_dir={out}", f"eval.data_dir={eval_data}", "eval.pairs=[sums]", "eval.max_new_tokens=4"]
+    args = ["model_name=micro", f"out_dir={out}", f"eval.data_dir={eval_data}", "eval.pairs=[sums]"]
+    args.append("eval.max_new_tokens=4")
     report.main(args)
     text = (out / "report.md").read_text()
     rows = {}  # the first table: stage -> its row

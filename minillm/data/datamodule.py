@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from minillm.config import DATA_DIR_ENV, DataConfig, SourceConfig
 from minillm.data.builtin import DEFAULT_OUT as BUILTIN_DIR
 from minillm.data.builtin import build_builtin
+from minillm.data.hf import HFSource, sources_of
 from minillm.data.kinds import PRETRAIN, Kind, kind_named
 from minillm.data.loader import ResumableLoader, ResumableSampler, WindowTotals
 from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled
@@ -55,12 +56,23 @@ def resolve_data_dir(config: DataConfig) -> Path:
     return path
 
 
-def find_files(data_dir: Path, kind: Kind) -> list[Path]:
+def find_sources(config: DataConfig, kind: Kind) -> tuple[Path | None, list[Path | HFSource]]:
+    """(data dir, sources) of a stage: the kind's files in the data dir, then the Hugging Face sources of
+    `data.sources` for this kind. With Hugging Face sources and no data dir named (data.dir, $MINIGPT_DATA_DIR),
+    only they are read (not the built-in corpus); with a data dir, its files join them."""
+    hf = sources_of(config, kind.name)
+    if hf and not (config.dir or os.environ.get(DATA_DIR_ENV)):
+        return None, list(hf)
+    data_dir = resolve_data_dir(config)
+    return data_dir, [*find_files(data_dir, kind, required=not hf), *hf]
+
+
+def find_files(data_dir: Path, kind: Kind, required: bool = True) -> list[Path]:
     """The files of a kind: <data_dir>/<kind.name>/ matching its patterns."""
     folder = data_dir / kind.name
     searched = [str(folder / p) for p in kind.patterns]
     files = sorted(f for p in kind.patterns for f in folder.glob(p) if f.is_file())
-    if not files:
+    if not files and required:
         for s in searched:
             log.error("no data file matches %s", s)
         raise DataError(
@@ -73,16 +85,35 @@ def find_files(data_dir: Path, kind: Kind) -> list[Path]:
     return files
 
 
-def corpus_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
-    """The tokenizer of these pretraining files (cached by content and settings), trained on their records'
-    lines. Malformed records are skipped here (the data module reports them with file:line right after); when
-    nothing is left, the error shows the first bad record."""
+def read_source(source: Path | HFSource, kind: Kind, bad: BadRecords) -> Iterator[str]:
+    """The records of a file or a dataset source, as the kind stores them."""
+    return source.read(kind, bad) if isinstance(source, HFSource) else kind.read(source, bad)
+
+
+def corpus_lines(files: list[Path | HFSource], bad: BadRecords, max_chars: int | None = None) -> Iterator[str]:
+    """The non-blank lines of the pretraining records, until `max_chars` characters were given (None: all)."""
+    left = max_chars
+    for f in files:
+        for text in read_source(f, PRETRAIN, bad):
+            for line in text.split("\n"):
+                if not line.strip():
+                    continue
+                if left is not None:
+                    if left <= 0:
+                        return
+                    left -= len(line)
+                yield line
+
+
+def corpus_tokenizer(files: list[Path | HFSource], config: TokenizerConfig) -> Tokenizer:
+    """The tokenizer of these pretraining sources (cached by content and settings), trained on their records'
+    lines (the first `tokenizer.max_chars` characters when set: a sample of a huge set). Malformed records are
+    skipped here (the data module reports them with file:line right after); when nothing is left, the error
+    shows the first bad record."""
     bad = BadRecords(skip=True)
 
     def lines() -> Iterator[str]:
-        for f in files:
-            for text in PRETRAIN.read(f, bad):
-                yield from (s for s in text.split("\n") if s.strip())
+        return corpus_lines(files, bad, config.max_chars)
 
     try:
         return get_tokenizer(files, config, lines)
@@ -96,7 +127,9 @@ def corpus_tokenizer(files: list[Path], config: TokenizerConfig) -> Tokenizer:
         ) from None
 
 
-def _file_key(f: Path) -> str:
+def _file_key(f: Path | HFSource) -> str:
+    if isinstance(f, HFSource):
+        return f.fingerprint()
     st = f.stat()
     return f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
@@ -110,19 +143,20 @@ def _rows(
     kind: str,
     key: str,
 ) -> Iterator[dict]:
-    """Every record of every file as a row: source, text, split (train / val / unsampled / bad).
+    """Every record of every source as a row: source, text, split (train / val / unsampled / bad).
 
     A record is sampled by a hash of its text (ratio), the first `cap` sampled records of a file are kept, and
     the kept ones are split by another hash. Structured records are stored as their JSON text.
-    `key` (file sizes and mtimes) only feeds the cache fingerprint.
+    `files` holds paths and dataset sources (their JSON spec); `key` (file sizes and mtimes, dataset
+    fingerprints) only feeds the cache fingerprint.
     """
     del key
-    read = kind_named(kind).read
     for name, ratio, val_ratio, cap in zip(files, ratios, val_ratios, caps):
-        path = Path(name)
+        path = HFSource.from_spec(name) if name.startswith("{") else Path(name)
+        name = str(path)
         bad = BadRecords(skip_bad)
         kept = 0
-        for text in read(path, bad):
+        for text in read_source(path, kind_named(kind), bad):
             if not is_sampled(text, ratio) or (cap is not None and kept >= cap):
                 yield {"source": path.stem, "text": "", "split": "unsampled"}
                 continue
@@ -138,7 +172,7 @@ class MiniLLMDataModule(L.LightningDataModule):
     def __init__(
         self,
         config: DataConfig,
-        files: list[Path],
+        files: list[Path | HFSource],
         tokenizer: Tokenizer,
         block_size: int,
         seed: int,
@@ -156,7 +190,8 @@ class MiniLLMDataModule(L.LightningDataModule):
         self.val: Dataset | None = None
         self.stats: dict = {}
         left_out = {name for name, src in config.sources.items() if src.sample_ratio == 0}  # absent is fine then
-        unknown = sorted(set(config.sources) - {f.stem for f in files} - left_out)
+        datasets = {name for name, src in config.sources.items() if src.hf is not None}  # maybe another kind's
+        unknown = sorted(set(config.sources) - {f.stem for f in files} - left_out - datasets)
         if unknown:
             raise DataError(f"data.sources names {unknown}, but the data files are {[f.stem for f in files]}")
 
@@ -172,7 +207,7 @@ class MiniLLMDataModule(L.LightningDataModule):
         cache = Path(self.config.cache_dir)
         sources = [self._source(f) for f in self.files]
         kwargs = {
-            "files": [str(f) for f in self.files],
+            "files": [f.spec() if isinstance(f, HFSource) else str(f) for f in self.files],
             "ratios": [s.sample_ratio * self.config.sample_ratio for s in sources],
             "val_ratios": [self.config.val_ratio if s.val_ratio is None else s.val_ratio for s in sources],
             "caps": [s.max_samples for s in sources],

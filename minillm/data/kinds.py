@@ -21,7 +21,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minillm.data.records import BadRecords, read_conversations, read_preferences, read_prompts, read_texts
+from minillm.data.records import (
+    BadRecords,
+    read_conversations,
+    read_preferences,
+    read_prompts,
+    read_texts,
+    to_messages,
+    to_preference,
+    to_prompt,
+    to_text,
+)
 from minillm.generate import left_pad
 from minillm.losses import IGNORE_INDEX
 from minillm.tokenizer import Tokenizer, apply_chat_template
@@ -82,7 +92,12 @@ class Kind:
     targets = True  # rows count their target tokens (`n_targets`) and truncation: stats and weighting
     weighted = False  # the sampler weights each micro-batch by the target tokens of its optimizer step
     perplexity = True  # the validation loss is a per-token loss (val/ppl is logged)
-    read: Callable[[Path, BadRecords], Iterator[str]]
+    read: Callable[[Path, BadRecords], Iterator[str]]  # a file's records, as stored in the records table
+    normalise: Callable[[dict], object]  # one object (a dataset row) -> our record, or a str: what is wrong
+
+    def record_text(self, record) -> str:
+        """How a normalised record is stored in the records table: its JSON text (pretraining: the text)."""
+        return json.dumps(record, ensure_ascii=False)
 
     def check(self, block_size: int, lengths: tuple[int, int]) -> None:
         """Refuse settings that cannot fit (called when the data module is made)."""
@@ -125,6 +140,10 @@ class _Pretrain(Kind):
     patterns = ("*.jsonl", "*.txt")
     targets = False
     read = staticmethod(read_texts)
+    normalise = staticmethod(to_text)
+
+    def record_text(self, record) -> str:
+        return record["text"]
 
     def tokenize(self, batch, tokenizer, window, lengths):
         ids = tokenizer.sp.encode(batch["text"])
@@ -161,6 +180,7 @@ class _SFT(Kind):
     name = "sft"
     weighted = True
     read = staticmethod(read_conversations)
+    normalise = staticmethod(to_messages)
 
     def tokenize(self, batch, tokenizer, window, lengths):
         out = {"input_ids": [], "labels": [], "truncated": [], "length": [], "n_targets": []}
@@ -210,6 +230,7 @@ class _Preference(Kind):
     name = "preference"
     perplexity = False
     read = staticmethod(read_preferences)
+    normalise = staticmethod(to_preference)
 
     def check(self, block_size, lengths):
         if sum(lengths) > block_size + 1:
@@ -235,6 +256,7 @@ class _Prompts(Kind):
 
     name = "prompts"
     read = staticmethod(read_prompts)
+    normalise = staticmethod(to_prompt)
 
     def tokenize(self, batch, tokenizer, window, lengths):
         out = {"prompt_ids": [], "truncated": [], "length": [], "n_targets": []}

@@ -65,7 +65,8 @@ class BadRecords:
         self.examples: dict[str, str] = {}
 
     def __call__(self, path: Path, lineno: int, problem: str) -> None:
-        where = f"{path}:{lineno}"
+        """`path`: a file (`lineno` its line) or a dataset source (`lineno` its row index)."""
+        where = f"{path}:{lineno}" if isinstance(path, Path) else f"{path}, row {lineno}"
         if not self.skip:
             raise DataError(f"{where}: {problem}. Fix the record, or set data.skip_bad_records=true to skip such lines")
         self.counts[str(path)] = self.counts.get(str(path), 0) + 1
@@ -123,19 +124,27 @@ def read_jsonl(path: Path, bad: BadRecords) -> Iterator[tuple[int, dict]]:
             yield lineno, obj
 
 
+def to_text(obj: dict, field: str = "text") -> dict | str:
+    """A pretraining record as {"text": str}, or what is wrong with it."""
+    text = obj.get(field)
+    if not isinstance(text, str):
+        got = "missing" if text is None else a_type(text)
+        return f'field "{field}" must be a string, it is {got} (keys: {sorted(obj)[:8]})'
+    return {"text": text}
+
+
 def read_texts(path: Path, bad: BadRecords, field: str = "text") -> Iterator[str]:
     """The pretraining texts of a .jsonl ({"text": ...}) or .txt file."""
     if path.suffix == ".txt":
         yield from chunk_paragraphs(_txt_paragraphs(path, bad), TXT_RECORD_CHARS)
         return
     for lineno, obj in read_jsonl(path, bad):
-        text = obj.get(field)
-        if not isinstance(text, str):
-            got = "missing" if text is None else a_type(text)
-            bad(path, lineno, f'field "{field}" must be a string, it is {got} (keys: {sorted(obj)[:8]})')
+        record = to_text(obj, field)
+        if isinstance(record, str):
+            bad(path, lineno, record)
             continue
-        if text:
-            yield text
+        if record["text"]:
+            yield record["text"]
 
 
 def record_fraction(record: object, salt: str) -> float:

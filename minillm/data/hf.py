@@ -1,0 +1,159 @@
+"""Hugging Face `datasets` sources: `data.sources.<name>.hf` names a dataset `datasets.load_dataset` (or
+`load_from_disk`) opens, read row by row into the same records as our own files:
+
+    hf: roneneldan/TinyStories            a hub id (subset, revision, split); offline: from the local HF cache
+    hf: parquet / csv / json / arrow      a builder, with data_files: a path, a list, or {split: paths}
+    hf: /path/to/folder_or_file           a save_to_disk folder, one data file (its suffix picks the builder),
+                                          or a folder of data files
+
+`columns` maps our field names to the dataset's columns (`{text: story}`, `{messages: dialog}`,
+`{prompt: question, chosen: good, rejected: bad}`); the row is then read by the kind's own record parser
+(minillm/data/records.py), so every chat and preference format of our files is accepted here too. A row the
+parser refuses is a `DataError` naming the dataset, split and row index (or, with data.skip_bad_records, skipped
+and counted); a mapped column the dataset lacks is an error listing its columns, before anything is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from minillm.config import SourceConfig
+from minillm.data.records import BadRecords, DataError
+
+BUILDERS = ("parquet", "csv", "json", "arrow", "text")
+SUFFIX_BUILDER = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+_OPENED: dict[str, object] = {}  # spec -> Dataset: one load per process (the tokenizer and the data module share)
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """A dataset source, named like a file source (`stem`) so sampling, stats and splits treat both alike."""
+
+    name: str
+    config: SourceConfig
+
+    @property
+    def stem(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        c = self.config
+        extra = "".join(f", {k} {v}" for k, v in (("subset", c.subset), ("revision", c.revision)) if v)
+        return f"dataset {c.hf} (split {c.split}{extra})"
+
+    def spec(self) -> str:
+        """The whole source as text (picklable, part of cache fingerprints)."""
+        return json.dumps({"name": self.name, "config": asdict(self.config)}, sort_keys=True)
+
+    @classmethod
+    def from_spec(cls, spec: str) -> HFSource:
+        data = json.loads(spec)
+        return cls(data["name"], SourceConfig(**data["config"]))
+
+    def open(self):
+        """The `datasets.Dataset` (loaded once per process); errors say what was asked for and what to do."""
+        key = self.spec()
+        if key not in _OPENED:
+            _OPENED[key] = _load(self)
+        return _OPENED[key]
+
+    def fingerprint(self) -> str:
+        """Changes when the data or the mapping does: the dataset's own fingerprint and the source settings."""
+        return f"{self.open()._fingerprint}:{self.spec()}"
+
+    def rows(self) -> Iterator[tuple[int, dict]]:
+        """(row index, row with the mapped columns under our field names)."""
+        dataset = self.open()
+        mapping = dict(self.config.columns)
+        for i, row in enumerate(dataset):
+            for ours, theirs in mapping.items():
+                row[ours] = row.pop(theirs)
+            yield i, row
+
+    def read(self, kind, bad: BadRecords) -> Iterator[str]:
+        """The records of `kind` (a data kind of minillm/data/kinds.py), as its files' reader yields them."""
+        for i, row in self.rows():
+            record = kind.normalise(_plain(row))
+            if isinstance(record, str):
+                bad(self, i, record)
+                continue
+            text = kind.record_text(record)
+            if text:
+                yield text
+
+
+def _plain(value):
+    """Rows hold numpy/arrow scalars and tuples in places: plain JSON-able Python values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+
+
+def sources_of(config, kind_name: str) -> list[HFSource]:
+    """The Hugging Face sources of `data.sources` that feed a stage reading `kind_name` (and are sampled)."""
+    return [
+        HFSource(name, src)
+        for name, src in config.sources.items()
+        if src.hf is not None and src.kind in (None, kind_name) and src.sample_ratio > 0
+    ]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "HF_HUB_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes")
+
+
+def _load(source: HFSource):
+    import datasets
+
+    c, where = source.config, f"data.sources.{source.name}"
+    local = Path(c.hf).expanduser()
+    try:
+        if local.is_dir() and ((local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()):
+            dataset = datasets.load_from_disk(str(local))
+            if isinstance(dataset, datasets.DatasetDict):
+                if c.split not in dataset:
+                    raise DataError(f"{where}: {local} has splits {sorted(dataset)}, not {c.split!r}; set split=")
+                dataset = dataset[c.split]
+        elif local.is_file():
+            builder = SUFFIX_BUILDER.get(local.suffix)
+            if builder is None:
+                raise DataError(f"{where}: {local}: unknown data file type; use {', '.join(SUFFIX_BUILDER)}")
+            dataset = datasets.load_dataset(builder, data_files={c.split: str(local)}, split=c.split)
+        elif c.hf in BUILDERS:
+            if c.data_files is None:
+                raise DataError(f"{where}: hf={c.hf} reads local files: set data_files (a path, a list or a dict)")
+            dataset = datasets.load_dataset(c.hf, data_files=c.data_files, split=c.split)
+        elif local.is_dir() or c.hf.startswith((".", "/", "~")):
+            if not local.is_dir():
+                raise DataError(f"{where}: no dataset at {local}: the path does not exist")
+            dataset = datasets.load_dataset(str(local), data_files=c.data_files, split=c.split)
+        else:
+            dataset = datasets.load_dataset(c.hf, name=c.subset, split=c.split, revision=c.revision)
+    except DataError:
+        raise
+    except Exception as e:  # unknown id, no network, no such split: datasets' own message, with what was asked
+        hint = (
+            " (offline: HF_DATASETS_OFFLINE is set, so only a dataset already in the local HF cache can be opened)"
+            if _offline()
+            else ""
+        )
+        raise DataError(f"{where}: could not open {source}{hint}: {type(e).__name__}: {e}") from None
+    if isinstance(dataset, datasets.IterableDataset):
+        raise DataError(f"{where}: {source} opened as a stream; streaming sources are not supported yet")
+    if len(dataset) == 0:
+        raise DataError(f"{where}: {source} is empty")
+    missing = sorted(theirs for theirs in c.columns.values() if theirs not in dataset.column_names)
+    if missing:
+        raise DataError(
+            f"{where}.columns maps to {missing}, which {source} does not have; its columns are "
+            f"{dataset.column_names}"
+        )
+    return dataset
