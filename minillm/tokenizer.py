@@ -210,7 +210,7 @@ class ChatEncoding:
     assistant_mask: list[int] = field(default_factory=list)  # 1 on tokens the assistant wrote (and its <|im_end|>)
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's output, rendered like any turn, never trained on
 # The one chat template (ChatML), in the two forms it is needed in: `chat_turns` below, which
 # `apply_chat_template` encodes with the markers inserted by id, and the same layout as Jinja for the
 # tokenizer_config.json of an export (transformers' apply_chat_template). A test renders both and compares.

@@ -1,4 +1,5 @@
-"""The package as a user installs it: a wheel in a fresh venv, used from an empty folder (no clone around)."""
+"""The package as a user installs it: a wheel in a fresh venv, used from an empty folder (no clone around),
+training on a local parquet file with a model preset of the user's own."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import datasets
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +56,7 @@ def fresh_venv(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_a_wheel_trains_and_generates_from_an_empty_folder(tmp_path, data_dir):
+def test_a_wheel_trains_on_parquet_and_generates_from_an_empty_folder(tmp_path, data_dir):
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "minillm/conf/train.yaml" in names and "minillm/conf/model/tiny.yaml" in names
@@ -74,10 +76,13 @@ def test_a_wheel_trains_and_generates_from_an_empty_folder(tmp_path, data_dir):
         [bin_ / "python", "-c", "import minillm; print(minillm.__file__)"], cwd=work, env=env, capture_output=True
     )
     assert str(tmp_path / "venv") in where.stdout.decode()  # the wheel's copy, not the clone's
-    done = minillm("train", "stage=pretrain", "model=pico", f"data.dir={data_dir}", *MICRO, "--config-dir", "my_conf")
+    texts = [json.loads(line)["text"] for line in (data_dir / "pretrain" / "verses.jsonl").read_text().splitlines()]
+    datasets.Dataset.from_dict({"body": texts}).to_parquet(str(tmp_path / "verses.parquet"))
+    source = f"+data.sources.verses={{hf: {tmp_path / 'verses.parquet'}, columns: {{text: body}}}}"
+    done = minillm("train", "stage=pretrain", "model=pico", source, *MICRO, "--config-dir", "my_conf")
     assert done.returncode == 0, done.stderr[-3000:]
     final = work / "outputs" / "pretrain_pico" / "final"
-    assert (final / "model.safetensors").is_file()
+    assert (final / "model.safetensors").is_file() and not (work / "data" / "builtin").exists()  # parquet only
     model = json.loads((final / "minillm.json").read_text())["model"]
     assert model["name"] == "pico" and model["rope_theta"] == 5000.0  # the user's preset, over the package's tiny
     out = minillm("generate", "model_path=outputs/pretrain_pico/final", "prompt=Hello", "max_new_tokens=4", "seed=0")

@@ -30,6 +30,26 @@ FORMATS = {
     },
     "alpaca": {"instruction": "Greet", "input": "Bob", "output": "Hello, Bob!"},
     "prompt_response": {"prompt": "Hi", "response": "Hello!"},
+    "prompt_completion": {"prompt": "Hi", "completion": "Hello!"},
+    "prompt_completion_chat": {
+        "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
+        "completion": [{"role": "assistant", "content": "Hello!"}],
+    },
+    "sharegpt": {
+        "conversations": [
+            {"from": "system", "value": "Be kind."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"},
+        ]
+    },
+    "tool": {
+        "conversations": [
+            {"from": "human", "value": "Weather in Oslo?"},
+            {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
+            {"from": "observation", "value": '{"temp": -3}'},
+            {"from": "gpt", "value": "It is -3 degrees."},
+        ]
+    },
     "multi_turn": {
         "conversations": [
             {"role": "user", "content": "A"},
@@ -54,6 +74,14 @@ def test_labels_cover_exactly_the_assistant_tokens_in_every_format(tokenizer, na
     assert learned == expected
     if name == "alpaca":
         assert messages[0]["content"] == "Greet\n\nBob"
+    same = ("messages", "prompt_completion_chat", "sharegpt")  # one conversation in three formats
+    if name in same:
+        assert messages == to_messages(FORMATS["messages"])
+    if name == "prompt_completion":
+        assert messages == to_messages(FORMATS["prompt_response"])
+    if name == "tool":  # the tool's output is in the context, rendered as its own turn, and never learned
+        assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+        assert 'tool\n{"temp": -3}\nassistant\nIt is' in tokenizer.decode(ids)  # control tokens decode to nothing
 
 
 @pytest.mark.parametrize(
@@ -63,6 +91,8 @@ def test_labels_cover_exactly_the_assistant_tokens_in_every_format(tokenizer, na
         ({"conversations": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'"),
         ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant message"),
         ({"text": "plain"}, "no chat fields"),
+        ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown speaker 'alien'"),
+        ({"prompt": "Hi", "completion": 3}, "prompt and completion must each be a string or a list of messages"),
     ],
 )
 def test_bad_conversations_are_named_with_file_and_line(tmp_path, tokenizer, record, message):

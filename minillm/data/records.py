@@ -163,22 +163,73 @@ def is_sampled(record: object, ratio: float) -> bool:
     return ratio >= 1.0 or record_fraction(record, "sample") < ratio
 
 
+# ShareGPT's speaker names ("from") -> our roles
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",  # the assistant calling a tool
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",  # what the tool returned
+}
+
+
+def _sharegpt(turns: list) -> list | str:
+    """ShareGPT turns ({"from", "value"}) as messages, or what is wrong with them."""
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t:
+            return f"message {i}: a ShareGPT turn needs from and value"
+        role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+        if role is None:
+            return f"message {i} has unknown speaker {t['from']!r}; ShareGPT speakers are {', '.join(SHAREGPT_ROLES)}"
+        messages.append({"role": role, "content": t.get("value")})
+    return messages
+
+
+def _turns(value, role: str) -> list | None:
+    """A prompt or completion of TRL's prompt-completion format: a string (one `role` message) or messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return list(value) if isinstance(value, list) else None
+
+
 def to_messages(obj: dict) -> list[dict] | str:
     """A chat record in any supported format as [{"role", "content"}, ...], or what is wrong with it.
 
-    Formats: minimind {"conversations": [...]}, OpenAI/TRL {"messages": [...]}, Alpaca {"instruction", "input",
-    "output"} and {"prompt", "response"}.
+    Formats: minimind {"conversations": [...]}, OpenAI/TRL {"messages": [...]}, ShareGPT {"conversations":
+    [{"from": "human"|"gpt"|"system"|"tool"|..., "value"}]}, TRL prompt-completion {"prompt", "completion"}
+    (strings, or message lists: the conversation is the prompt followed by the completion), Alpaca
+    {"instruction", "input", "output"} and {"prompt", "response"}. Roles: system, user, assistant, tool (a tool's
+    output: in the context, never a training target).
     """
     if "conversations" in obj or "messages" in obj:
         messages = obj.get("conversations", obj.get("messages"))
+        if isinstance(messages, list) and messages and isinstance(messages[0], dict) and "from" in messages[0]:
+            messages = _sharegpt(messages)
+            if isinstance(messages, str):
+                return messages
+    elif "prompt" in obj and "completion" in obj:
+        prompt, completion = _turns(obj["prompt"], "user"), _turns(obj["completion"], "assistant")
+        if prompt is None or completion is None:
+            return "prompt and completion must each be a string or a list of messages"
+        messages = prompt + completion
     elif "instruction" in obj and "output" in obj:
         user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
     elif "prompt" in obj and "response" in obj:
         messages = [{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["response"]}]
     else:
-        return (f"no chat fields: expected conversations, messages, instruction+output or prompt+response "
-                f"(keys: {sorted(obj)[:8]})")
+        return (
+            "no chat fields: expected conversations, messages, prompt+completion, instruction+output or "
+            f"prompt+response (keys: {sorted(obj)[:8]})"
+        )
     if not isinstance(messages, list) or not messages:
         return "the conversation is empty"
     for i, m in enumerate(messages):
