@@ -245,6 +245,17 @@ class RLHFConfig(PromptLengths):
 
 
 @dataclass
+class ExportConfig:
+    """What `<run_dir>/final/` holds when training completes."""
+
+    weights: str = "last"  # last: the weights at the end; best: best.ckpt (lowest val/loss)
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("last", "best"):
+            raise ValueError(f"export.weights must be last or best, got {self.weights!r}")
+
+
+@dataclass
 class DebugConfig:
     max_new_tokens: int = 32
     show_tokens: int = 48  # how many token ids of the first row to print
@@ -258,6 +269,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     trainer: dict[str, Any] = field(default_factory=dict)  # lightning.pytorch.Trainer arguments
     callbacks: dict[str, Any] = field(default_factory=dict)  # name -> _target_ config (null disables one)
     logger: dict[str, Any] = field(default_factory=dict)

@@ -47,7 +47,11 @@ RESUME_FREE_KEYS = (
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "callbacks.progress",
+    "callbacks.device_stats",
+    "callbacks.early_stopping",
     "logger",
+    "export",  # which weights final/ gets
+    "callbacks.export.weights",
     # where the run lives: a run dir that was moved or copied still resumes
     "run_dir",
     "callbacks.checkpoint.dirpath",
@@ -337,16 +341,25 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every trained-on setting that differs."""
+    """`key: old -> new` for every trained-on setting that differs. A key the checkpoint's config lacks (a
+    setting added by a later minillm) at its schema default is no difference: old runs keep resuming."""
+    from omegaconf import OmegaConf
+
+    from minillm.config import Config
+
     a, b = _flatten(old), _flatten(new)
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
 
     def free(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUME_FREE_KEYS)
 
+    def added_at_default(key: str) -> bool:
+        return key not in a and key in defaults and b.get(key) == defaults[key]
+
     return [
         f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}"
         for k in sorted(set(a) | set(b))
-        if not free(k) and a.get(k) != b.get(k)
+        if not free(k) and a.get(k) != b.get(k) and not added_at_default(k)
     ]
 
 

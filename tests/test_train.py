@@ -205,3 +205,15 @@ def test_grad_monitor_warns_on_a_spike_naming_the_step(caplog):
     restored = GradMonitor()
     restored.load_state_dict(monitor.state_dict())
     assert restored.history == monitor.history and restored.spikes == [12]
+
+
+def test_a_setting_added_since_the_checkpoint_at_its_default_is_no_change():
+    from minillm.config import compose, resolved_dict
+    from minillm.rundir import config_differences
+
+    new = resolved_dict(compose(["stage=pretrain", "model=tiny"]))
+    old = {**new, "tokenizer": {k: v for k, v in new["tokenizer"].items() if k != "max_chars"}}
+    assert config_differences(old, new) == []  # an older minillm's checkpoint resumes
+    changed = resolved_dict(compose(["stage=pretrain", "model=tiny", "tokenizer.max_chars=1000"]))
+    assert config_differences(old, changed) == ["tokenizer.max_chars: '<unset>' -> 1000"]
+    assert config_differences(new, changed) == ["tokenizer.max_chars: None -> 1000"]

@@ -1,5 +1,9 @@
 """Beside the checkpoints: the model config and tokenizer (so a .ckpt opens with `load_model`); at the end of a
-completed fit: `<run_dir>/final/`, the exported model folder. Never after an interrupt or a halt."""
+completed fit: `<run_dir>/final/`, the exported model folder. Never after an interrupt or a halt.
+
+`export.weights`: `last` (the weights at the end) or `best` (best.ckpt, the lowest val/loss). The closing log
+line says which weights final/ holds and their val/loss, and warns when validation loss ended well above its
+best (on a small corpus the last step is often not the best)."""
 
 from __future__ import annotations
 
@@ -14,9 +18,14 @@ from minillm.pretrained import save_pretrained
 log = logging.getLogger(__name__)
 
 
+OVERFIT_WARNING = 1.05  # warn when the last val/loss is this many times its best
+
+
 class ExportCallback(L.Callback):
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str, weights: str = "last") -> None:
+        if weights not in ("last", "best"):
+            raise ValueError(f"export.weights must be last or best, got {weights!r}")
+        self.run_dir, self.weights = Path(run_dir), weights
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -34,6 +43,38 @@ class ExportCallback(L.Callback):
         if pl_module.stop_reason is not None:
             log.info("training stopped early (%s): no final/ export", pl_module.stop_reason)
             return
-        if trainer.is_global_zero:
-            out = save_pretrained(pl_module.exported_model(), pl_module.tokenizer, self.run_dir / "final")
-            log.info("exported the final model to %s", out)
+        if not trainer.is_global_zero:
+            return
+        best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/loss"), None)
+        best_path = Path(best.best_model_path) if best is not None and best.best_model_path else None
+        best_loss = float(best.best_model_score) if best is not None and best.best_model_score is not None else None
+        last_loss = trainer.callback_metrics.get("val/loss")
+        last_loss = None if last_loss is None else float(last_loss)
+        if self.weights == "best" and best_path is not None and best_path.is_file():
+            model = _weights_of(best_path)
+            which = f"the best weights ({best_path.name}, val/loss {best_loss:.4f})"
+        else:
+            if self.weights == "best":
+                log.warning("export.weights=best, but no best checkpoint was written (no validation?): last weights")
+            model = pl_module.exported_model()
+            loss = "" if last_loss is None else f", val/loss {last_loss:.4f}"
+            which = f"the last weights (step {trainer.global_step}{loss})"
+        out = save_pretrained(model, pl_module.tokenizer, self.run_dir / "final")
+        log.info("final/ holds %s: %s", which, out)
+        if self.weights == "last" and None not in (last_loss, best_loss) and last_loss > best_loss * OVERFIT_WARNING:
+            log.warning(
+                "validation loss ended at %.4f, well above its best %.4f (%s): the model may have overfit; "
+                "export.weights=best makes final/ that checkpoint",
+                last_loss,
+                best_loss,
+                best_path.name if best_path else "best.ckpt",
+            )
+
+
+def _weights_of(checkpoint: Path):
+    """The exportable model of a training checkpoint (a reward model with its head)."""
+    from minillm.model import RewardModel
+    from minillm.pretrained import _load
+
+    model, _, score = _load(checkpoint, "cpu")
+    return RewardModel.from_trunk(model, score) if score is not None else model
