@@ -8,6 +8,7 @@ any tensor exists. Everything else is typed here, so a typo or a wrong type fail
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -296,6 +297,21 @@ STAGE_SCHEMAS = {
 }
 for _name, _schema in STAGE_SCHEMAS.items():
     ConfigStore.instance().store(group="stage_schema", name=_name, node=_schema)
+
+
+def _wandb_offline() -> bool:
+    """logger=wandb logs offline unless the user is logged in (an API key in the environment or ~/.netrc)."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return True
+
+
+OmegaConf.register_new_resolver("wandb_offline", _wandb_offline)
 # PPO and GRPO runs of stage=rlhf get different run dirs: outputs/rlhf_<model>, outputs/rlhf-grpo_<model>
 OmegaConf.register_new_resolver("rlhf_run", lambda algorithm: "rlhf" if algorithm == "ppo" else f"rlhf-{algorithm}")
 

@@ -1,4 +1,5 @@
-"""Which weights become final/: export.weights=last|best, said in the closing log line, with an overfit warning."""
+"""Which weights become final/ (export.weights=last|best, named in the closing log line, with an overfit warning),
+and the Lightning conveniences that decide when training ends or what it logs (callbacks presets)."""
 
 import logging
 from types import SimpleNamespace
@@ -57,3 +58,21 @@ def test_the_closing_line_names_the_weights_and_warns_when_val_loss_ended_well_a
 def test_export_weights_is_checked(tmp_path, data_dir):
     with pytest.raises(ValueError, match="export.weights must be last or best, got 'first'"):
         build(micro_overrides(tmp_path, data_dir, "export.weights=first"))
+
+
+def test_early_stopping_and_device_stats_presets(tmp_path, data_dir):
+    """callbacks=[default,early_stopping,device_stats]: Lightning's own callbacks, off unless asked for."""
+    import csv
+
+    presets = ["callbacks=[default,early_stopping,device_stats]", "callbacks.early_stopping.patience=1"]
+    never_enough = "callbacks.early_stopping.min_delta=100"  # no validation after the first improves by 100
+    run = build(micro_overrides(tmp_path, data_dir, *presets, never_enough, "trainer.max_steps=12"))
+    assert run.fit() == 0
+    assert run.trainer.global_step == 6  # validations at 3 and 6: stopped after the second, not at 12
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()  # a stop, not a failure: exported
+    with open(tmp_path / "run" / "logs" / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert any("cpu_percent" in c for c in columns)
+    default = build(micro_overrides(tmp_path / "d", data_dir))
+    names = {type(c).__name__ for c in default.trainer.callbacks}
+    assert not names & {"EarlyStopping", "DeviceStatsMonitor"}
