@@ -10,16 +10,16 @@ REF_STAMP := $(REF_VENV)/.installed
 
 .PHONY: demo quality test test-slow test-ref lint format data bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,plots]' -c constraints.txt
 	touch $@
 
-$(REF_STAMP): pyproject.toml
+$(REF_STAMP): pyproject.toml constraints.txt
 	test -x $(REF_VENV)/bin/python || $(PYTHON) -m venv $(REF_VENV)
 	$(REF_VENV)/bin/python -c "import torch" 2>/dev/null || $(REF_VENV)/bin/python -m pip install --quiet $(TORCH_PIN)
-	$(REF_VENV)/bin/python -m pip install --quiet -e '.[test,ref]'
+	$(REF_VENV)/bin/python -m pip install --quiet -e '.[test,plots,ref]' -c constraints.txt
 	touch $@
 
 data: $(STAMP)

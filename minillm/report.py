@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from minillm.callbacks.loss_plot import PLOTS_HINT, have_matplotlib
 from minillm.cli import Command
 from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
 from minillm.rundir import final_dir, stage_dir
@@ -282,8 +283,11 @@ def run(command: ReportCommand) -> None:
     table = markdown(rows, parents, targets)
     card.parent.mkdir(parents=True, exist_ok=True)
     card.write_text(f"# minillm report: model={model}, {out_dir}/\n\n{table}", encoding="utf-8")
-    chart(rows, card.with_suffix(".png"))
-    print(table + f"\nwrote {card} and {card.with_suffix('.png')}")
+    if have_matplotlib():
+        chart(rows, card.with_suffix(".png"))
+        print(table + f"\nwrote {card} and {card.with_suffix('.png')}")
+    else:
+        print(table + f"\nwrote {card} (no chart: {PLOTS_HINT})")
 
 
 COMMAND = Command("report", ReportCommand, run)

@@ -217,3 +217,14 @@ def test_a_setting_added_since_the_checkpoint_at_its_default_is_no_change():
     changed = resolved_dict(compose(["stage=pretrain", "model=tiny", "tokenizer.max_chars=1000"]))
     assert config_differences(old, changed) == ["tokenizer.max_chars: '<unset>' -> 1000"]
     assert config_differences(new, changed) == ["tokenizer.max_chars: None -> 1000"]
+
+
+def test_without_matplotlib_a_run_draws_nothing_and_says_so(tmp_path, data_dir, monkeypatch, caplog):
+    import logging
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    caplog.set_level(logging.INFO, logger="minillm")
+    assert build(micro_overrides(tmp_path, data_dir)).fit() == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file() and not (tmp_path / "run" / "loss.png").exists()
+    assert "loss.png not drawn: matplotlib is not installed (pip install 'minillm[plots]')" in caplog.text

@@ -1,5 +1,6 @@
 """At the end of fit: `<run_dir>/loss.png`, train and val loss against step, from the CSV log (which keeps
-the whole history across resumes)."""
+the whole history across resumes). Needs matplotlib (the `plots` extra; `make` installs it): without it the
+run says so and draws nothing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,17 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 
 log = logging.getLogger(__name__)
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+PLOTS_HINT = "matplotlib is not installed (pip install 'minillm[plots]')"
 
 
 def read_metric(csv_path: Path, key: str) -> tuple[list[int], list[float]]:
@@ -56,5 +68,8 @@ class LossPlot(L.Callback):
         csv_logs = [Path(lg.log_dir) / "metrics.csv" for lg in trainer.loggers if isinstance(lg, CSVLogger)]
         if not csv_logs or not csv_logs[0].is_file():
             log.warning("no CSV metrics log: loss.png not written (keep logger.csv)")
+            return
+        if not have_matplotlib():
+            log.info("loss.png not drawn: %s; the numbers are in %s", PLOTS_HINT, csv_logs[0])
             return
         log.info("loss curves: %s", plot_losses(csv_logs[0], self.run_dir / "loss.png"))
