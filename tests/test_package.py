@@ -30,8 +30,9 @@ MICRO = [
     "trainer.enable_progress_bar=false",
     "optim.warmup_steps=1",
 ]
-# a preset of the user's own, next to the package's: Hydra's --config-dir
+# presets of the user's own, next to the package's (Hydra's --config-dir), as docs/data.md and the README show
 PICO = "defaults:\n  - tiny\n  - _self_\n\nname: pico\nrope_theta: 5000.0\n"
+VERSES = "defaults:\n  - default\n  - _self_\n\nsources:\n  verses:\n    hf: {path}\n    columns: {{text: body}}\n"
 
 
 def build_wheel(dest: Path) -> Path:
@@ -78,8 +79,9 @@ def test_a_wheel_trains_on_parquet_and_generates_from_an_empty_folder(tmp_path, 
     assert str(tmp_path / "venv") in where.stdout.decode()  # the wheel's copy, not the clone's
     texts = [json.loads(line)["text"] for line in (data_dir / "pretrain" / "verses.jsonl").read_text().splitlines()]
     datasets.Dataset.from_dict({"body": texts}).to_parquet(str(tmp_path / "verses.parquet"))
-    source = f"+data.sources.verses={{hf: {tmp_path / 'verses.parquet'}, columns: {{text: body}}}}"
-    done = minillm("train", "stage=pretrain", "model=pico", source, *MICRO, "--config-dir", "my_conf")
+    (work / "my_conf" / "data").mkdir()
+    (work / "my_conf" / "data" / "verses.yaml").write_text(VERSES.format(path=tmp_path / "verses.parquet"))
+    done = minillm("train", "stage=pretrain", "model=pico", "data=verses", *MICRO, "--config-dir", "my_conf")
     assert done.returncode == 0, done.stderr[-3000:]
     final = work / "outputs" / "pretrain_pico" / "final"
     assert (final / "model.safetensors").is_file() and not (work / "data" / "builtin").exists()  # parquet only
