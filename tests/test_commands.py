@@ -38,6 +38,7 @@ def test_every_command_is_listed_and_documented():
     assert set(SCHEMA_KEY) == set(cli.COMMANDS)
 
 
+@pytest.mark.slow  # Hydra's --help lists every config group: ~3 s a command
 @pytest.mark.parametrize("name", sorted(SCHEMA_KEY))
 def test_help_shows_the_keys_of_the_command(name, capsys):
     with pytest.raises(SystemExit) as exit_:
