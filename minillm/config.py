@@ -69,6 +69,7 @@ class DataConfig:
     sources: dict[str, Any] = field(default_factory=dict)
     skip_bad_records: bool = False  # skip and count malformed lines instead of failing
     packing: bool = False  # chat data: several conversations per window (block-diagonal attention)
+    streaming: bool = False  # pretraining: train from the sources as they are read (minillm/data/stream.py)
     num_workers: int = 0
     num_proc: int = 1  # processes for tokenization
     cache_dir: str = "data/cache/datasets"

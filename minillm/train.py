@@ -71,6 +71,10 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             "trainer.max_steps=0 trains nothing (and would export untrained weights); set a number of steps, or "
             "trainer.max_steps=-1 with trainer.max_epochs=N to train by epochs"
         )
+    if typed.data.streaming and (cfg.trainer.get("max_steps") or -1) < 0:
+        raise ValueError(
+            "data.streaming=true has no length to count epochs by: set trainer.max_steps (the steps to train)"
+        )
     run_dir = Path(typed.run_dir)
     rundir.check_run_dir(run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)

@@ -32,6 +32,7 @@ from minillm.data.builtin import build_builtin
 from minillm.data.hf import HFSource, sources_of
 from minillm.data.kinds import PRETRAIN, Kind, kind_named
 from minillm.data.loader import ResumableLoader, ResumableSampler, WindowTotals
+from minillm.data.stream import PretrainStream, StreamLoader
 from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled
 from minillm.tokenizer import EmptyCorpusError, Tokenizer, TokenizerConfig, get_tokenizer
 
@@ -113,6 +114,11 @@ def corpus_tokenizer(files: list[Path | HFSource], config: TokenizerConfig) -> T
     bad = BadRecords(skip=True)
 
     def lines() -> Iterator[str]:
+        if config.max_chars is None and any(getattr(f, "streaming", False) for f in files):
+            raise DataError(
+                "data.streaming=true: training the tokenizer would read the whole stream; set tokenizer.max_chars "
+                "(e.g. 50000000: a sample of its start), or start from a model with its tokenizer (init_from)"
+            )
         return corpus_lines(files, bad, config.max_chars)
 
     try:
@@ -204,6 +210,9 @@ class MiniLLMDataModule(L.LightningDataModule):
         if self.train is not None:
             return
         disable_progress_bars()
+        if self.config.streaming:
+            self._setup_stream()
+            return
         cache = Path(self.config.cache_dir)
         sources = [self._source(f) for f in self.files]
         kwargs = {
@@ -270,6 +279,37 @@ class MiniLLMDataModule(L.LightningDataModule):
                 "lower data.batch_size / model.block_size"
             )
 
+    def _setup_stream(self) -> None:
+        """data.streaming: the training windows come from a PretrainStream, validation from its start."""
+        if self.kind is not PRETRAIN:
+            raise DataError(
+                f"data.streaming=true streams pretraining sources; the {self.kind.name} stage reads its records "
+                "whole (they are small): set data.streaming=false"
+            )
+        if self.config.num_workers:
+            raise DataError("data.streaming=true reads the stream in the training process: set data.num_workers=0")
+        sources = [self._source(f) for f in self.files]
+        self.train = PretrainStream(
+            self.files,
+            ratios=[s.sample_ratio * self.config.sample_ratio for s in sources],
+            val_ratios=[self.config.val_ratio if s.val_ratio is None else s.val_ratio for s in sources],
+            caps=[s.max_samples for s in sources],
+            skip_bad=self.config.skip_bad_records,
+            tokenizer=self.tokenizer,
+            window=self.block_size + 1,
+            seed=self.seed,
+        )
+        self.val = self.train.val_windows() if self.config.val_ratio > 0 else []
+        per = {f.stem: {"file": str(f), "config": asdict(s)} for f, s in zip(self.files, sources)}
+        self.stats = {
+            "kind": self.kind.name,
+            "streaming": True,  # nothing counted ahead: the stream is read as it trains
+            "sources": per,
+            "block_size": self.block_size,
+            "val_rows": len(self.val),
+            "tokenizer_sha256": self.tokenizer.sha256,
+        }
+
     def _num_proc(self, n: int) -> int | None:
         return self.config.num_proc if self.config.num_proc > 1 and n >= 1000 else None
 
@@ -332,7 +372,9 @@ class MiniLLMDataModule(L.LightningDataModule):
     def collate(self, rows: list[dict]) -> dict:
         return self.kind.collate(rows, self.tokenizer)
 
-    def train_dataloader(self) -> ResumableLoader:
+    def train_dataloader(self) -> ResumableLoader | StreamLoader:
+        if isinstance(self.train, PretrainStream):
+            return StreamLoader(self.train, self.config.batch_size)
         collate = self.collate if self.kind.collates() else None
         if not self.kind.weighted:
             sampler = ResumableSampler(len(self.train), self.config.batch_size, self.seed)

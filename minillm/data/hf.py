@@ -11,6 +11,8 @@
 (minillm/data/records.py), so every chat and preference format of our files is accepted here too. A row the
 parser refuses is a `DataError` naming the dataset, split and row index (or, with data.skip_bad_records, skipped
 and counted); a mapped column the dataset lacks is an error listing its columns, before anything is read.
+With data.streaming the dataset is opened as a stream (`streaming=True`; a save_to_disk folder through
+`to_iterable_dataset`) and read by minillm/data/stream.py.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class HFSource:
 
     name: str
     config: SourceConfig
+    streaming: bool = False  # opened as an IterableDataset (data.streaming)
 
     @property
     def stem(self) -> str:
@@ -47,12 +50,14 @@ class HFSource:
 
     def spec(self) -> str:
         """The whole source as text (picklable, part of cache fingerprints)."""
-        return json.dumps({"name": self.name, "config": asdict(self.config)}, sort_keys=True)
+        return json.dumps(
+            {"name": self.name, "config": asdict(self.config), "streaming": self.streaming}, sort_keys=True
+        )
 
     @classmethod
     def from_spec(cls, spec: str) -> HFSource:
         data = json.loads(spec)
-        return cls(data["name"], SourceConfig(**data["config"]))
+        return cls(data["name"], SourceConfig(**data["config"]), data.get("streaming", False))
 
     def open(self):
         """The `datasets.Dataset` (loaded once per process); errors say what was asked for and what to do."""
@@ -62,8 +67,9 @@ class HFSource:
         return _OPENED[key]
 
     def fingerprint(self) -> str:
-        """Changes when the data or the mapping does: the dataset's own fingerprint and the source settings."""
-        return f"{self.open()._fingerprint}:{self.spec()}"
+        """Changes when the data or the mapping does: the dataset's own fingerprint and the source settings (a
+        stream has no fingerprint: its settings, with the revision, name it)."""
+        return self.spec() if self.streaming else f"{self.open()._fingerprint}:{self.spec()}"
 
     def rows(self) -> Iterator[tuple[int, dict]]:
         """(row index, row with the mapped columns under our field names)."""
@@ -98,7 +104,7 @@ def _plain(value):
 def sources_of(config, kind_name: str) -> list[HFSource]:
     """The Hugging Face sources of `data.sources` that feed a stage reading `kind_name` (and are sampled)."""
     return [
-        HFSource(name, src)
+        HFSource(name, src, config.streaming)
         for name, src in config.sources.items()
         if src.hf is not None and src.kind in (None, kind_name) and src.sample_ratio > 0
     ]
@@ -115,6 +121,7 @@ def _load(source: HFSource):
 
     c, where = source.config, f"data.sources.{source.name}"
     local = Path(c.hf).expanduser()
+    stream = {"streaming": True} if source.streaming else {}
     try:
         if local.is_dir() and ((local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()):
             dataset = datasets.load_from_disk(str(local))
@@ -122,21 +129,22 @@ def _load(source: HFSource):
                 if c.split not in dataset:
                     raise DataError(f"{where}: {local} has splits {sorted(dataset)}, not {c.split!r}; set split=")
                 dataset = dataset[c.split]
+            dataset = dataset.to_iterable_dataset() if source.streaming else dataset
         elif local.is_file():
             builder = SUFFIX_BUILDER.get(local.suffix)
             if builder is None:
                 raise DataError(f"{where}: {local}: unknown data file type; use {', '.join(SUFFIX_BUILDER)}")
-            dataset = datasets.load_dataset(builder, data_files={c.split: str(local)}, split=c.split)
+            dataset = datasets.load_dataset(builder, data_files={c.split: str(local)}, split=c.split, **stream)
         elif c.hf in BUILDERS:
             if c.data_files is None:
                 raise DataError(f"{where}: hf={c.hf} reads local files: set data_files (a path, a list or a dict)")
-            dataset = datasets.load_dataset(c.hf, data_files=c.data_files, split=c.split)
+            dataset = datasets.load_dataset(c.hf, data_files=c.data_files, split=c.split, **stream)
         elif local.is_dir() or c.hf.startswith((".", "/", "~")):
             if not local.is_dir():
                 raise DataError(f"{where}: no dataset at {local}: the path does not exist")
-            dataset = datasets.load_dataset(str(local), data_files=c.data_files, split=c.split)
+            dataset = datasets.load_dataset(str(local), data_files=c.data_files, split=c.split, **stream)
         else:
-            dataset = datasets.load_dataset(c.hf, name=c.subset, split=c.split, revision=c.revision)
+            dataset = datasets.load_dataset(c.hf, name=c.subset, split=c.split, revision=c.revision, **stream)
     except DataError:
         raise
     except Exception as e:  # unknown id, no network, no such split: datasets' own message, with what was asked
@@ -146,14 +154,13 @@ def _load(source: HFSource):
             else ""
         )
         raise DataError(f"{where}: could not open {source}{hint}: {type(e).__name__}: {e}") from None
-    if isinstance(dataset, datasets.IterableDataset):
-        raise DataError(f"{where}: {source} opened as a stream; streaming sources are not supported yet")
-    if len(dataset) == 0:
-        raise DataError(f"{where}: {source} is empty")
-    missing = sorted(theirs for theirs in c.columns.values() if theirs not in dataset.column_names)
+    if source.streaming:
+        columns = dataset.column_names or list(next(iter(dataset), {}))  # a stream may only know its first row
+    else:
+        if len(dataset) == 0:
+            raise DataError(f"{where}: {source} is empty")
+        columns = dataset.column_names
+    missing = sorted(theirs for theirs in c.columns.values() if theirs not in columns)
     if missing:
-        raise DataError(
-            f"{where}.columns maps to {missing}, which {source} does not have; its columns are "
-            f"{dataset.column_names}"
-        )
+        raise DataError(f"{where}.columns maps to {missing}, which {source} does not have; its columns are {columns}")
     return dataset
