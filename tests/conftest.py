@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -29,6 +30,7 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 def _isolate(tmp_path, monkeypatch):
     """Tests run in a temporary working directory: they never write the repo's data/ or outputs/."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets")  # read at import
     monkeypatch.chdir(tmp_path)
 
 

@@ -94,3 +94,10 @@ def test_eval_sweeps_several_models_in_one_command(tmp_path, tokenizer, monkeypa
     bpb = [json.loads((f / "eval.json").read_text())["tasks"]["bpb"]["bpb"] for f in folders]
     assert all(b > 0 for b in bpb) and bpb[0] != bpb[1]  # each job evaluated its own model
     assert [p.name for p in (work / "outputs" / "sweeps" / "eval").glob("*/multirun.yaml")] == ["multirun.yaml"]
+
+
+def test_a_config_dir_that_does_not_exist_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "--config-dir", str(tmp_path / "my_conf"), "model_path=x"])
+    assert exit_.value.code not in (0, None)
+    assert f"Additional config directory '{tmp_path / 'my_conf'}' not found" in capsys.readouterr().err

@@ -149,3 +149,30 @@ def test_tokenizer_max_chars_reads_only_the_start_of_a_huge_corpus(tmp_path):
     assert every == STORIES
     first = list(corpus_lines([source], BadRecords(skip=False), max_chars=3 * len(STORIES[0])))
     assert first == STORIES[:3]
+
+
+def put_in_hub_cache(repo_id: str, columns: dict) -> None:
+    """What a download of hub dataset `repo_id` leaves in the local HF cache (its Arrow files and info), made
+    here from a local parquet file: the offline loader then opens `repo_id` without a network."""
+    import shutil
+    from pathlib import Path
+
+    work = Path(datasets.config.HF_DATASETS_CACHE).parent / "hub_src"
+    work.mkdir(parents=True)
+    datasets.Dataset.from_dict(columns).to_parquet(str(work / "d.parquet"))
+    built = datasets.load_dataset("parquet", data_files={"train": str(work / "d.parquet")}, split="train")
+    prepared = Path(built.cache_files[0]["filename"]).parent
+    namespace, name = repo_id.split("/")
+    target = Path(datasets.config.HF_DATASETS_CACHE) / f"{namespace}___{name}" / "default" / "0.0.0" / prepared.name
+    shutil.copytree(prepared, target)
+    (target / "parquet-train.arrow").rename(target / f"{name}-train.arrow")
+
+
+def test_a_hub_id_opens_from_the_local_cache_when_offline(tmp_path, tokenizer):
+    put_in_hub_cache("someone/stories", {"story": STORIES})
+    source = HFSource("stories", SourceConfig(hf="someone/stories", columns={"text": "story"}))
+    dm = setup(tmp_path / "a", tokenizer, [source])
+    assert str(source) == "dataset someone/stories (split train)"
+    assert dm.stats["sources"]["stories"]["raw_records"] == len(STORIES)
+    write_jsonl(tmp_path / "data" / "stories.jsonl", [{"text": t} for t in STORIES])
+    assert rows(dm) == rows(setup(tmp_path / "j", tokenizer, [tmp_path / "data" / "stories.jsonl"]))
