@@ -53,6 +53,15 @@ class SourceConfig:
         set_ = [k for k in hf_only if getattr(self, k) is not None] + (["columns"] if self.columns else [])
         if self.hf is None and set_:
             raise ValueError(f"{', '.join(set_)}: only a Hugging Face source (hf=...) takes these")
+        if not isinstance(self.columns, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.columns.items()
+        ):
+            raise ValueError(
+                f"columns must map our field names to column names ({{text: story}}), got {self.columns!r}"
+            )
+        files = self.data_files
+        if not (files is None or isinstance(files, (str, list, dict))):
+            raise ValueError(f"data_files must be a path, a list of paths or {{split: paths}}, got {files!r}")
         kinds = ("pretrain", "sft", "preference", "prompts")
         if self.kind is not None and self.kind not in kinds:
             raise ValueError(f"kind must be one of {', '.join(kinds)}, got {self.kind!r}")

@@ -114,7 +114,7 @@ def inputs_for(config, needs, data_dir: Path | None, files: list) -> StageInputs
     init_dir = resolve_init(config.init_from, config.stage.parent, config.model.name, Path(config.outputs))
     settings: dict[str, object] = {}
     if init_dir is None:  # only pretraining trains a tokenizer
-        inputs = StageInputs(tokenizer=corpus_tokenizer(files, config.tokenizer))
+        inputs = StageInputs(tokenizer=corpus_tokenizer(files, config.tokenizer, config.data.streaming))
     else:  # later stages take the tokenizer saved with their init weights
         model, tokenizer = load_pretrained(init_dir)
         inputs = StageInputs(tokenizer, init_dir, model, weights_sha256(init_dir))

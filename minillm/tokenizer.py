@@ -170,7 +170,11 @@ def corpus_fingerprint(files: list) -> str:
     for f in sorted(files, key=str):
         if isinstance(f, Path):
             h.update(f.name.encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
+            content = hashlib.sha256()
+            with f.open("rb") as stream:  # in chunks: a corpus file may be larger than memory
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    content.update(chunk)
+            h.update(content.digest())
         else:
             h.update(f.fingerprint().encode())
     return h.hexdigest()

@@ -75,6 +75,11 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         raise ValueError(
             "data.streaming=true has no length to count epochs by: set trainer.max_steps (the steps to train)"
         )
+    if typed.data.streaming and isinstance(cfg.trainer.get("limit_train_batches"), int):
+        raise ValueError(
+            "data.streaming=true with an integer trainer.limit_train_batches would cut passes short of the stream "
+            "(and resume could not count them): leave trainer.limit_train_batches unset"
+        )
     run_dir = Path(typed.run_dir)
     rundir.check_run_dir(run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)

@@ -118,6 +118,14 @@ def test_bad_sources_are_named_before_anything_is_read(tmp_path, tokenizer):
             setup(tmp_path / "c", tokenizer, [HFSource("s", config)])
     with pytest.raises(ValueError, match="columns: only a Hugging Face source"):
         SourceConfig(columns={"text": "story"})
+    with pytest.raises(ValueError, match="columns must map our field names to column names"):
+        SourceConfig(hf="x", columns="story")
+
+
+def test_a_dataset_named_like_a_file_of_the_data_dir_is_refused(tmp_path, data_dir):
+    config = DataConfig(dir=str(data_dir), sources={"verses": {"hf": str(tmp_path / "v.parquet")}})
+    with pytest.raises(DataError, match="data.sources.verses is a Hugging Face dataset and a file of .* too"):
+        find_sources(config, PRETRAIN)
 
 
 def test_pretraining_from_a_parquet_file_alone_trains_its_own_tokenizer(tmp_path):
@@ -149,6 +157,10 @@ def test_tokenizer_max_chars_reads_only_the_start_of_a_huge_corpus(tmp_path):
     assert every == STORIES
     first = list(corpus_lines([source], BadRecords(skip=False), max_chars=3 * len(STORIES[0])))
     assert first == STORIES[:3]
+    other = HFSource("o", SourceConfig(hf=str(tmp_path / "s.parquet")))  # two sources: half the budget each
+    assert list(corpus_lines([source, other], BadRecords(skip=False), max_chars=4 * len(STORIES[0]))) == (
+        STORIES[:2] + STORIES[:2]
+    )
 
 
 def put_in_hub_cache(repo_id: str, columns: dict) -> None:

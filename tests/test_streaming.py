@@ -49,6 +49,31 @@ def test_a_stream_holds_out_the_validation_records_and_is_deterministic(tmp_path
     ]
 
 
+def test_ranks_get_whole_global_batches_of_their_own(tmp_path, tokenizer, monkeypatch):
+    datasets.Dataset.from_dict({"text": STORIES}).to_parquet(str(tmp_path / "s.parquet"))
+    source = HFSource("s", SourceConfig(hf=str(tmp_path / "s.parquet")), streaming=True)
+
+    def windows(rank: int, world: int) -> list[list[int]]:
+        monkeypatch.setattr("minillm.data.stream._world", lambda: (rank, world))
+        stream = PretrainStream([source], [1.0], [0.0], [None], False, tokenizer, window=17, seed=0, batch_size=3)
+        return [w["input_ids"].tolist() for w in stream]
+
+    alone, first, second = windows(0, 1), windows(0, 2), windows(1, 2)
+    assert len(first) == len(second) > 0 and len(first) % 3 == 0  # equal whole batches: no rank waits
+    pairs = [w for k in range(0, len(first), 3) for w in first[k : k + 3] + second[k : k + 3]]
+    assert pairs == alone[: len(pairs)]  # global batch k = rank 0's batch k, then rank 1's: each window once
+
+
+def test_a_stream_without_one_whole_batch_is_an_error(tmp_path, tokenizer):
+    from minillm.data.stream import StreamLoader
+
+    datasets.Dataset.from_dict({"text": STORIES[:2]}).to_parquet(str(tmp_path / "s.parquet"))
+    source = HFSource("s", SourceConfig(hf=str(tmp_path / "s.parquet")), streaming=True)
+    stream = PretrainStream([source], [1.0], [0.0], [None], False, tokenizer, window=17, seed=0, batch_size=64)
+    with pytest.raises(DataError, match="a whole pass over the sources gives fewer than one batch"):
+        list(StreamLoader(stream, batch_size=64))
+
+
 def test_streaming_resume_reproduces_the_uninterrupted_losses_across_epochs(tmp_path, stories):
     common = ["trainer.max_steps=14", "trainer.val_check_interval=4", "data.val_ratio=0.2"]
     straight = build(stream_run(tmp_path / "a", stories, *common))
@@ -69,6 +94,8 @@ def test_streaming_resume_reproduces_the_uninterrupted_losses_across_epochs(tmp_
 def test_streaming_refuses_what_needs_the_whole_set(tmp_path, stories, chat_dir):
     with pytest.raises(ValueError, match="data.streaming=true has no length .* set trainer.max_steps"):
         build(stream_run(tmp_path / "a", stories, "trainer.max_steps=-1", "trainer.max_epochs=1"))
+    with pytest.raises(ValueError, match="integer trainer.limit_train_batches would cut passes short"):
+        build(stream_run(tmp_path / "a", stories, "trainer.limit_train_batches=3"))
     with pytest.raises(DataError, match="set data.num_workers=0"):
         build(stream_run(tmp_path / "b", stories, "data.num_workers=1"))
     no_sample = [o for o in stream_run(tmp_path / "c", stories) if not o.startswith("tokenizer.max_chars")]

@@ -47,15 +47,22 @@ class ExportCallback(L.Callback):
             return
         best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/loss"), None)
         best_path = Path(best.best_model_path) if best is not None and best.best_model_path else None
+        if best_path is None and (self.run_dir / "checkpoints" / "best.ckpt").is_file():  # a run dir moved since
+            best_path = self.run_dir / "checkpoints" / "best.ckpt"
         best_loss = float(best.best_model_score) if best is not None and best.best_model_score is not None else None
         last_loss = trainer.callback_metrics.get("val/loss")
         last_loss = None if last_loss is None else float(last_loss)
         if self.weights == "best" and best_path is not None and best_path.is_file():
             model = _weights_of(best_path)
-            which = f"the best weights ({best_path.name}, val/loss {best_loss:.4f})"
+            loss = "" if best_loss is None else f", val/loss {best_loss:.4f}"
+            which = f"the best weights ({best_path.name}{loss})"
         else:
             if self.weights == "best":
-                log.warning("export.weights=best, but no best checkpoint was written (no validation?): last weights")
+                log.warning(
+                    "export.weights=best, but there is no best.ckpt in %s (no validation ran?): final/ holds the last "
+                    "weights",
+                    self.run_dir / "checkpoints",
+                )
             model = pl_module.exported_model()
             loss = "" if last_loss is None else f", val/loss {last_loss:.4f}"
             which = f"the last weights (step {trainer.global_step}{loss})"

@@ -65,7 +65,14 @@ def find_sources(config: DataConfig, kind: Kind) -> tuple[Path | None, list[Path
     if hf and not (config.dir or os.environ.get(DATA_DIR_ENV)):
         return None, list(hf)
     data_dir = resolve_data_dir(config)
-    return data_dir, [*find_files(data_dir, kind, required=not hf), *hf]
+    files = find_files(data_dir, kind, required=not hf)
+    clash = sorted({f.stem for f in files} & {s.name for s in hf})
+    if clash:
+        raise DataError(
+            f"data.sources.{clash[0]} is a Hugging Face dataset and a file of {data_dir / kind.name} is named "
+            f"{clash[0]} too: give the dataset source another name"
+        )
+    return data_dir, [*files, *hf]
 
 
 def find_files(data_dir: Path, kind: Kind, required: bool = True) -> list[Path]:
@@ -92,32 +99,37 @@ def read_source(source: Path | HFSource, kind: Kind, bad: BadRecords) -> Iterato
 
 
 def corpus_lines(files: list[Path | HFSource], bad: BadRecords, max_chars: int | None = None) -> Iterator[str]:
-    """The non-blank lines of the pretraining records, until `max_chars` characters were given (None: all)."""
-    left = max_chars
+    """The non-blank lines of the pretraining records; with `max_chars`, the first max_chars / len(files)
+    characters of each source (every source is represented in a sample)."""
+    share = None if max_chars is None else max_chars // max(len(files), 1)
     for f in files:
+        left = share
         for text in read_source(f, PRETRAIN, bad):
+            if left is not None and left <= 0:
+                break
             for line in text.split("\n"):
                 if not line.strip():
                     continue
                 if left is not None:
                     if left <= 0:
-                        return
+                        break
                     left -= len(line)
                 yield line
 
 
-def corpus_tokenizer(files: list[Path | HFSource], config: TokenizerConfig) -> Tokenizer:
+def corpus_tokenizer(files: list[Path | HFSource], config: TokenizerConfig, streaming: bool = False) -> Tokenizer:
     """The tokenizer of these pretraining sources (cached by content and settings), trained on their records'
-    lines (the first `tokenizer.max_chars` characters when set: a sample of a huge set). Malformed records are
+    lines (with `tokenizer.max_chars`, a sample of each source's start: for huge sets). Malformed records are
     skipped here (the data module reports them with file:line right after); when nothing is left, the error
-    shows the first bad record."""
+    shows the first bad record. `streaming` (data.streaming): a tokenizer is only trained on a sample."""
     bad = BadRecords(skip=True)
 
     def lines() -> Iterator[str]:
-        if config.max_chars is None and any(getattr(f, "streaming", False) for f in files):
+        if streaming and config.max_chars is None:
             raise DataError(
                 "data.streaming=true: training the tokenizer would read the whole stream; set tokenizer.max_chars "
-                "(e.g. 50000000: a sample of its start), or start from a model with its tokenizer (init_from)"
+                "(e.g. 50000000: a sample of each source's start), or start from a model with its tokenizer "
+                "(init_from)"
             )
         return corpus_lines(files, bad, config.max_chars)
 
@@ -298,8 +310,9 @@ class MiniLLMDataModule(L.LightningDataModule):
             tokenizer=self.tokenizer,
             window=self.block_size + 1,
             seed=self.seed,
+            batch_size=self.config.batch_size,
         )
-        self.val = self.train.val_windows() if self.config.val_ratio > 0 else []
+        self.val = self.train.val_windows() if any(self.train.val_ratios) else []
         per = {f.stem: {"file": str(f), "config": asdict(s)} for f, s in zip(self.files, sources)}
         self.stats = {
             "kind": self.kind.name,

@@ -67,9 +67,17 @@ class HFSource:
         return _OPENED[key]
 
     def fingerprint(self) -> str:
-        """Changes when the data or the mapping does: the dataset's own fingerprint and the source settings (a
-        stream has no fingerprint: its settings, with the revision, name it)."""
-        return self.spec() if self.streaming else f"{self.open()._fingerprint}:{self.spec()}"
+        """Of the data a source reads (what it is and how its columns map; not how it is sampled): the dataset's
+        own fingerprint; a stream has none, so a local path's size and mtime stand in (a hub stream: pin its
+        `revision`)."""
+        c = self.config
+        what = json.dumps([c.hf, c.subset, c.split, c.revision, c.data_files, c.columns], sort_keys=True)
+        if not self.streaming:
+            return f"{self.open()._fingerprint}:{what}"
+        local = Path(c.hf).expanduser()
+        paths = [local] if local.exists() else [Path(p) for p in _paths(c.data_files)]
+        stamps = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths if p.is_file()]
+        return f"{what}:{stamps}"
 
     def rows(self) -> Iterator[tuple[int, dict]]:
         """(row index, row with the mapped columns under our field names)."""
@@ -92,6 +100,16 @@ class HFSource:
                 yield text
 
 
+def _paths(data_files) -> list[str]:
+    if data_files is None:
+        return []
+    if isinstance(data_files, str):
+        return [data_files]
+    if isinstance(data_files, dict):
+        return [p for v in data_files.values() for p in _paths(v)]
+    return [str(p) for p in data_files]
+
+
 def _plain(value):
     """Rows hold numpy/arrow scalars and tuples in places: plain JSON-able Python values."""
     if isinstance(value, dict):
@@ -105,7 +123,7 @@ def sources_of(config, kind_name: str) -> list[HFSource]:
     """The Hugging Face sources of `data.sources` that feed a stage reading `kind_name` (and are sampled)."""
     return [
         HFSource(name, src, config.streaming)
-        for name, src in config.sources.items()
+        for name, src in sorted(config.sources.items())  # by name: the order on the command line changes nothing
         if src.hf is not None and src.kind in (None, kind_name) and src.sample_ratio > 0
     ]
 

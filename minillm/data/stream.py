@@ -4,7 +4,7 @@ materialising them (no records table, no tokenized cache): a corpus larger than 
 The stream: the sources' records interleaved round-robin (one record of each in turn; a source that ends drops
 out), sampled, capped and split by the same hashes as a materialised run, the training records tokenized, joined
 with EOS and cut into windows of block_size + 1 tokens (overlapping by one, as when materialised), shuffled in a
-seeded buffer of `SHUFFLE_WINDOWS` windows, and dealt to the ranks in turn. Each pass over the sources is an
+seeded buffer of `SHUFFLE_WINDOWS` windows, and grouped into whole global batches, rank r taking slice r. Each pass over the sources is an
 epoch (the shuffle is reseeded per epoch).
 
 Validation: the held-out records among the first `VAL_SCAN_RECORDS` records of the stream, packed once at
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from minillm.data.hf import HFSource
 from minillm.data.kinds import PRETRAIN
-from minillm.data.records import BadRecords, is_held_out, is_sampled
+from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled
 
 SHUFFLE_WINDOWS = 1000
 VAL_SCAN_RECORDS = 20_000
@@ -49,10 +49,11 @@ class PretrainStream(IterableDataset):
         tokenizer,
         window: int,
         seed: int,
+        batch_size: int = 1,
     ) -> None:
         self.sources, self.ratios, self.val_ratios, self.caps = sources, ratios, val_ratios, caps
         self.skip_bad, self.tokenizer, self.window, self.seed = skip_bad, tokenizer, window, seed
-        self.epoch = 0
+        self.batch_size, self.epoch = batch_size, 0
 
     def records(self) -> Iterator[tuple[str, bool]]:
         """(text, held out) of every sampled record, sources in turn."""
@@ -75,39 +76,46 @@ class PretrainStream(IterableDataset):
                 yield text, is_held_out(text, self.val_ratios[i])
 
     def pack(self, texts: Iterator[str]) -> Iterator[list[int]]:
-        """Documents + EOS, cut into windows that overlap by one token."""
+        """Documents + EOS, cut into windows that overlap by one token (a long document costs linear time)."""
         stream: list[int] = []
-        step = self.window - 1
+        start, step = 0, self.window - 1
         for text in texts:
             stream.extend(self.tokenizer.sp.encode(text))
             stream.append(self.tokenizer.eos_id)
-            while len(stream) >= self.window:
-                yield stream[: self.window]
-                stream = stream[step:]
+            while len(stream) - start >= self.window:
+                yield stream[start : start + self.window]
+                start += step
+            if start > 1 << 16:  # drop the consumed head now and then
+                del stream[:start]
+                start = 0
 
     def val_windows(self) -> list[dict]:
         held_out = (text for text, val in islice(self.records(), VAL_SCAN_RECORDS) if val)
         return [{"input_ids": torch.tensor(w)} for w in islice(self.pack(held_out), VAL_WINDOWS)]
 
-    def __iter__(self) -> Iterator[dict]:
-        rank, world = _world()
+    def shuffled(self) -> Iterator[list[int]]:
+        """The training windows of this pass through a seeded shuffle buffer."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         buffer: list[list[int]] = []
-        train = (text for text, val in self.records() if not val)
-        index = 0
-        for window in self.pack(train):
+        for window in self.pack(text for text, val in self.records() if not val):
             buffer.append(window)
-            if len(buffer) < SHUFFLE_WINDOWS:
-                continue
-            out = buffer.pop(rng.randrange(len(buffer)))
-            if index % world == rank:
-                yield {"input_ids": torch.tensor(out)}
-            index += 1
+            if len(buffer) >= SHUFFLE_WINDOWS:
+                yield buffer.pop(rng.randrange(len(buffer)))
         rng.shuffle(buffer)
-        for out in buffer:
-            if index % world == rank:
-                yield {"input_ids": torch.tensor(out)}
-            index += 1
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        """Whole global batches (batch_size windows per rank), rank r taking slice r of each, as the materialised
+        sampler does: every rank gets the same number of batches (a tail that fills no global batch is dropped
+        on all of them), so none waits for another at the end of a pass."""
+        rank, world = _world()
+        per = self.batch_size
+        group: list[list[int]] = []
+        for window in self.shuffled():
+            group.append(window)
+            if len(group) == per * world:
+                yield from ({"input_ids": torch.tensor(w)} for w in group[rank * per : (rank + 1) * per])
+                group = []
 
 
 def _world() -> tuple[int, int]:
@@ -134,6 +142,11 @@ class StreamLoader(DataLoader):
         for batch in batches:
             yield batch
             self.consumed += 1
+        if self.consumed == 0:  # Lightning would start pass after empty pass, forever
+            raise DataError(
+                "data.streaming: a whole pass over the sources gives fewer than one batch (data.batch_size windows of "
+                "model.block_size + 1 tokens per rank); add data, or lower data.batch_size / model.block_size"
+            )
         self.epoch, self.consumed = self.epoch + 1, 0  # a whole pass: the next starts over, reshuffled
 
     def state_dict(self) -> dict:
