@@ -71,6 +71,10 @@ class Command:
             raise SystemExit(f"error: {e}") from None
         return self.typed(cfg)
 
+    def main(self, argv: Sequence[str] = ()) -> Any:
+        """`minillm <name> <argv>` from Python: compose, then run (the module's `main`)."""
+        return self.run(self.compose(argv))
+
     def cli(self) -> Any:
         """Hydra's own command line (`python -m minillm.<x>` and `minillm <name>`)."""
         import hydra

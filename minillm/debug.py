@@ -63,11 +63,7 @@ def run(cfg: DictConfig) -> None:
 
 
 COMMAND = Command("debug", None, run)  # minillm/conf/debug.yaml: the train config, nothing written
-cli = COMMAND.cli
-
-
-def main(argv: list[str]) -> None:
-    run(COMMAND.compose(argv))
+cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
 
 
 if __name__ == "__main__":

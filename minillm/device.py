@@ -53,11 +53,7 @@ def run(cfg: DictConfig) -> None:
 
 
 COMMAND = Command("device", None, run)  # minillm/conf/device.yaml: the train config
-cli = COMMAND.cli
-
-
-def main(argv: list[str]) -> None:
-    run(COMMAND.compose(argv))
+cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
 
 
 if __name__ == "__main__":

@@ -39,11 +39,7 @@ def run(command: EvalCommand) -> dict:
 
 
 COMMAND = Command("eval", EvalCommand, run)
-cli = COMMAND.cli
-
-
-def main(argv: list[str]) -> dict:
-    return run(COMMAND.compose(argv))
+cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
 
 
 if __name__ == "__main__":

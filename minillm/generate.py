@@ -476,12 +476,7 @@ def run(command: GenerateCommand) -> None:
 
 
 COMMAND = Command("generate", GenerateCommand, run)
-cli = COMMAND.cli
-
-
-def main(argv: list[str]) -> None:
-    """`minillm generate model_path=DIR 'prompt="Hello, world"' [max_new_tokens=64 top_p=0.9 ...]` from Python."""
-    run(COMMAND.compose(argv))
+cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
 
 
 if __name__ == "__main__":

@@ -291,11 +291,7 @@ def run(command: ReportCommand) -> None:
 
 
 COMMAND = Command("report", ReportCommand, run)
-cli = COMMAND.cli
-
-
-def main(argv: list[str]) -> None:
-    run(COMMAND.compose(argv))
+cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
 
 
 if __name__ == "__main__":

@@ -518,11 +518,7 @@ def run(command: DataCommand) -> None:
 
 
 COMMAND = Command("data_build", DataCommand, run)
-cli = COMMAND.cli
-
-
-def main(argv: list[str] | None = None) -> None:
-    run(COMMAND.compose(argv or []))
+cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
 
 
 if __name__ == "__main__":

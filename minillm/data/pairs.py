@@ -86,11 +86,7 @@ def run(command: PairsCommand) -> None:
 
 
 COMMAND = Command("pairs", PairsCommand, run)
-cli = COMMAND.cli
-
-
-def main(argv: list[str]) -> None:
-    run(COMMAND.compose(argv))
+cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
 
 
 if __name__ == "__main__":
