@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the machine, a measured matmul peak, FLOPs per token, tables and JSON."""
+"""Shared by the benchmarks: the machine, a measured matmul peak and memory bandwidth, FLOPs per token, tables
+and JSON."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.model import ModelConfig
+from minillm.flops import flops_per_token, matmul_params, measure_peak  # noqa: F401 (re-exported)
 
 OUT_DIR = Path("outputs/bench")
 
@@ -31,37 +32,21 @@ def machine() -> dict:
     return info
 
 
-def measure_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """Best-of-`repeats` FLOP/s of an n×n matmul in `dtype`: the peak MFU is measured against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
+def measure_bandwidth(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Best-of-`repeats` memory read bandwidth in bytes/s: the sum of a buffer much larger than any cache (what a
+    batch-1 decoder does with its weights every token)."""
+    x = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    x.sum()  # warm-up (and first touch)
     best = float("inf")
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        a @ b
+        x.sum()
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def matmul_params(config: ModelConfig) -> int:
-    """Weights that take part in a matmul per token: attention and MLP projections of every layer (the active
-    experts of an MoE) and the LM head (counted even when tied: it is a matmul). Embedding lookups are not."""
-    C, H, K, D = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
-    attention = C * H * D + 2 * C * K * D + H * D * C
-    experts = (config.n_experts_per_tok + config.n_shared_experts) if config.is_moe else 1
-    mlp = 3 * C * config.ffn_dim * experts
-    return config.n_layer * (attention + mlp) + config.vocab_size * C
-
-
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 × matmul parameters + 6 × layers × sequence × width
-    (the attention scores and the weighted sum, causal half, PaLM's accounting)."""
-    return 6 * matmul_params(config) + 6 * config.n_layer * seq_len * config.n_embd
+    return x.numel() * 4 / best
 
 
 def median_rate(times: list[float], units: float) -> float:

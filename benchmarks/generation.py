@@ -1,31 +1,62 @@
-"""Decoding speed: minillm.generate (KV cache) against our own no-cache loop and HF transformers `generate` on the
-same weights (our final/ folders are in the HF layout), greedy, a fixed number of new tokens, batch 1 and 8.
+"""Decoding speed: minillm.generate (KV cache, fixed-shape decode step) in fp32 and bf16 weights, eager and
+compiled, and with int8 weight-only linears, against our own no-cache loop and HF transformers `generate` on the
+same weights (our final/ folders are in the HF layout); greedy, a fixed number of new tokens, batch 1 and 8.
 
-    python benchmarks/generation.py [--model-path outputs/pretrain_tiny/final] [--new-tokens 256]
+    python benchmarks/generation.py [--model-path outputs/pretrain_tiny/final] [--new-tokens 240]
 
-Without --model-path a randomly initialised model=tiny is used (speed does not depend on the weights). EOS is
-disabled on every side, so each row generates exactly --new-tokens tokens. HF runs only where transformers is
-installed (the `ref` extra: make bench runs this file in .venv-ref).
+Every row states its distance to the memory limit: a decoding step reads every matmul weight once, so tokens/s
+cannot exceed batch × (measured memory read bandwidth) ÷ (bytes of matmul weights). "same tokens" compares each
+row's greedy tokens with the fp32 eager row. Without --model-path a randomly initialised model=tiny is used
+(speed does not depend on the weights). EOS is disabled, so each row generates exactly --new-tokens tokens. HF
+runs only where transformers is installed (the `ref` extra: make bench runs this file in .venv-ref).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from benchmarks.common import print_table, write
+from benchmarks.common import matmul_params, measure_bandwidth, print_table, write
 from minillm.generate import GenerationConfig, generate_ids, load_model
 
 
-def ours(model, tokenizer, ids, mask, new_tokens: int) -> None:
+def ours(model, tokenizer, ids, mask, new_tokens: int) -> list[list[int]]:
     config = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_ids=[])
     rows = generate_ids(model, tokenizer, ids, mask, config)
     assert all(len(r) == new_tokens for r in rows)
+    return rows
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 (per output channel scales) through torch's own CPU kernel `_weight_int8pack_mm`: a
+    quarter of fp32's bytes per token, activations stay in float."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-8) / 127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+        return out.view(*x.shape[:-1], -1)
+
+
+def int8_weights(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return model
 
 
 @torch.inference_mode()
@@ -73,50 +104,88 @@ def random_tiny(folder: Path) -> Path:
     return save_pretrained(MiniGPT(model_preset("tiny", vocab_size=tokenizer.vocab_size)), tokenizer, folder)
 
 
+def variants(model, compile: bool) -> dict:
+    """name -> (model, bytes of matmul weights read per step)."""
+    n = matmul_params(model.config)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    out = {"minillm fp32": (model, 4 * n), "minillm bf16": (bf16, 2 * n)}
+    if compile:
+        for name in list(out):
+            compiled = copy.deepcopy(out[name][0])
+            compiled.compile_decoding(dynamic=False)
+            out[f"{name} compiled"] = (compiled, out[name][1])
+    if hasattr(torch, "_weight_int8pack_mm") and next(model.parameters()).device.type == "cpu":
+        out["minillm int8 weight-only"] = (int8_weights(model), n)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default=None)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=240)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled rows too")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--out-dir", default="outputs/bench")
     args = parser.parse_args(argv)
+    bandwidth = measure_bandwidth(device=args.device)
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model_path) if args.model_path else random_tiny(Path(tmp) / "tiny")
-        model, tokenizer = load_model(str(path))
+        model, tokenizer = load_model(str(path), args.device)
         new = min(args.new_tokens, model.config.block_size - args.prompt_tokens)
         try:
             from transformers import AutoModelForCausalLM
 
-            hf = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).to(args.device).eval()
         except ImportError:
             hf = None
-            print("transformers is not installed (the `ref` extra): skipping the HF column")
+            print("transformers is not installed (the `ref` extra): skipping the HF row")
+        engines = variants(model, args.compile)
         rows = []
         for batch in args.batches:
             gen = torch.Generator().manual_seed(batch)
-            ids = torch.randint(6, model.config.vocab_size, (batch, args.prompt_tokens), generator=gen)
+            ids = torch.randint(6, model.config.vocab_size, (batch, args.prompt_tokens), generator=gen).to(args.device)
             mask = torch.ones_like(ids)
-            row = {"batch": batch, "new tokens": new}
-            t_ours = timed(partial(ours, model, tokenizer, ids, mask, new), args.repeats)
-            t_plain = timed(partial(no_cache, model, tokenizer, ids, mask, new), max(1, args.repeats - 2))
-            row |= {
-                "ours tok/s": batch * new / t_ours,
-                "no-cache tok/s": batch * new / t_plain,
-                "ours / no-cache": t_plain / t_ours,
-                "ms/token (ours)": 1000 * t_ours / new,
-            }
+            reference = ours(model, tokenizer, ids, mask, new)
+            times = {}
+            for name, (engine, weight_bytes) in engines.items():
+                times[name] = timed(partial(ours, engine, tokenizer, ids, mask, new), args.repeats)
+                same = ours(engine, tokenizer, ids, mask, new) == reference
+                rows.append(row(batch, name, new, times[name], weight_bytes, bandwidth, same))
+            rows.append(
+                row(batch, "no-cache loop", new, timed(partial(no_cache, model, tokenizer, ids, mask, new), 1), 0, 0)
+            )
             if hf is not None:
-                t_hf = timed(partial(hf_generate, hf, ids, mask, new), args.repeats)
-                row |= {"HF tok/s": batch * new / t_hf, "ours / HF": t_hf / t_ours}
-            rows.append(row)
-            print_table([row], list(row))
+                times["HF"] = timed(partial(hf_generate, hf, ids, mask, new), args.repeats)
+                rows.append(
+                    row(batch, "HF generate fp32", new, times["HF"], 4 * matmul_params(model.config), bandwidth)
+                )
+            for r in rows:
+                if r["batch"] == batch and "HF" in times:
+                    r["vs HF"] = times["HF"] / (r["ms/step"] * new / 1000)
+    columns = ["batch", "engine", "tok/s", "ms/step", "vs HF", "limit tok/s", "of limit", "same tokens"]
     print()
-    print_table(rows, list(rows[-1]))
-    payload = {"model_path": str(args.model_path or "random model=tiny"), "rows": rows}
+    print_table(rows, columns)
+    payload = {"model_path": str(args.model_path or "random model=tiny"), "bandwidth": bandwidth, "rows": rows}
     write("generation", payload, Path(args.out_dir))
     return payload
+
+
+def row(batch, engine, new, seconds, weight_bytes, bandwidth, same=None) -> dict:
+    limit = batch * bandwidth / weight_bytes if weight_bytes else None
+    rate = batch * new / seconds
+    return {
+        "batch": batch,
+        "engine": engine,
+        "tok/s": rate,
+        "ms/step": 1000 * seconds / new,
+        "limit tok/s": limit,
+        "of limit": rate / limit if limit else None,
+        "same tokens": same,
+    }
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""Training throughput and MFU per preset, stage and precision; Lightning's overhead against a bare loop.
+"""Training throughput and MFU per preset, stage, precision, eager/compiled and activation checkpointing;
+Lightning's overhead against a bare loop.
 
     python benchmarks/train_throughput.py [--presets tiny small] [--stages pretrain sft dpo] [--steps 20]
+        [--compile off on] [--checkpointing off on] [--device cpu|cuda]
 
-MFU = FLOPs per token (benchmarks/common.py: 6 × matmul parameters + 6 × layers × T × C) × tokens/s / the
-matmul peak measured here for the run's dtype. Each configuration runs twice over the same stage module and
-data: `Trainer.fit` as `python -m minillm.train` builds it (our callbacks and loggers included, no validation)
-and a bare PyTorch loop (forward, backward, clip, AdamW step). Step times are medians after `--warmup` steps.
+MFU = FLOPs per token (minillm/flops.py: 6 × matmul parameters + 6 × layers × T × C) × tokens/s / the matmul
+peak measured here, on the device that trains, for the run's dtype. Each configuration runs twice over the same
+stage module and data: `Trainer.fit` as `python -m minillm.train` builds it (our callbacks and loggers included,
+no validation) and a bare PyTorch loop (forward, backward, clip, AdamW step). Step times are medians after
+`--warmup` steps (compilation happens in those). "saved MB" is what autograd keeps for the backward in one
+training step of the bare loop (what activation checkpointing trades for recomputation), "peak MB" the CUDA
+allocator's peak (GPU only).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import tempfile
 import time
@@ -42,6 +48,8 @@ def tokens_of(batch: dict) -> int:
 
 
 def overrides(preset: str, stage: str, precision: str, steps: int, root: Path, init: Path | None, extra) -> list:
+    """Train overrides of one configuration (`extra`: the device, compile and checkpointing switches, then the
+    user's)."""
     out = [
         f"stage={stage}",
         f"model={preset}",
@@ -73,26 +81,38 @@ def fit_step_times(args: list) -> tuple[list[float], int, ModelConfig]:
     return [b - a for a, b in zip(timer.ends, timer.ends[1:])], tokens_of(batch), run.module.model.config
 
 
-def bare_step_times(args: list, steps: int, precision: str) -> list[float]:
+def bare_step_times(args: list, steps: int, precision: str, device: str) -> tuple[list[float], float]:
+    """Step times of a bare loop, and the MB autograd saved for the backward in its first step."""
     run = build(args, inspect=True)
-    module = run.module
+    module = run.module.to(device)
     if module.reference is not None:
-        module.reference.to(next(module.parameters()).device)
+        module.reference.to(device)
     optimizer = module.configure_optimizers()["optimizer"]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
     module.train()
-    ends = []
+    ends, saved = [], {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
     for i, batch in enumerate(run.datamodule.train_dataloader()):
         if i == steps:
             break
-        with autocast:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t) if i == 0 else nullcontext()
+        with autocast, hooks:
             loss = module.training_step(batch, i)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
         ends.append(time.perf_counter())
-    return [b - a for a, b in zip(ends, ends[1:])]
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in weights)  # parameters are no extra memory
+    return [b - a for a, b in zip(ends, ends[1:])], activations / 2**20
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,16 +123,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--override", nargs="*", default=[], help="more train overrides (data.dir=..., model.*)")
+    parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: the best available)")
+    parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="also time a bare loop")
     parser.add_argument("--peak-size", type=int, default=2048)
     parser.add_argument("--out-dir", default="outputs/bench")
     args = parser.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.ERROR)
-    if best_device() == "cpu" and not cpu_has_fast_bf16() and "bf16-mixed" in args.precisions:
+    device = args.device or best_device()
+    accelerator = [
+        "trainer.accelerator=gpu" if device == "cuda" else f"trainer.accelerator={device}",
+        "trainer.devices=1",
+    ]
+    if device == "cpu" and not cpu_has_fast_bf16() and "bf16-mixed" in args.precisions:
         args.precisions = [p for p in args.precisions if p != "bf16-mixed"]  # training would run fp32 (device.py)
         print("this CPU has no fast bf16 kernel (no AVX-512): bf16-mixed would train in 32-true, not measured")
+    size = args.peak_size * (4 if device == "cuda" else 1)  # a GPU reaches its peak on larger matrices
     peaks = {
-        "32-true": measure_peak(torch.float32, args.peak_size),
-        "bf16-mixed": measure_peak(torch.bfloat16, args.peak_size),
+        "32-true": measure_peak(torch.float32, size, device=device),
+        "bf16-mixed": measure_peak(torch.bfloat16, size, device=device),
     }
     print(
         f"measured matmul peak: fp32 {peaks['32-true'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16-mixed'] / 1e9:.0f} GFLOP/s"
@@ -131,36 +161,44 @@ def main(argv: list[str] | None = None) -> dict:
                     init = save_pretrained(
                         MiniGPT(probe.module.model.config), probe.datamodule.tokenizer, tmp / f"init_{preset}"
                     )
-                for precision in args.precisions:
-                    common = overrides(preset, stage, precision, args.steps, tmp / "fit", init, args.override)
+                for precision, compiled, ckpt in itertools.product(args.precisions, args.compile, args.checkpointing):
+                    switches = accelerator + [f"compile={compiled == 'on'}"]
+                    switches.append(f"model.gradient_checkpointing={ckpt == 'on'}")
+                    extra = switches + list(args.override)
+                    common = overrides(preset, stage, precision, args.steps, tmp / "fit", init, extra)
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
                     fit, tokens, config = fit_step_times(common)
-                    bare = bare_step_times(
-                        overrides(preset, stage, precision, args.steps, tmp / "bare", init, args.override),
-                        args.steps,
-                        precision,
-                    )
+                    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+                    bare, saved_mb = [], None
+                    if args.bare:
+                        bare_args = overrides(preset, stage, precision, args.steps, tmp / "bare", init, extra)
+                        bare, saved_mb = bare_step_times(bare_args, args.steps, precision, device)
                     fit, bare = fit[args.warmup :] or fit, bare[args.warmup :] or bare
-                    seq = config.block_size
+                    flops = flops_per_token(config, config.block_size)
                     fit_rate, bare_rate = median_rate(fit, tokens), median_rate(bare, tokens)
-                    mfu = flops_per_token(config, seq) * fit_rate / peaks[precision]
                     rows.append(
                         {
                             "preset": preset,
                             "stage": stage,
                             "precision": precision,
+                            "compile": compiled,
+                            "ckpt": ckpt,
                             "tokens/step": tokens,
                             "fit tok/s": fit_rate,
-                            "bare tok/s": bare_rate,
-                            "MFU": mfu,
-                            "bare MFU": flops_per_token(config, seq) * bare_rate / peaks[precision],
-                            "overhead": bare_rate / fit_rate - 1 if fit_rate else None,
+                            "bare tok/s": bare_rate if bare else None,
+                            "MFU": flops * fit_rate / peaks[precision],
+                            "bare MFU": flops * bare_rate / peaks[precision] if bare else None,
+                            "overhead": bare_rate / fit_rate - 1 if fit_rate and bare else None,
+                            "saved MB": saved_mb,
+                            "peak MB": peak_mb,
                         }
                     )
                     print_table(rows[-1:], list(rows[-1]))
-    columns = ["preset", "stage", "precision", "tokens/step", "fit tok/s", "bare tok/s", "MFU", "bare MFU", "overhead"]
+    columns = list(rows[-1]) if rows else []
     print()
     print_table(rows, columns)
-    payload = {"peak_flops": peaks, "steps": args.steps, "warmup": args.warmup, "rows": rows}
+    payload = {"device": device, "peak_flops": peaks, "steps": args.steps, "warmup": args.warmup, "rows": rows}
     write("train_throughput", payload, Path(args.out_dir))
     return payload
 

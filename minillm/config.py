@@ -285,6 +285,7 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)  # name -> _target_ config (null disables one)
     logger: dict[str, Any] = field(default_factory=dict)
     seed: int = 1337
+    compile: bool = False  # torch.compile the backbone (training forwards) and the decode step (rollouts, evals)
     outputs: str = "outputs"  # where the stages' run dirs live (and where init_from=auto finds the parent's)
     run_dir: str = "${outputs}/${stage.name}_${model.name}"
     init_from: Optional[str] = "auto"  # auto: <outputs>/<stage.parent>_<model.name>/final; or a folder / .ckpt; null

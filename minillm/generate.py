@@ -133,19 +133,44 @@ def _seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_si
     return counts.scatter_add_(1, input_ids, attention_mask.float()) > 0  # (B, V)
 
 
-def _prefill(model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int):
-    """Run the prompt through the model into a fresh cache; returns (output, cache, next positions, mask)."""
-    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P), left padding -> start at 0
-    padded = not bool(attention_mask.all())
-    cache = model.new_cache(input_ids.shape[0], max_len)
-    out = model(
-        input_ids,
-        position_ids=positions,
-        attention_mask=attention_mask if padded else None,
-        cache=cache,
-        last_only=True,
-    )
-    return out, cache, positions[:, -1] + 1, attention_mask if padded else None
+class _Decoder:
+    """The prompt through the model into a KV cache (prefill), then one fixed-shape step per new token
+    (`MiniGPT.step`, or its compiled form after `compile_decoding`). Holds the cache, the mask of cache slots
+    each row attends to (left padding off) and each row's next RoPE position."""
+
+    def __init__(self, model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new: int) -> None:
+        B, P = input_ids.shape
+        compiled = "_compiled_step" in model.__dict__
+        max_len = model.config.block_size if compiled else P + max_new  # compiled: one shape for every call
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P), left padding -> start at 0
+        padded = not bool(attention_mask.all())
+        self.model, self.cache = model, model.new_cache(B, max_len)
+        out = model(
+            input_ids,
+            position_ids=positions,
+            attention_mask=attention_mask if padded else None,
+            cache=self.cache,
+            last_only=True,
+        )
+        self.logits = out.logits[:, -1]  # (B, V) scores of the first new token
+        self.key_mask = torch.zeros(B, max_len, dtype=torch.bool, device=input_ids.device)
+        self.key_mask[:, :P] = attention_mask.bool()
+        self.positions = positions[:, -1:] + 1  # (B, 1)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row, (B,); returns the next (B, V) logits."""
+        slot = self.cache.length
+        self.key_mask[:, slot] = True
+        slot_tensor = torch.tensor([slot], device=token.device)
+        self.logits = self.model.decode_step(token[:, None], self.positions, self.cache, slot_tensor, self.key_mask)
+        self.cache.length += 1
+        self.positions = self.positions + 1
+        return self.logits
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search)."""
+        self.cache.reorder(index)
+        self.key_mask, self.positions = self.key_mask[index], self.positions[index]
 
 
 def _sample_steps(
@@ -164,11 +189,11 @@ def _sample_steps(
     generator.manual_seed(config.seed if config.seed is not None else int.from_bytes(os.urandom(7), "little"))
     eos = torch.tensor(_eos_ids(tokenizer, config), device=device)
     seen = _seen_tokens(input_ids, attention_mask, model.config.vocab_size)
-    out, cache, positions, mask = _prefill(model, input_ids, attention_mask, input_ids.shape[1] + max_new)
+    decoder = _Decoder(model, input_ids, attention_mask, max_new)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     for step in range(max_new):
-        scores = process_logits(out.logits[:, -1].float(), seen, config)  # (B, V)
+        scores = process_logits(decoder.logits.float(), seen, config)  # (B, V)
         if config.do_sample:
             token = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
@@ -184,10 +209,7 @@ def _sample_steps(
                     finished[row] = True
         if bool(finished.all()) or step == max_new - 1:
             return
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(token[:, None], position_ids=positions[:, None], attention_mask=mask, cache=cache)
-        positions = positions + 1
+        decoder.step(token)
 
 
 def _beam_search(
@@ -205,7 +227,7 @@ def _beam_search(
     eos = set(_eos_ids(tokenizer, config))
     input_ids, attention_mask = input_ids.repeat_interleave(K, 0), attention_mask.repeat_interleave(K, 0)
     seen = _seen_tokens(input_ids, attention_mask, V)
-    out, cache, positions, mask = _prefill(model, input_ids, attention_mask, input_ids.shape[1] + max_new)
+    decoder = _Decoder(model, input_ids, attention_mask, max_new)
     beam_scores = torch.full((B, K), float("-inf"), device=input_ids.device)
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
     beams: list[list[int]] = [[] for _ in range(B * K)]
@@ -216,7 +238,7 @@ def _beam_search(
         hypotheses[b].append((score / max(len(tokens), 1) ** config.length_penalty, tokens))
 
     for step in range(max_new):
-        logp = apply_repetition_penalty(out.logits[:, -1].float(), seen, config.repetition_penalty).log_softmax(-1)
+        logp = apply_repetition_penalty(decoder.logits.float(), seen, config.repetition_penalty).log_softmax(-1)
         candidates = (beam_scores.view(-1, 1) + logp).view(B, K * V)
         top_scores, top_index = candidates.topk(2 * K, dim=1)  # (B, 2K)
         next_scores = torch.full((B, K), float("-inf"), device=logp.device)
@@ -242,14 +264,10 @@ def _beam_search(
         beam_scores = next_scores
         if all(done) or step == max_new - 1:
             break
-        cache.reorder(source)
+        decoder.reorder(source)
         seen = seen[source]
         seen[torch.arange(B * K, device=logp.device), next_token.view(-1)] = True
-        positions = positions[source]
-        if mask is not None:
-            mask = torch.cat([mask[source], mask.new_ones(B * K, 1)], dim=1)
-        out = model(next_token.view(-1, 1), position_ids=positions[:, None], attention_mask=mask, cache=cache)
-        positions = positions + 1
+        decoder.step(next_token.view(-1))
     for b in range(B):
         if not done[b]:  # ran out of tokens: alive beams compete with finished ones
             for k in range(K):

@@ -31,8 +31,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    FLEX_ATTENTION = True
+except ImportError:  # torch < 2.5
+    BlockMask, FLEX_ATTENTION = type(None), False
 
 MAX_BLOCK_SIZE = 65536
+SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa=: no K/V copies
 
 
 @dataclass
@@ -52,6 +61,7 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    gradient_checkpointing: bool = False  # training: recompute each block's activations in the backward
     # mixture of experts (n_experts = 0: dense MLP)
     n_experts: int = 0
     n_experts_per_tok: int = 2
@@ -133,6 +143,13 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor):
+        """Fixed-shape update (the decode step): write (B, K, 1, D) at cache slot `slot` (a 1-element tensor);
+        return the whole preallocated (B, K, max_len, D) (the caller masks the slots not filled)."""
+        self.k[layer].index_copy_(2, slot, k.to(self.k.dtype))  # under autocast k/v may be bf16
+        self.v[layer].index_copy_(2, slot, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search)."""
         self.k = self.k.index_select(1, index)
@@ -167,6 +184,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def attention_kernel(device_type: str, dtype: torch.dtype, training: bool) -> str:
+    """Which attention a (non-packed) forward uses, by device, dtype and mode:
+
+    - "explicit" (softmax(q kᵀ/√D) v written out) for bf16 *training on a CPU*: torch's CPU SDPA has a slow bf16
+      backward (measured on a Zen 4 CPU: model=tiny trains 13-18% faster written out);
+    - "sdpa" everywhere else: FlashAttention / memory-efficient kernels on CUDA in every precision (no (T, S)
+      score tensor), the fused kernel on CPU in fp32 and for decoding.
+
+    Chosen by the module's mode, not by autograd, so a no-grad forward in train mode (RLHF's old log-probs)
+    matches the update's forward."""
+    return "explicit" if device_type == "cpu" and dtype == torch.bfloat16 and training else "sdpa"
+
+
+def packed_kernel(device_type: str, dropout: float) -> str:
+    """Which attention a packed forward (documents side by side in one row) uses: "flex" (FlexAttention with a
+    block-diagonal causal block mask, compiled: no (B, T, T) mask, fully masked blocks skipped) on CUDA, "dense"
+    (a (B, 1, T, T) boolean mask through the non-packed path) elsewhere — on CPU FlexAttention runs through
+    torch.compile's CPU template, measured slower than SDPA with the dense mask for model=tiny (benchmarks/) —
+    and whenever attention dropout is on (FlexAttention has none)."""
+    return "flex" if device_type == "cuda" and dropout == 0.0 and FLEX_ATTENTION else "dense"
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -177,38 +216,41 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, mask, layer: int, cache: Optional[KVCache]) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, layer: int, cache: Optional[KVCache], slot=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, K, S, D)
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            k, v = cache.update(layer, k, v) if slot is None else cache.write(layer, k, v, slot)  # (B, K, S, D)
         dropout = self.dropout if self.training else 0.0
-        if q.dtype == torch.bfloat16 and self.training:
-            # training in bf16: on CPUs SDPA's bf16 backward is the slower one. Chosen by the module's mode, not by
-            # autograd, so a no-grad forward in train mode (RLHF's old log-probs) matches the update's forward.
-            y = explicit_attention(q, k, v, mask, dropout)
+        if isinstance(mask, BlockMask):  # packed documents on CUDA
+            y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        elif attention_kernel(q.device.type, q.dtype, self.training) == "explicit":
+            y = explicit_attention(q, self._repeat_kv(k), self._repeat_kv(v), mask, dropout)
         else:
+            gqa = SDPA_GQA and self.n_kv_head != self.n_head
             y = F.scaled_dot_product_attention(
                 q,
-                k,
-                v,
+                k if gqa else self._repeat_kv(k),
+                v if gqa else self._repeat_kv(v),
                 attn_mask=None if isinstance(mask, str) else mask,
                 is_causal=mask == "causal" if isinstance(mask, str) else False,
                 dropout_p=dropout,
+                **({"enable_gqa": True} if gqa else {}),
             )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, S, D) -> (B, H, S, D): each key/value head repeated for the query heads that share it."""
+        n = self.n_head // self.n_kv_head
+        return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 
 def explicit_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
     """softmax(q kᵀ / √D + mask) v written out, the same semantics as the SDPA call above (`mask`: "causal",
-    None, or a bool (B, 1, T, S) True = attend). Used for bf16 training: measured on a Zen 4 CPU, model=tiny
-    trains ~12% faster with it than with SDPA in bf16 (SDPA stays faster in fp32 and for decoding)."""
+    None, or a bool (B, 1, T, S) True = attend). See `attention_kernel` for where it is used."""
     T, S = q.shape[-2], k.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)
     if isinstance(mask, str):
@@ -217,6 +259,28 @@ def explicit_attention(q, k, v, mask, dropout: float) -> torch.Tensor:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = F.dropout(scores.softmax(-1), p=dropout) if dropout else scores.softmax(-1)
     return weights @ v
+
+
+_FLEX = None
+
+
+def compiled_flex_attention():
+    """flex_attention compiled once per process (uncompiled it materialises the full score matrix)."""
+    global _FLEX
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def document_block_mask(documents: torch.Tensor) -> BlockMask:
+    """FlexAttention's block mask for packed rows: causal within each document. `documents`: (B, T) index of
+    each token's document."""
+
+    def same_document_causal(b, h, q, kv):
+        return (documents[b, q] == documents[b, kv]) & (kv <= q)
+
+    B, T = documents.shape
+    return create_block_mask(same_document_causal, B, None, T, T, device=documents.device)
 
 
 class SwiGLU(nn.Module):
@@ -272,8 +336,8 @@ class Block(nn.Module):
         self.mlp = MoE(config) if config.is_moe else SwiGLU(config.n_embd, config.ffn_dim)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask, layer, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache))
+    def forward(self, x, cos, sin, mask, layer, cache, slot=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache, slot))
         h = self.mlp(self.post_attention_layernorm(x))
         h, aux = h if isinstance(h, tuple) else (h, x.new_zeros((), dtype=torch.float32))
         return x + self.resid_dropout(h), aux
@@ -319,24 +383,80 @@ class MiniGPT(nn.Module):
         cache: Optional[KVCache] = None,
         last_only: bool = False,  # compute logits for the last position only (decoding)
         hidden_only: bool = False,  # skip the LM head (scalar heads read `hidden`)
+        document_ids: Optional[torch.Tensor] = None,  # (B, T) packed rows: attend only within the same document
     ) -> ModelOutput:
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         cos, sin = rope_tables(self.config.head_dim, position_ids, self.config.rope_theta)  # (B, T, D)
-        mask = attention_bias(attention_mask, T, past, input_ids.device)
+        if document_ids is not None and attention_mask is None and cache is None:
+            dropout = self.config.dropout if self.training else 0.0
+            if packed_kernel(input_ids.device.type, dropout) == "flex":
+                mask = document_block_mask(document_ids)
+            else:
+                mask = attention_bias(document_ids[:, :, None] == document_ids[:, None, :], T, 0, input_ids.device)
+        else:
+            mask = attention_bias(attention_mask, T, past, input_ids.device)
         x = self.drop(self.embed_tokens(input_ids))  # (B, T, C)
-        aux_total = x.new_zeros((), dtype=torch.float32)
-        for i, block in enumerate(self.layers):
-            x, aux = block(x, cos, sin, mask, i, cache)
-            aux_total = aux_total + aux
+        layers = self._compiled_layers if cache is None and self._compiled_layers is not None else self._layers
+        x, aux_total = layers(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         x = self.norm(x[:, -1:] if last_only else x)
         aux_loss = self.config.aux_loss_coef * aux_total / self.config.n_layer if self.config.is_moe else aux_total
         logits = None if hidden_only else self.lm_head(x)
         return ModelOutput(logits=logits, aux_loss=aux_loss, cache=cache, hidden=x)
+
+    def _layers(self, x, cos, sin, mask, cache, slot=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks in order; (hidden, summed MoE aux loss). With gradient checkpointing (training, no cache)
+        each block keeps only its input and recomputes the rest in the backward."""
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.layers):
+            if recompute and cache is None:
+                x, aux = checkpoint(block, x, cos, sin, mask, i, None, use_reentrant=False)
+            else:
+                x, aux = block(x, cos, sin, mask, i, cache, slot)
+            aux_total = aux_total + aux
+        return x, aux_total
+
+    @property
+    def _compiled_layers(self):
+        return self.__dict__.get("_compiled")
+
+    def compile_layers(self, **options) -> None:
+        """`compile=true`: the blocks of every forward without a KV cache (all training and scoring) run through
+        torch.compile (`options` go to it). Parameters keep their names: checkpoints and exports are unchanged.
+        Decoding compiles its own fixed-shape step (minillm.generate)."""
+        self.__dict__["_compiled"] = torch.compile(self._layers, **options)
+
+    @property
+    def decode_step(self):
+        """`step`, or its compiled form after `compile_decoding()`."""
+        return self.__dict__.get("_compiled_step") or self.step
+
+    def compile_decoding(self, **options) -> None:
+        """Decode through a torch.compile'd `step` (fixed shapes: minillm.generate then sizes every KV cache to
+        block_size, so one graph serves every call of a batch size)."""
+        self.__dict__["_compiled_step"] = torch.compile(self.step, **options)
+
+    def step(
+        self,
+        token: torch.Tensor,  # (B, 1)
+        position: torch.Tensor,  # (B, 1) RoPE position of the new token
+        cache: KVCache,
+        slot: torch.Tensor,  # (1,) cache slot the new keys/values go to
+        key_mask: torch.Tensor,  # (B, max_len) bool: the slots this token attends to (itself included)
+    ) -> torch.Tensor:
+        """One decoding step at fixed shapes, what a compiled decoder runs (no Python int changes between
+        steps: the new keys/values go to `slot` and attention covers the whole preallocated cache, `key_mask`
+        hiding the slots not filled and left padding). Returns the next-token logits (B, V); the caller advances
+        `cache.length`."""
+        cos, sin = rope_tables(self.config.head_dim, position, self.config.rope_theta)
+        x = self.embed_tokens(token)
+        x, _ = self._layers(x, cos, sin, key_mask[:, None, None, :], cache, slot)
+        return self.lm_head(self.norm(x))[:, -1]
 
 
 class RewardModel(nn.Module):
@@ -429,7 +549,7 @@ def attention_bias(attention_mask: Optional[torch.Tensor], T: int, past: int, de
     return allowed[:, None]  # (B, 1, T, S)
 
 
-def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal (B, T, T) mask for packed documents whose positions restart at 0 at each new document."""
-    doc = (position_ids == 0).cumsum(dim=1)  # (B, T) document index of each token
-    return doc[:, :, None] == doc[:, None, :]
+def document_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document index of each token of packed rows whose positions restart at 0 at each new document
+    (what `forward(document_ids=...)` takes)."""
+    return (position_ids == 0).cumsum(dim=1)

@@ -8,6 +8,7 @@ run.fit()
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from minillm.checkpoint_io import remove_stale_tmp
 from minillm.config import CONF_DIR, Config, compose, resolved_dict, to_config
 from minillm.data.datamodule import MiniLLMDataModule, find_sources
 from minillm.device import training_precision
+from minillm.model import MiniGPT
 from minillm.stages import LMModule, stage_module
 
 log = logging.getLogger("minillm")
@@ -127,10 +129,23 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         )
     module = stage_cls(typed, config, inputs.tokenizer.sha256)
     module.attach(inputs, resuming=ckpt_path is not None)
+    if typed.compile:
+        compile_backbones(module)
     if not inspect and trainer.is_global_zero:
         rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
         datamodule.write_stats(run_dir / "dataset_stats.json")
     return Run(cfg, datamodule, module, trainer, ckpt_path, run_dir)
+
+
+def compile_backbones(module: LMModule) -> None:
+    """compile=true: every backbone the stage trains (policy, value or reward trunk) runs its forwards without a
+    KV cache, and its decode step (RLHF rollouts, evaluation callbacks), through torch.compile. The compiled code
+    is cached under data/cache/torchinductor (or $TORCHINDUCTOR_CACHE_DIR), so a second run starts fast."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path("data/cache/torchinductor").resolve()))
+    for model in module.modules():
+        if isinstance(model, MiniGPT):
+            model.compile_layers()
+            model.compile_decoding(dynamic=False)
 
 
 def _callbacks_and_loggers(cfg: DictConfig, typed: Config, updates: int) -> tuple[list, list]:

@@ -25,13 +25,19 @@ class ScriptedModel(MiniGPT):
         self.script, self.calls = script, 0
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None, last_only=False):
-        if cache is not None and cache.length == 0:  # a new generation starts the script again
+        if cache is not None and cache.length == 0:  # a new generation (its prefill) starts the script again
             self.calls = 0
         out = super().forward(input_ids, position_ids, attention_mask, cache, last_only)  # keeps the cache going
-        logits = torch.full_like(out.logits, -1e4)
+        return ModelOutput(logits=self._scripted(out.logits), aux_loss=out.aux_loss, cache=out.cache)
+
+    def step(self, token, position, cache, slot, key_mask):  # each decoding step after the prefill
+        return self._scripted(super().step(token, position, cache, slot, key_mask))
+
+    def _scripted(self, logits):
+        logits = torch.full_like(logits, -1e4)
         logits[..., self.script[min(self.calls, len(self.script) - 1)]] = 0.0
         self.calls += 1
-        return ModelOutput(logits=logits, aux_loss=out.aux_loss, cache=out.cache)
+        return logits
 
 
 def scripted(tokenizer, script):

@@ -6,7 +6,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from minillm.config import compose, model_preset
-from minillm.model import MiniGPT, ModelConfig, apply_rope, packed_attention_mask, rope_tables
+from minillm.model import MiniGPT, ModelConfig, apply_rope, document_index, rope_tables
 
 from .conftest import micro_config
 
@@ -63,7 +63,7 @@ def test_packed_documents_are_independent():
     doc_a, doc_b = torch.randint(0, V, (1, 6)), torch.randint(0, V, (1, 10))
     packed = torch.cat([doc_a, doc_b], 1)
     positions = torch.cat([torch.arange(6), torch.arange(10)])[None]
-    out = m(packed, position_ids=positions, attention_mask=packed_attention_mask(positions)).logits
+    out = m(packed, position_ids=positions, document_ids=document_index(positions)).logits
     torch.testing.assert_close(out[:, :6], m(doc_a).logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(out[:, 6:], m(doc_b).logits, atol=1e-5, rtol=0)
 

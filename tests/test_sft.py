@@ -10,7 +10,7 @@ from minillm.data.kinds import SFT, encode_chat
 from minillm.data.records import DataError, to_messages
 from minillm.generate import load_model
 from minillm.losses import IGNORE_INDEX
-from minillm.model import packed_attention_mask
+from minillm.model import document_index
 from minillm.train import build
 from tests.conftest import micro_overrides
 
@@ -140,7 +140,7 @@ def test_packed_conversations_never_attend_across_boundaries(tmp_path, chat_dir,
     model = run.module.model.eval()
     with torch.no_grad():
         packed = model(
-            row["input_ids"][None], position_ids=positions[None], attention_mask=packed_attention_mask(positions[None])
+            row["input_ids"][None], position_ids=positions[None], document_ids=document_index(positions[None])
         ).logits[0]
         for a, b in zip(starts, starts[1:]):
             alone = model(row["input_ids"][None, a:b]).logits[0]

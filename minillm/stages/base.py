@@ -30,6 +30,7 @@ from torchmetrics import MeanMetric
 from minillm import loop_state
 from minillm.config import Config, StageConfig
 from minillm.data.kinds import PRETRAIN, Kind
+from minillm.flops import device_peak, flops_per_token, precision_dtype
 from minillm.model import Attention, MiniGPT
 from minillm.rundir import StageInputs
 
@@ -82,6 +83,7 @@ class LMModule(L.LightningModule):
         self._last_loss: torch.Tensor | None = None
         self._tokens = 0
         self._clock: float | None = None
+        self._peak = self._flops_per_token = 0.0  # on_train_start: MFU against the device this run trains on
         self.__dict__["reference"] = None  # set_reference(): a plain attribute, outside the module tree
         self.__dict__["tokenizer"] = None  # attach(): for the stage and the callbacks that decode or generate
         self.data_dir: Path | None = None  # attach(): the data dir the run reads
@@ -162,7 +164,10 @@ class LMModule(L.LightningModule):
             return
         now = time.perf_counter()
         if self._clock is not None:
-            self.log("train/tokens_per_s", self._tokens / max(now - self._clock, 1e-9), prog_bar=True)
+            rate = self._tokens / max(now - self._clock, 1e-9)
+            self.log("train/tokens_per_s", rate, prog_bar=True)
+            if self._peak:
+                self.log("train/mfu", rate * self._flops_per_token / self._peak)
         self._clock = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
@@ -211,6 +216,10 @@ class LMModule(L.LightningModule):
         self._log_to_replay = checkpoint.get(loop_state.KEY)
 
     def on_train_start(self) -> None:
+        # MFU (train/mfu): training FLOPs per token (minillm/flops.py, at block_size) × tokens/s ÷ the matmul
+        # peak measured on this device in the precision's dtype (per process, at start-up).
+        self._peak = device_peak(self.device, precision_dtype(self.trainer.precision))
+        self._flops_per_token = flops_per_token(self.model.config, self.model.config.block_size)
         log_state, self._log_to_replay = self._log_to_replay, None
         loop_state.replay(self.trainer, log_state)
         rng, self._rng_to_restore = self._rng_to_restore, None

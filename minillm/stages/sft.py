@@ -13,7 +13,7 @@ import torch
 from minillm.config import SFTConfig
 from minillm.data.kinds import SFT
 from minillm.losses import IGNORE_INDEX, lm_loss
-from minillm.model import packed_attention_mask
+from minillm.model import document_index
 from minillm.stages.base import LMModule
 
 
@@ -24,8 +24,8 @@ class SFTModule(LMModule):
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, labels = batch["input_ids"][:, :-1], batch["labels"][:, 1:]  # (B, T)
         positions = batch["position_ids"][:, :-1] if "position_ids" in batch else None
-        mask = packed_attention_mask(positions) if positions is not None else None  # packed: block-diagonal
-        out = self.model(ids, position_ids=positions, attention_mask=mask)
+        documents = document_index(positions) if positions is not None else None  # packed: block-diagonal
+        out = self.model(ids, position_ids=positions, document_ids=documents)
         return lm_loss(out.logits, labels, reduction="sum"), (labels != IGNORE_INDEX).sum(), out.aux_loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

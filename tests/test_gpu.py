@@ -1,0 +1,160 @@
+"""GPU smoke suite: `pytest -m gpu` (or `benchmarks/gpu.sh`, which runs it first). A few steps of every stage on
+CUDA in bf16-mixed, eager and compiled; KV-cache decoding against the full forward; FSDP on one device; the
+fused attention paths a GPU takes (flash SDPA, FlexAttention for packed rows).
+
+Without CUDA every test is skipped, except in a GPU session: with MINILLM_EXPECT_GPU=1 a missing GPU fails the
+suite instead. MINILLM_GPU_TESTS_ON_CPU=1 runs the same tests on the CPU in fp32 (to check the suite itself on a
+machine without a GPU; nothing GPU-specific is proven then).
+"""
+
+import csv
+import math
+import os
+
+import pytest
+import torch
+
+import minillm.model as model_lib
+from minillm.generate import GenerationConfig, generate_ids
+from minillm.model import MiniGPT
+from minillm.train import build
+
+from .conftest import micro_config, micro_overrides, pair_overrides
+
+pytestmark = pytest.mark.gpu
+ON_CPU = os.environ.get("MINILLM_GPU_TESTS_ON_CPU") == "1"
+
+
+@pytest.fixture(scope="module")
+def device() -> str:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact comparisons below are fp32 against fp32
+        torch.backends.cudnn.allow_tf32 = False
+        return "cuda"
+    if os.environ.get("MINILLM_EXPECT_GPU") == "1":
+        pytest.fail("MINILLM_EXPECT_GPU=1 but torch sees no CUDA device: the GPU suite would prove nothing")
+    if ON_CPU:
+        return "cpu"
+    pytest.skip("no CUDA device (set MINILLM_EXPECT_GPU=1 in a GPU session to make this a failure)")
+
+
+def on_device(device: str, precision: str = "bf16-mixed") -> list[str]:
+    if device == "cpu":
+        return ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"]
+    return ["trainer.accelerator=gpu", "trainer.devices=1", f"trainer.precision={precision}"]
+
+
+def train_losses(run_dir) -> list[float]:
+    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+STAGES = {
+    "pretrain": lambda root, d, init: micro_overrides(root, d["data"]),
+    "sft": lambda root, d, init: micro_overrides(root, d["chat"], f"init_from={init}", stage="sft"),
+    "sft_packed": lambda root, d, init: micro_overrides(
+        root, d["chat"], f"init_from={init}", "data.packing=true", stage="sft"
+    ),
+    "dpo": lambda root, d, init: pair_overrides(root, d["pref"], init, stage="dpo"),
+    "reward": lambda root, d, init: pair_overrides(root, d["pref"], init, stage="reward"),
+    "rlhf": lambda root, d, init: micro_overrides(
+        root,
+        d["prompt"],
+        f"init_from={init}",
+        "stage.max_prompt_length=20",
+        "stage.max_completion_length=12",
+        "stage.reward=verifiable",
+        "callbacks.rlhf_monitor.sample_every=0",
+        stage="rlhf",
+    ),
+}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_trains_on_the_device(stage, compiled, device, tmp_path, data_dir, chat_dir, pref_dir, prompt_dir):
+    dirs = {"data": data_dir, "chat": chat_dir, "pref": pref_dir, "prompt": prompt_dir}
+    init = tmp_path / "init" / "run" / "final"
+    if stage != "pretrain":  # a parent of the right shape, trained here in a few steps
+        assert build(micro_overrides(tmp_path / "init", data_dir, "trainer.max_steps=2")).fit() == 0
+    overrides = STAGES[stage](tmp_path / "stage", dirs, init)
+    run = build(overrides + on_device(device) + [f"compile={compiled}", "trainer.max_steps=3"])
+    assert run.fit() == 0
+    assert run.module.device.type == device
+    losses = train_losses(tmp_path / "stage" / "run")
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert (tmp_path / "stage" / "run" / "final").is_dir()
+
+
+def test_fsdp_on_one_device_trains(device, tmp_path, data_dir):
+    if device == "cpu":
+        pytest.skip("trainer=fsdp is a GPU preset")
+    run = build(micro_overrides(tmp_path, data_dir, "trainer=fsdp", "trainer.devices=1", "trainer.max_steps=3"))
+    assert run.trainer.strategy.__class__.__name__ == "FSDPStrategy"
+    assert run.fit() == 0
+    losses = train_losses(tmp_path / "run")
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+def test_kv_cache_greedy_equals_the_full_forward(device, tokenizer):
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(tokenizer.vocab_size)).to(device).eval()
+    ids = torch.randint(6, 200, (3, 7), device=device)
+    config = GenerationConfig(do_sample=False, max_new_tokens=24, eos_token_ids=[])
+    cached = generate_ids(model, tokenizer, ids, torch.ones_like(ids), config)
+    with torch.no_grad():
+        full = ids
+        for _ in range(24):
+            full = torch.cat([full, model(full).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert cached == full[:, 7:].tolist()
+    model.compile_decoding(dynamic=False)
+    assert generate_ids(model, tokenizer, ids, torch.ones_like(ids), config) == cached
+
+
+def test_causal_bf16_training_runs_on_the_flash_kernel(device):
+    """With only FlashAttention allowed, a bf16 training forward and backward must still run: the model hands
+    SDPA nothing (no dense mask, no K/V copies) that would force the O(T²) math fallback."""
+    if device == "cpu":
+        pytest.skip("FlashAttention is a CUDA kernel")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(512, n_embd=128, n_head=4, n_kv_head=2, block_size=256)).to(device).train()
+    ids = torch.randint(0, 512, (4, 256), device=device)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_flex_packed_rows_equal_the_dense_mask_with_gradients(device):
+    if device == "cpu":
+        pytest.skip("FlexAttention has no CPU backward")
+    torch.manual_seed(0)
+    dense_model = MiniGPT(micro_config(512, block_size=128)).to(device).train()
+    flex_model = MiniGPT(micro_config(512, block_size=128)).to(device).train()
+    flex_model.load_state_dict(dense_model.state_dict())
+    positions = torch.cat([torch.arange(50), torch.arange(30), torch.arange(48)]).to(device).expand(2, 128)
+    documents = model_lib.document_index(positions)
+    ids = torch.randint(0, 512, (2, 128), device=device)
+    assert model_lib.packed_kernel(device, 0.0) == "flex"
+    flex = flex_model(ids, position_ids=positions, document_ids=documents).logits
+    original = model_lib.packed_kernel
+    model_lib.packed_kernel = lambda *a: "dense"
+    try:
+        dense = dense_model(ids, position_ids=positions, document_ids=documents).logits
+    finally:
+        model_lib.packed_kernel = original
+    torch.testing.assert_close(flex, dense, atol=2e-4, rtol=1e-3)
+    flex.logsumexp(-1).mean().backward()
+    dense.logsumexp(-1).mean().backward()
+    for a, b in zip(dense_model.parameters(), flex_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=2e-4, rtol=1e-3)
+
+
+def test_mfu_is_measured_against_this_device(device, tmp_path, data_dir):
+    run = build(micro_overrides(tmp_path, data_dir, *on_device(device), "trainer.max_steps=4"))
+    assert run.fit() == 0
+    with open(tmp_path / "run" / "logs" / "metrics.csv", newline="") as f:
+        mfu = [float(r["train/mfu"]) for r in csv.DictReader(f) if r.get("train/mfu")]
+    assert mfu and all(0 < x < 1 for x in mfu)
