@@ -23,12 +23,14 @@ class ChatCommand(GenerationConfig):
     model_path: str = "???"
     system: Optional[str] = None
     device: str = "cpu"
+    dtype: str = "auto"  # the weights' dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
+    compile: bool = False  # decode through a compiled fixed-shape step
 
 
 def run(command: ChatCommand, stdin=sys.stdin, out=sys.stdout) -> None:
     config, system, model_path = generation_config(command), command.system, command.model_path
     try:
-        model, tokenizer = load_model(model_path, command.device)
+        model, tokenizer = load_model(model_path, command.device, command.dtype, command.compile)
     except Exception as e:
         raise SystemExit(f"error: {e}") from None
     echo = not stdin.isatty()

@@ -451,10 +451,33 @@ class TextGenerator:
         return stream(self.model, self.tokenizer, prompt, config)
 
 
-def load_model(path: str, device: str | torch.device = "cpu") -> tuple[MiniGPT, Tokenizer]:
-    """(model in eval mode on `device`, tokenizer) from an exported folder or a training checkpoint."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def decode_dtype(device: str | torch.device) -> torch.dtype:
+    """The weights' dtype `dtype="auto"` picks for generation, by measurement (benchmarks/generation.py, README
+    Performance): bf16 on CUDA; fp32 on CPU, where bf16 weights decode faster only at batch 1 and only with
+    native bf16 matmuls, are slower at batch 8 on CPUs without AVX-512 bf16, and change greedy tokens."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model(
+    path: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", compile: bool = False
+) -> tuple[MiniGPT, Tokenizer]:
+    """(model in eval mode on `device`, tokenizer) from an exported folder or a training checkpoint.
+
+    `dtype`: the weights' dtype for generation, "auto" (`decode_dtype(device)`), "float32", "bfloat16" or
+    "float16". `compile=True` decodes through a torch.compile'd fixed-shape step (`MiniGPT.compile_decoding`:
+    the first call of each batch size compiles, later ones are faster)."""
+    if isinstance(dtype, str):
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = decode_dtype(device) if dtype == "auto" else DTYPES[dtype]
     model, tokenizer = load_pretrained(path, map_location="cpu")
-    return model.to(device), tokenizer
+    model = model.to(device=device, dtype=dtype)
+    if compile:
+        model.compile_decoding(dynamic=False)
+    return model, tokenizer
 
 
 @dataclass
@@ -471,6 +494,8 @@ class GenerateCommand(GenerationConfig):
     prompt_file: Optional[str] = None
     chat: bool = False
     device: str = "cpu"
+    dtype: str = "auto"  # the weights' dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
+    compile: bool = False  # decode through a compiled fixed-shape step (faster after the first call)
 
 
 def generation_config(command: GenerationConfig) -> GenerationConfig:
@@ -484,7 +509,7 @@ def run(command: GenerateCommand) -> None:
         with open(command.prompt_file, encoding="utf-8") as f:
             prompt = [line.rstrip("\n") for line in f if line.strip()]
     try:
-        model, tokenizer = load_model(command.model_path, command.device)
+        model, tokenizer = load_model(command.model_path, command.device, command.dtype, command.compile)
     except Exception as e:  # a missing folder, an unreadable checkpoint: say which
         raise SystemExit(f"error: {e}") from None
     prompts = [str(p) for p in prompt] if isinstance(prompt, (list, tuple)) else [str(prompt)]

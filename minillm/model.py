@@ -122,38 +122,39 @@ class ModelOutput:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, K, max_len, D). `length` positions are filled."""
+    """Preallocated keys/values, one (B, K, max_len, D) tensor per layer (separate buffers: a compiled decode step
+    then writes one slot in place instead of rebuilding a stacked cache). `length` positions are filled."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype) -> None:
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, K, T, D) keys/values after the filled part; return everything so far."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor):
         """Fixed-shape update (the decode step): write (B, K, 1, D) at cache slot `slot` (a 1-element tensor);
         return the whole preallocated (B, K, max_len, D) (the caller masks the slots not filled)."""
-        self.k[layer].index_copy_(2, slot, k.to(self.k.dtype))  # under autocast k/v may be bf16
-        self.v[layer].index_copy_(2, slot, v.to(self.v.dtype))
+        self.k[layer].index_copy_(2, slot, k.to(self.k[layer].dtype))  # under autocast k/v may be bf16
+        self.v[layer].index_copy_(2, slot, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
 
 
 class RMSNorm(nn.Module):

@@ -139,3 +139,20 @@ def test_export_refuses_a_mixture_of_experts_model_clearly(tokenizer, tmp_path):
     folder = save_pretrained(moe, tokenizer, tmp_path / "moe")
     with pytest.raises(ValueError, match="mixture-of-experts model: exporting it to the transformers format is not"):
         export(folder, tmp_path / "out")
+
+
+def test_load_model_dtype_for_generation(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    out = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "final")
+    auto, _ = load_model(str(out))  # auto on CPU: fp32, the weights exactly as saved
+    assert {p.dtype for p in auto.parameters()} == {torch.float32}
+    bf16, _ = load_model(str(out), dtype="bfloat16")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 12))
+    with torch.no_grad():  # the same model in half the bytes: logits close, not equal
+        torch.testing.assert_close(bf16(ids).logits.float(), auto(ids).logits, atol=0.1, rtol=0.05)
+    compiled, _ = load_model(str(out), compile=True)
+    assert auto.decode_step == auto.step  # eager: the plain step
+    assert compiled.decode_step != compiled.step  # the compiled step (compiles lazily, on its first call)
+    with pytest.raises(ValueError, match="dtype must be auto or one of float32, bfloat16, float16, got 'int4'"):
+        load_model(str(out), dtype="int4")
