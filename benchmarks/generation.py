@@ -6,7 +6,7 @@ same weights (our final/ folders are in the HF layout); greedy, a fixed number o
 
 Every row states its distance to the memory limit: a decoding step reads every matmul weight once, so tokens/s
 cannot exceed batch × (measured memory read bandwidth) ÷ (bytes of matmul weights). "same tokens" compares each
-row's greedy tokens with the fp32 eager row. Without --model-path a randomly initialised model=tiny is used
+row's greedy tokens with those of the no-cache loop in fp32 (the full forward for every token). Without --model-path a randomly initialised model=tiny is used
 (speed does not depend on the weights). EOS is disabled, so each row generates exactly --new-tokens tokens. HF
 runs only where transformers is installed (the `ref` extra: make bench runs this file in .venv-ref).
 """
@@ -60,12 +60,14 @@ def int8_weights(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def no_cache(model, tokenizer, ids, mask, new_tokens: int) -> None:
-    """The whole sequence through the model for every new token (what the KV cache saves)."""
+def no_cache(model, tokenizer, ids, mask, new_tokens: int) -> list[list[int]]:
+    """The whole sequence through the model for every new token (what the KV cache saves); the new tokens."""
+    prompt = ids.shape[1]
     for _ in range(new_tokens):
         logits = model(ids, attention_mask=mask).logits[:, -1]
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+    return ids[:, prompt:].tolist()
 
 
 def hf_generate(hf_model, ids, mask, new_tokens: int) -> None:
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.model_path) if args.model_path else random_tiny(Path(tmp) / "tiny")
-        model, tokenizer = load_model(str(path), args.device)
+        model, tokenizer = load_model(str(path), args.device, dtype="float32")
         new = min(args.new_tokens, model.config.block_size - args.prompt_tokens)
         try:
             from transformers import AutoModelForCausalLM
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             gen = torch.Generator().manual_seed(batch)
             ids = torch.randint(6, model.config.vocab_size, (batch, args.prompt_tokens), generator=gen).to(args.device)
             mask = torch.ones_like(ids)
-            reference = ours(model, tokenizer, ids, mask, new)
+            reference = no_cache(model, tokenizer, ids, mask, new)  # greedy without a cache, fp32
             times = {}
             for name, (engine, weight_bytes) in engines.items():
                 times[name] = timed(partial(ours, engine, tokenizer, ids, mask, new), args.repeats)

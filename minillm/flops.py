@@ -31,8 +31,9 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 def measure_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str | torch.device = "cpu") -> float:
     """Best-of-`repeats` FLOP/s of an n×n matmul in `dtype` on `device`: the peak MFU is measured against."""
     device = torch.device(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(0)  # its own: measuring never moves a run's random stream
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):

@@ -140,7 +140,7 @@ class _Decoder:
 
     def __init__(self, model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new: int) -> None:
         B, P = input_ids.shape
-        compiled = "_compiled_step" in model.__dict__
+        compiled = model.decoding_compiled
         max_len = model.config.block_size if compiled else P + max_new  # compiled: one shape for every call
         positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P), left padding -> start at 0
         padded = not bool(attention_mask.all())

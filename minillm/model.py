@@ -6,14 +6,17 @@ Architecture choices, all in this file:
 - rotary position embeddings in the "rotate-half" layout (first half / second half of each head), the layout
   Hugging Face Llama uses, so exported weights need no permutation; `rope_theta` configurable;
 - grouped-query attention: `n_kv_head` key/value heads shared by `n_head` query heads (equal = plain MHA),
-  computed with `torch.nn.functional.scaled_dot_product_attention`;
+  through the kernel that suits the device (`attention_kernel`, `packed_kernel`, `sdpa_gqa`): SDPA, FlexAttention
+  with a document mask for packed rows on CUDA, or the written-out form for bf16 training on a CPU;
 - SwiGLU MLP: down(silu(gate(x)) * up(x)), no biases anywhere;
 - optional mixture-of-experts MLP: softmax router, top-k experts, optional shared expert behind a sigmoid gate,
   and a load-balancing auxiliary loss that `forward` returns (the caller adds it to its loss);
 - tied input/output embeddings (option), dropout on attention probabilities and residual branches;
 - GPT-2 style init: N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layer);
-- a preallocated KV cache for decoding; `position_ids` and `attention_mask` let left-padded batches and packed
-  documents (positions restarting at 0, block-diagonal attention) run through the same forward.
+- a preallocated KV cache and a fixed-shape decode step (`step`, compilable); `position_ids` and `attention_mask`
+  let left-padded batches, and `document_ids` packed documents (block-diagonal causal attention), run through the
+  same forward;
+- optional activation checkpointing per block and torch.compile of the blocks (`compile_layers`).
 
 Parameter names follow Hugging Face Llama (`embed_tokens`, `layers.N.self_attn.q_proj`, ...) so the export is a
 rename-free prefix. No Lightning import here: the model is plain PyTorch.
@@ -191,7 +194,7 @@ def attention_kernel(device_type: str, dtype: torch.dtype, training: bool) -> st
     - "explicit" (softmax(q kᵀ/√D) v written out) for bf16 *training on a CPU*: torch's CPU SDPA has a slow bf16
       backward (measured on a Zen 4 CPU: model=tiny trains 13-18% faster written out);
     - "sdpa" everywhere else: FlashAttention / memory-efficient kernels on CUDA in every precision (no (T, S)
-      score tensor), the fused kernel on CPU in fp32 and for decoding.
+      score tensor; grouped K/V as `sdpa_gqa` says), the fused kernel on CPU in fp32 and for decoding.
 
     Chosen by the module's mode, not by autograd, so a no-grad forward in train mode (RLHF's old log-probs)
     matches the update's forward."""
@@ -201,10 +204,19 @@ def attention_kernel(device_type: str, dtype: torch.dtype, training: bool) -> st
 def packed_kernel(device_type: str, dropout: float) -> str:
     """Which attention a packed forward (documents side by side in one row) uses: "flex" (FlexAttention with a
     block-diagonal causal block mask, compiled: no (B, T, T) mask, fully masked blocks skipped) on CUDA, "dense"
-    (a (B, 1, T, T) boolean mask through the non-packed path) elsewhere — on CPU FlexAttention runs through
-    torch.compile's CPU template, measured slower than SDPA with the dense mask for model=tiny (benchmarks/) —
-    and whenever attention dropout is on (FlexAttention has none)."""
+    (a (B, 1, T, T) boolean mask through the non-packed path) elsewhere — FlexAttention has no CPU backward in
+    torch 2.13 (it raises) — and whenever attention dropout is on (FlexAttention has none)."""
     return "flex" if device_type == "cuda" and dropout == 0.0 and FLEX_ATTENTION else "dense"
+
+
+def sdpa_gqa(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """Whether SDPA takes the grouped K/V heads as they are (`enable_gqa=True`) or repeated per query head. torch
+    ≥ 2.5 only. On CUDA only FlashAttention (fp16/bf16, no explicit mask) and the math kernel accept it: a call the
+    memory-efficient kernel would serve (fp32, or a padding/document mask) falls back to math with its (T, S) score
+    tensor, so those get repeated K/V and keep the efficient kernel. On CPU every case takes it."""
+    if not SDPA_GQA:
+        return False
+    return device_type != "cuda" or (dtype in (torch.float16, torch.bfloat16) and not masked)
 
 
 class Attention(nn.Module):
@@ -231,7 +243,8 @@ class Attention(nn.Module):
         elif attention_kernel(q.device.type, q.dtype, self.training) == "explicit":
             y = explicit_attention(q, self._repeat_kv(k), self._repeat_kv(v), mask, dropout)
         else:
-            gqa = SDPA_GQA and self.n_kv_head != self.n_head
+            masked = mask is not None and not isinstance(mask, str)
+            gqa = self.n_kv_head != self.n_head and sdpa_gqa(q.device.type, q.dtype, masked)
             y = F.scaled_dot_product_attention(
                 q,
                 k if gqa else self._repeat_kv(k),
@@ -422,25 +435,50 @@ class MiniGPT(nn.Module):
             aux_total = aux_total + aux
         return x, aux_total
 
-    @property
-    def _compiled_layers(self):
-        return self.__dict__.get("_compiled")
+    # torch.compile: `compile_layers` / `compile_decoding` record their options; the compiled callables are made on
+    # first use and never travel with the module (not pickled for spawned processes, not deep-copied), so every
+    # process and every copy compiles its own bound methods — never one that runs another copy's weights.
 
     def compile_layers(self, **options) -> None:
         """`compile=true`: the blocks of every forward without a KV cache (all training and scoring) run through
         torch.compile (`options` go to it). Parameters keep their names: checkpoints and exports are unchanged.
-        Decoding compiles its own fixed-shape step (minillm.generate)."""
-        self.__dict__["_compiled"] = torch.compile(self._layers, **options)
+        Decoding compiles its own fixed-shape step (`compile_decoding`)."""
+        self.__dict__["_compile_layers"] = options
+        self.__dict__.get("_compiled_fns", {}).pop("_layers", None)
+
+    def compile_decoding(self, **options) -> None:
+        """Decode through a torch.compile'd `step` (with dynamic=False minillm.generate sizes every KV cache to
+        block_size, so one graph serves every call of a batch size). Not for MoE models: their routing has
+        data-dependent shapes (one recompile per new expert load), so their decode step stays eager."""
+        if self.config.is_moe:
+            return
+        self.__dict__["_compile_step"] = options
+        self.__dict__.get("_compiled_fns", {}).pop("step", None)
+
+    @property
+    def decoding_compiled(self) -> bool:
+        return "_compile_step" in self.__dict__
+
+    def _compiled(self, method: str, options_key: str):
+        options = self.__dict__.get(options_key)
+        if options is None:
+            return None
+        fns = self.__dict__.setdefault("_compiled_fns", {})
+        if method not in fns:
+            fns[method] = torch.compile(getattr(self, method), **options)
+        return fns[method]
+
+    @property
+    def _compiled_layers(self):
+        return self._compiled("_layers", "_compile_layers")
 
     @property
     def decode_step(self):
         """`step`, or its compiled form after `compile_decoding()`."""
-        return self.__dict__.get("_compiled_step") or self.step
+        return self._compiled("step", "_compile_step") or self.step
 
-    def compile_decoding(self, **options) -> None:
-        """Decode through a torch.compile'd `step` (fixed shapes: minillm.generate then sizes every KV cache to
-        block_size, so one graph serves every call of a batch size)."""
-        self.__dict__["_compiled_step"] = torch.compile(self.step, **options)
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled_fns"}
 
     def step(
         self,

@@ -127,6 +127,24 @@ def test_causal_bf16_training_runs_on_the_flash_kernel(device):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_fp32_and_padded_attention_run_without_the_math_kernel(device):
+    """fp32 training and left-padded scoring must reach the fused kernels (flash / memory-efficient), not SDPA's
+    math fallback with its (T, S) score tensor: grouped K/V are repeated where the efficient kernel needs it."""
+    if device == "cpu":
+        pytest.skip("flash / memory-efficient are CUDA kernels")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(512, n_embd=128, n_head=4, n_kv_head=2, block_size=128)).to(device).train()
+    ids = torch.randint(0, 512, (2, 128), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :40] = 0  # left padding
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        model(ids).logits.float().logsumexp(-1).mean().backward()  # fp32, causal
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.isfinite(model(ids, attention_mask=mask).logits.float()).all()  # padded
+
+
 def test_flex_packed_rows_equal_the_dense_mask_with_gradients(device):
     if device == "cpu":
         pytest.skip("FlexAttention has no CPU backward")

@@ -1,14 +1,26 @@
 """Attention kernels per device, activation checkpointing and torch.compile: each fast path computes what the
 plain one does."""
 
+import copy
 import csv
+import pickle
 
 import pytest
 import torch
 
 import minillm.model as model_lib
+from minillm.flops import measure_peak
 from minillm.generate import GenerationConfig, generate_ids
-from minillm.model import Attention, MiniGPT, apply_rope, attention_bias, attention_kernel, packed_kernel, rope_tables
+from minillm.model import (
+    Attention,
+    MiniGPT,
+    apply_rope,
+    attention_bias,
+    attention_kernel,
+    packed_kernel,
+    rope_tables,
+    sdpa_gqa,
+)
 from minillm.train import build
 
 from .conftest import micro_config, micro_overrides
@@ -40,6 +52,21 @@ def test_packed_kernel_per_device():
     assert packed_kernel("cuda", 0.0) == "flex"
     assert packed_kernel("cuda", 0.1) == "dense"  # FlexAttention has no dropout
     assert packed_kernel("cpu", 0.0) == "dense"  # no FlexAttention backward on CPU
+
+
+@pytest.mark.parametrize(
+    "device, dtype, masked, expected",
+    [
+        ("cuda", torch.bfloat16, False, True),  # FlashAttention takes grouped K/V
+        ("cuda", torch.float16, False, True),
+        ("cuda", torch.float32, False, False),  # memory-efficient kernel: refuses enable_gqa, so K/V repeated
+        ("cuda", torch.bfloat16, True, False),  # a mask rules Flash out: the same
+        ("cpu", torch.float32, True, True),
+        ("cpu", torch.bfloat16, False, True),
+    ],
+)
+def test_grouped_kv_go_to_sdpa_as_they_are_only_where_the_kernel_takes_them(device, dtype, masked, expected):
+    assert sdpa_gqa(device, dtype, masked) is expected
 
 
 # ---- every path equals a reference written from first principles ----
@@ -154,6 +181,21 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_gradients():
 # ---- torch.compile ----
 
 
+def test_a_compiled_model_travels_without_its_compiled_code():
+    """ddp_spawn pickles the module, DPO's reference is a deep copy: each copy must compile its own methods."""
+    model = MiniGPT(micro_config(V))
+    model.compile_layers()
+    model.compile_decoding(dynamic=False)
+    assert model.decode_step._torchdynamo_orig_callable.__self__ is model
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin.decoding_compiled and twin._compiled_layers is not None  # the request travels
+        assert twin.decode_step._torchdynamo_orig_callable.__self__ is twin  # its own weights, not model's
+        assert twin._compiled_layers._torchdynamo_orig_callable.__self__ is twin
+    moe = MiniGPT(micro_config(V, n_experts=4))
+    moe.compile_decoding(dynamic=False)  # data-dependent expert shapes: the decode step stays eager
+    assert not moe.decoding_compiled and moe.decode_step == moe.step
+
+
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_same_tokens(tokenizer):
     torch.manual_seed(0)
@@ -184,3 +226,11 @@ def test_compiled_pretraining_follows_the_eager_loss_curve(tmp_path, data_dir):
             assert run.module.model._compiled_layers is not None
     assert len(curves["eager"]) == 4
     assert curves["compiled"] == pytest.approx(curves["eager"], rel=1e-4)
+
+
+def test_measuring_the_matmul_peak_leaves_the_random_stream_alone():
+    """train/mfu's peak is measured in on_train_start: that must not change a run's dropout or sampling."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert measure_peak(torch.float32, n=64, repeats=1) > 0
+    assert torch.equal(torch.get_rng_state(), before)

@@ -42,10 +42,13 @@ def train(root: Path, data: Path, *extra: str, stage: str = "pretrain", env: dic
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env)
 
 
+WALL_CLOCK = ("train/tokens_per_s", "train/mfu")
+
+
 def rows(run_dir: Path) -> list[dict]:
-    """Every row of metrics.csv, without the wall-clock column."""
+    """Every row of metrics.csv, without the wall-clock columns (tokens/s and the MFU computed from it)."""
     with (run_dir / "logs" / "metrics.csv").open(newline="") as f:
-        return [{k: v for k, v in r.items() if v and k != "train/tokens_per_s"} for r in csv.DictReader(f)]
+        return [{k: v for k, v in r.items() if v and k not in WALL_CLOCK} for r in csv.DictReader(f)]
 
 
 def digest(path: Path) -> str:

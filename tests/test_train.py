@@ -37,6 +37,9 @@ def test_tiny_pretrain_learns_and_writes_the_run_directory(tmp_path, data_dir):
     losses = [float(v) for _, v in train_losses(run_dir)]
     assert len(losses) == 12 and all(map(lambda x: x == x, losses))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3  # it learns
+    with (run_dir / "logs" / "metrics.csv").open() as f:  # MFU against this CPU's measured peak, every step
+        mfu = [float(r["train/mfu"]) for r in csv.DictReader(f) if r.get("train/mfu")]
+    assert len(mfu) == 11 and all(0 < x < 1 for x in mfu)  # from the second step: a rate needs two clocks
     after = run.module.model.state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in before)  # every parameter trained
     for name in (
