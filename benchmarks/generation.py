@@ -6,9 +6,10 @@ same weights (our final/ folders are in the HF layout); greedy, a fixed number o
 
 Every row states its distance to the memory limit: a decoding step reads every matmul weight once, so tokens/s
 cannot exceed batch × (measured memory read bandwidth) ÷ (bytes of matmul weights). "same tokens" compares each
-row's greedy tokens with those of the no-cache loop in fp32 (the full forward for every token). Without --model-path a randomly initialised model=tiny is used
-(speed does not depend on the weights). EOS is disabled, so each row generates exactly --new-tokens tokens. HF
-runs only where transformers is installed (the `ref` extra: make bench runs this file in .venv-ref).
+row's greedy tokens with those of the no-cache loop in fp32 (the full forward for every token). Without
+--model-path a randomly initialised model=tiny is used (speed does not depend on the weights). EOS is disabled,
+so each row generates exactly --new-tokens tokens. HF runs only where transformers is installed (the `ref`
+extra: make bench runs this file in .venv-ref).
 """
 
 from __future__ import annotations
