@@ -13,7 +13,7 @@ REF_STAMP := $(REF_VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test,plots]' -c constraints.txt
+	$(PY) -m pip install --quiet -e '.[test,plots,serve]' -c constraints.txt
 	touch $@
 
 $(REF_STAMP): pyproject.toml constraints.txt
@@ -88,6 +88,7 @@ bench: data $(REF_STAMP)
 	$(PY) -m benchmarks.train_throughput
 	$(REF_VENV)/bin/python -m benchmarks.generation
 	$(PY) -m benchmarks.data
+	$(PY) -m benchmarks.serve
 	$(PY) -m benchmarks.end_to_end
 
 clean:

@@ -28,6 +28,7 @@ COMMANDS = {
     "eval": ("minillm.eval", "evaluate a model on held-out data (eval.json)"),
     "report": ("minillm.report", "the report card of a chain of stages (report.md)"),
     "export": ("minillm.export", "a model in the transformers layout"),
+    "serve": ("minillm.serve", "an OpenAI-compatible HTTP server (the serve extra)"),
     "pairs": ("minillm.data.pairs", "on-policy preference pairs from a model's wrong answers"),
     "data": ("minillm.data.builtin", "build the built-in corpus (data/builtin)"),
 }

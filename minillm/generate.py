@@ -388,28 +388,74 @@ def stream(
     until all its bytes have arrived, so every yielded piece is whole text; so is a tail that could still grow
     into a stop string (`config.stop`), so the pieces join to exactly what `generate` returns.
     """
+    for _, piece, _, _ in stream_rows(model, tokenizer, [prompt], config):
+        if piece:
+            yield piece
+
+
+def stream_rows(
+    model: MiniGPT, tokenizer: Tokenizer, prompts: Sequence[Prompt], config: Optional[GenerationConfig] = None
+) -> Iterator[tuple[int, str, Optional[str], int]]:
+    """Batched streaming (what `minillm serve` decodes concurrent requests with): (row, piece, finish, tokens)
+    events as the batch is decoded together. `finish` is None while a row goes on; its last event says why it
+    ended: "stop" (EOS or a stop string) or "length" (max_new_tokens or the context); `tokens` counts the row's new
+    tokens so far. Pieces are whole text (as in `stream`), and a row's pieces join to what `generate` returns."""
     config = config or GenerationConfig()
     if config.num_beams > 1:
         raise ValueError("stream() samples or decodes greedily; beam search needs the whole output: use generate()")
     eos = set(_eos_ids(tokenizer, config))
-    ids: list[int] = []
-    emitted = ""
+    rows = [_RowText(tokenizer, config) for _ in prompts]
     with _eval_mode(model):
-        input_ids, attention_mask = _encode_prompts(tokenizer, [prompt], _device(model))
-        for token in _sample_steps(model, tokenizer, input_ids, attention_mask, config):
-            t = int(token[0])
-            if t in eos:
-                break
-            ids.append(t)
-            text = _to_text(tokenizer, ids, config)
-            complete = text.rstrip("\ufffd")  # an unfinished UTF-8 sequence decodes as U+FFFD
-            complete = complete[: len(complete) - _stop_prefix_len(complete, config.stop)]
-            if len(complete) > len(emitted):
-                yield complete[len(emitted) :]
-                emitted = complete
-    final = _to_text(tokenizer, ids, config)
-    if len(final) > len(emitted):
-        yield final[len(emitted) :]
+        input_ids, attention_mask = _encode_prompts(tokenizer, list(prompts), _device(model))
+        for tokens in _sample_steps(model, tokenizer, input_ids, attention_mask, config):
+            for i, t in enumerate(tokens.tolist()):
+                row = rows[i]
+                if row.finished:
+                    continue
+                if t in eos or t < 0:
+                    row.finished = True
+                    yield i, row.rest(), "stop", len(row.ids)
+                    continue
+                piece = row.add(t)
+                if row.stopped():
+                    row.finished = True
+                    yield i, piece + row.rest(), "stop", len(row.ids)
+                elif piece:
+                    yield i, piece, None, len(row.ids)
+    for i, row in enumerate(rows):
+        if not row.finished:
+            yield i, row.rest(), "length", len(row.ids)
+
+
+class _RowText:
+    """The text of one generated row, released as whole pieces: an unfinished UTF-8 character (U+FFFD while its
+    byte-fallback tokens arrive) and a tail that could still become a stop string are held back."""
+
+    def __init__(self, tokenizer: Tokenizer, config: GenerationConfig) -> None:
+        self.tokenizer, self.config = tokenizer, config
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.finished = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        complete = _to_text(self.tokenizer, self.ids, self.config).rstrip("\ufffd")
+        complete = complete[: len(complete) - _stop_prefix_len(complete, self.config.stop)]
+        if len(complete) <= len(self.emitted):
+            return ""
+        piece, self.emitted = complete[len(self.emitted) :], complete
+        return piece
+
+    def stopped(self) -> bool:
+        text = self.tokenizer.decode(self.ids)
+        return any(s in text for s in self.config.stop)
+
+    def rest(self) -> str:
+        """What is left to emit of the final text (cut at a stop string)."""
+        final = _to_text(self.tokenizer, self.ids, self.config)
+        rest = final[len(self.emitted) :] if len(final) > len(self.emitted) else ""
+        self.emitted = final
+        return rest
 
 
 class TextGenerator:

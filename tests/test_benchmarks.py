@@ -109,6 +109,26 @@ def test_generation_smoke(tmp_path, tokenizer):
 
 
 @pytest.mark.slow
+def test_serve_smoke(tmp_path, tokenizer):
+    import torch
+
+    pytest.importorskip("uvicorn", reason="the serve extra")
+    from benchmarks import serve
+    from minillm.model import MiniGPT
+    from minillm.pretrained import save_pretrained
+    from tests.conftest import micro_config
+
+    torch.manual_seed(0)
+    folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
+    argv = ["--model-path", str(folder), "--clients", "1", "4", "--requests", "2", "--max-tokens", "6"]
+    out = serve.main([*argv, "--out-dir", str(tmp_path)])
+    one, four = out["rows"]
+    assert (one["clients"], four["clients"]) == (1, 4)
+    assert all(r["requests/s"] > 0 and r["tokens/s"] > 0 for r in out["rows"])
+    assert one["mean batch"] == 1 and four["mean batch"] > 1  # concurrent requests were decoded together
+
+
+@pytest.mark.slow
 def test_data_smoke(tmp_path, all_data):
     from benchmarks import data
 

@@ -22,6 +22,7 @@ SCHEMA_KEY = {
     "eval": "reward_model",
     "report": "targets",
     "export": "overwrite",
+    "serve": "max_batch",
     "pairs": "family",
     "data": "force",
 }

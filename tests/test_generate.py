@@ -8,6 +8,7 @@ from minillm.generate import (
     generate,
     left_pad,
     stream,
+    stream_rows,
     top_k_filter,
     top_p_filter,
 )
@@ -255,6 +256,38 @@ def test_stream_with_a_multi_token_stop_string_yields_what_generate_returns(toke
 def test_stream_matches_generate(micro_model, tokenizer):
     config = GenerationConfig(max_new_tokens=15, seed=3, top_p=0.9)
     assert "".join(stream(micro_model, tokenizer, "你好", config)) == generate(micro_model, tokenizer, "你好", config)
+
+
+def test_batched_stream_rows_join_to_generate_per_row_with_finish_reasons(micro_model, tokenizer):
+    """What the server decodes concurrent requests with: every row's pieces join to generate()'s text for it,
+    and the row's last event says why it ended."""
+    prompts = ["In the beginning", "你好", [{"role": "user", "content": "Hello"}]]
+    for config in (GenerationConfig(max_new_tokens=12, do_sample=False), GenerationConfig(max_new_tokens=9, seed=5)):
+        expected = generate(micro_model, tokenizer, prompts, config)
+        stop = next((t[2:4] for t in expected if len(t.strip()) > 4), None)  # a stop string one reply contains
+        configs = [config] + ([GenerationConfig(**{**config.__dict__, "stop": [stop]})] if stop else [])
+        for cfg in configs:
+            expected = generate(micro_model, tokenizer, prompts, cfg)
+            texts, finishes, counts = ["", "", ""], [None] * 3, [0] * 3
+            for row, piece, finish, tokens in stream_rows(micro_model, tokenizer, prompts, cfg):
+                assert finishes[row] is None  # nothing after a row's last event
+                texts[row] += piece
+                finishes[row], counts[row] = finish, tokens
+            assert texts == expected and all(f in ("stop", "length") for f in finishes)
+            for finish, count in zip(finishes, counts):
+                assert count <= cfg.max_new_tokens
+                assert finish == ("length" if count == cfg.max_new_tokens and not cfg.stop else finish)
+                assert count == cfg.max_new_tokens or finish == "stop"  # ended early: EOS or a stop string
+    script = tokenizer.encode("one two three")  # scripted: exactly these tokens, then EOS
+    done = list(
+        stream_rows(
+            scripted(tokenizer, script + [tokenizer.eos_id]),
+            tokenizer,
+            ["q"],
+            GenerationConfig(max_new_tokens=20, do_sample=False),
+        )
+    )
+    assert "".join(p for _, p, _, _ in done) == "one two three" and done[-1][2:] == ("stop", len(script))
 
 
 def test_left_pad_helper():
