@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     if device == "cpu" and not cpu_has_fast_bf16() and "bf16-mixed" in args.precisions:
         args.precisions = [p for p in args.precisions if p != "bf16-mixed"]  # training would run fp32 (device.py)
-        print("this CPU has no fast bf16 kernel (no AVX-512): bf16-mixed would train in 32-true, not measured")
+        print("this CPU has no native bf16 (AVX512_BF16 or AMX): bf16-mixed would train in 32-true, not measured")
     size = args.peak_size * (4 if device == "cuda" else 1)  # a GPU reaches its peak on larger matrices
     peaks = {
         "32-true": measure_peak(torch.float32, size, device=device),
