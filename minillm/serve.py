@@ -61,6 +61,15 @@ class RequestError(ValueError):
 COMMON = {"model", "temperature", "top_p", "max_tokens", "stop", "seed", "n", "stream", "stream_options", "user"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
+# Fields of the OpenAI API this server does not implement, taken when a client sends their neutral value.
+NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logprobs": (False, None), "top_logprobs": (0,)}
+NEUTRAL |= {
+    "logit_bias": ({},),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "response_format": ({"type": "text"},),
+}
 
 
 def _number(body: dict, key: str, default, kind, low=None, high=None):
@@ -104,7 +113,10 @@ def sampling(body: dict, default_max_tokens: int) -> tuple[GenerationConfig, int
 def check_fields(body: Any, allowed: set[str], required: str) -> dict:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
+    for key, neutral in NEUTRAL.items():
+        if key in body and body[key] is not None and body[key] not in neutral:
+            raise RequestError(f"'{key}' is not supported by this server (only {neutral[0]!r})", key)
+    unknown = sorted(set(body) - allowed - set(NEUTRAL))
     if unknown:
         raise RequestError(
             f"unknown field(s) {', '.join(map(repr, unknown))}; this server takes {', '.join(sorted(allowed))}",
@@ -143,14 +155,19 @@ class Job:
     n: int
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # (choice, piece, finish, tokens) | Exception
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
 
     def send(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed (server shutting down): nobody to tell
+            self.cancelled.set()
 
 
 class Batcher:
     def __init__(self, model, tokenizer, max_batch: int, start: bool = True) -> None:
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.context = model.config.block_size
         self.queue: queue.Queue[Job] = queue.Queue()
         self.waiting: list[Job] = []  # taken from the queue, not in the current batch (other settings)
         self.batches: list[int] = []  # rows per decoded batch (the benchmark reads it)
@@ -161,7 +178,8 @@ class Batcher:
         self.queue.put(job)
 
     def next_batch(self) -> list[Job]:
-        """The oldest waiting request and every other one with equal settings that fits in max_batch rows."""
+        """The oldest waiting request and every other one with equal settings that fits in max_batch rows (a seeded
+        sampled request alone)."""
         if not self.waiting:
             self.waiting.append(self.queue.get())
         while True:  # everything already waiting joins the choice
@@ -170,11 +188,18 @@ class Batcher:
             except queue.Empty:
                 break
         first = self.waiting[0]  # the oldest request leads; equal sampling settings (length limit included) join it
-        batch, rows, rest = [], 0, []
+        # A seeded sample decodes alone: its rows draw from one generator seeded by the request, so the reply is
+        # the same whatever else is waiting (in a batch, rows draw from the generator in turn).
+        # A left-padded batch is as long as its longest prompt: a request joins only if no member's reply would be
+        # cut shorter than alone.
+        alone = first.config.do_sample and first.config.seed is not None
+        batch, rows, rest, longest = [], 0, [], first.prompt_tokens
         for job in self.waiting:
-            if job.config == first.config and rows + job.n <= max(self.max_batch, first.n):
+            fits = max(longest, job.prompt_tokens) + job.config.max_new_tokens <= self.context
+            if not batch or (not alone and job.config == first.config and rows + job.n <= self.max_batch and fits):
                 batch.append(job)
                 rows += job.n
+                longest = max(longest, job.prompt_tokens)
             else:
                 rest.append(job)
         self.waiting = rest
@@ -193,9 +218,13 @@ class Batcher:
         owners = [(job, choice) for job in batch for choice in range(job.n)]  # row -> (request, choice index)
         self.batches.append(len(owners))
         prompts = [job.prompt for job, _ in owners]
-        for row, piece, finish, tokens in stream_rows(self.model, self.tokenizer, prompts, batch[0].config):
+        events = stream_rows(self.model, self.tokenizer, prompts, batch[0].config)
+        for row, piece, finish, tokens in events:
             job, choice = owners[row]
             job.send((choice, piece, finish, tokens))
+            if all(j.cancelled.is_set() for j in batch):  # every client went away: stop decoding for nobody
+                events.close()
+                return
 
 
 # ---- the app ----
@@ -248,13 +277,16 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 8, default_ma
         if body.get("stream"):
             return StreamingResponse(sse(job, ident, kind, body), media_type="text/event-stream")
         texts, finishes, counts = [""] * n, [None] * n, [0] * n
-        while not all(finishes):
-            event = await job.events.get()
-            if isinstance(event, Exception):
-                raise event
-            choice, piece, finish, counts[choice] = event
-            texts[choice] += piece
-            finishes[choice] = finish
+        try:
+            while not all(finishes):
+                event = await job.events.get()
+                if isinstance(event, Exception):
+                    return server_error(event)
+                choice, piece, finish, counts[choice] = event
+                texts[choice] += piece
+                finishes[choice] = finish
+        finally:  # done, or the client disconnected (the task is cancelled)
+            job.cancelled.set()
         completion = sum(counts)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
@@ -273,6 +305,10 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 8, default_ma
             "usage": tokens,
         }
 
+    def server_error(exc: Exception):
+        error = {"message": f"{type(exc).__name__}: {exc}", "type": "server_error", "param": None, "code": None}
+        return JSONResponse(status_code=500, content={"error": error})
+
     async def sse(job: Job, ident: str, kind: str, body: dict):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         remaining = job.n
@@ -286,22 +322,31 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 8, default_ma
             data = {"id": ident, "object": obj, "created": int(time.time()), "model": model_name, "choices": [item]}
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-        if kind == "chat":
-            for choice in range(job.n):
-                yield chunk(choice, None, None, first=True)
-        while remaining:
-            event = await job.events.get()
-            if isinstance(event, Exception):
-                error = {"error": {"message": str(event), "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(error)}\n\n"
-                break
-            choice, piece, finish, _ = event
-            if piece:
-                yield chunk(choice, piece, None)
-            if finish is not None:
-                yield chunk(choice, None, finish)
-                remaining -= 1
-        yield "data: [DONE]\n\n"
+        counts = [0] * job.n
+        try:
+            if kind == "chat":
+                for choice in range(job.n):
+                    yield chunk(choice, None, None, first=True)
+            while remaining:
+                event = await job.events.get()
+                if isinstance(event, Exception):
+                    error = {"message": f"{type(event).__name__}: {event}", "type": "server_error"}
+                    yield f"data: {json.dumps({'error': error | {'param': None, 'code': None}})}\n\n"
+                    break
+                choice, piece, finish, counts[choice] = event
+                if piece:
+                    yield chunk(choice, piece, None)
+                if finish is not None:
+                    yield chunk(choice, None, finish)
+                    remaining -= 1
+            if (body.get("stream_options") or {}).get("include_usage"):  # OpenAI's last chunk: usage, no choices
+                usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": sum(counts)}
+                usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                data = {"id": ident, "object": obj, "created": int(time.time()), "model": model_name, "choices": []}
+                yield f"data: {json.dumps(data | {'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # done, or the client disconnected (the generator is closed)
+            job.cancelled.set()
 
     @app.get("/v1/models")
     async def models():
@@ -331,6 +376,7 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 8, default_ma
 def check_port(host: str, port: int) -> None:
     """Fail before loading anything when the port is taken, naming it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: old connections don't count
         try:
             s.bind((host, port))
         except OSError as e:

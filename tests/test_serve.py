@@ -87,12 +87,10 @@ def test_completions_models_stop_and_n(client, model, tokenizer):
     assert [m.id for m in client.models.list().data] == ["micro"]
 
     stop = expected[len(expected) // 2 : len(expected) // 2 + 2]  # a stop string the greedy reply contains
-    if stop.strip():
-        cut = client.completions.create(
-            model="micro", prompt="In the beginning", temperature=0, max_tokens=10, stop=stop
-        )
-        assert cut.choices[0].text == generate(model, tokenizer, "In the beginning", greedy(10, stop=[stop]))
-        assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+    assert stop.strip()
+    cut = client.completions.create(model="micro", prompt="In the beginning", temperature=0, max_tokens=10, stop=stop)
+    assert cut.choices[0].text == generate(model, tokenizer, "In the beginning", greedy(10, stop=[stop]))
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
 
     sampled = client.chat.completions.create(model="micro", messages=CHAT, n=3, seed=7, max_tokens=8)
     assert sorted(c.index for c in sampled.choices) == [0, 1, 2]
@@ -104,6 +102,7 @@ def test_completions_models_stop_and_n(client, model, tokenizer):
     "kwargs, message",
     [
         ({"extra_body": {"bogus": 1}}, "unknown field(s) 'bogus'"),
+        ({"frequency_penalty": 0.5}, "'frequency_penalty' is not supported by this server (only 0)"),
         ({"temperature": 5}, "'temperature' must be in [0.0, 2.0], got 5"),
         ({"max_tokens": 0}, "'max_tokens' must be in [1, None], got 0"),
         ({"messages": [{"role": "user", "content": "word " * 400}]}, "this model's context is 64 tokens"),
@@ -134,17 +133,46 @@ def test_concurrent_clients_each_get_their_own_reply(client, model, tokenizer):
     assert [replies[i] for i in range(8)] == [generate(model, tokenizer, p, greedy(16)) for p in prompts]
 
 
+def test_seeded_samples_and_usage_do_not_depend_on_concurrent_requests(client, model, tokenizer):
+    args = {"model": "micro", "messages": CHAT, "seed": 11, "max_tokens": 12, "temperature": 0.9}
+    alone = client.chat.completions.create(**args).choices[0].message.content
+    replies = [None] * 4
+    threads = [
+        threading.Thread(target=lambda i=i: replies.__setitem__(i, client.chat.completions.create(**args)))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [r.choices[0].message.content for r in replies] == [alone] * 4
+
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}  # what some clients always send
+    chunks = list(
+        client.chat.completions.create(**args, **neutral, stream=True, stream_options={"include_usage": True})
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == alone
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
 def test_waiting_requests_with_equal_settings_decode_as_one_batch(model, tokenizer):
     batcher = serve.Batcher(model, tokenizer, max_batch=6, start=False)
     loop = asyncio.new_event_loop()
     jobs = [serve.Job(f"Prompt {i}", 3, greedy(6), 1, loop) for i in range(4)]
     jobs.append(serve.Job("Two samples", 2, GenerationConfig(max_new_tokens=6, seed=1), 2, loop))  # other settings
     jobs.append(serve.Job("Too many", 2, greedy(6), 3, loop))  # 4 + 3 rows > max_batch: the next batch
+    jobs.append(serve.Job("Same seed", 2, GenerationConfig(max_new_tokens=6, seed=1), 1, loop))  # seeded: alone
+    jobs.append(serve.Job("Long", 60, greedy(6), 1, loop))  # 60 + 6 > 64: would cut the others' replies short
+    jobs.append(serve.Job("Short", 3, greedy(6), 1, loop))
     for job in jobs:
         batcher.submit(job)
-    assert batcher.next_batch() == jobs[:4]
+    assert batcher.next_batch() == jobs[:4] + [jobs[8]]  # the long prompt waits, the short one joins
     assert batcher.next_batch() == [jobs[4]]
-    assert batcher.next_batch() == [jobs[5]]
+    assert batcher.next_batch() == [jobs[5]]  # 60 + 6 > 64 again
+    assert batcher.next_batch() == [jobs[6]]
+    assert batcher.next_batch() == [jobs[7]]
     loop.close()
 
 
