@@ -229,6 +229,23 @@ def test_grad_monitor_warns_on_a_spike_naming_the_step(caplog):
     assert restored.history == monitor.history and restored.spikes == [12]
 
 
+def test_grad_monitor_after_steps_without_gradient_does_not_divide_by_zero():
+    """GRPO: a group whose rewards are all equal has zero advantages and no gradient; the first step with one
+    after ten such steps is no spike (there is no baseline), and must not stop training (it raised
+    ZeroDivisionError in `make quality`)."""
+    from types import SimpleNamespace
+
+    from minillm.callbacks.grad_monitor import GradMonitor
+
+    monitor = GradMonitor(spike_factor=5.0, window=20)
+    weight = torch.nn.Parameter(torch.zeros(4))
+    module = SimpleNamespace(parameters=lambda: [weight], log_dict=lambda d: None)
+    for step, scale in enumerate([0.0] * 10 + [3.0]):
+        weight.grad = torch.full((4,), scale / 2)
+        monitor.on_before_optimizer_step(SimpleNamespace(global_step=step), module, None)
+    assert monitor.spikes == [] and monitor.history[-1] == pytest.approx(3.0)
+
+
 def test_a_setting_added_since_the_checkpoint_at_its_default_is_no_change():
     from minillm.config import compose, resolved_dict
     from minillm.rundir import config_differences

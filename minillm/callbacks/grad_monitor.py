@@ -42,7 +42,9 @@ class GradMonitor(L.Callback):
             return
         if len(self.history) >= min(10, self.window):
             median = statistics.median(self.history)
-            if total > self.spike_factor * median:
+            # median 0: the recent steps had no gradient at all (GRPO groups whose rewards were all equal) — no
+            # baseline to call a spike against
+            if median > 0 and total > self.spike_factor * median:
                 self.spikes.append(trainer.global_step)
                 log.warning(
                     "step %d: gradient norm %.3g is %.1f× the running median %.3g",
