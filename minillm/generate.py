@@ -345,8 +345,12 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
 
 
 def _to_text(tokenizer: Tokenizer, ids: list[int], config: GenerationConfig) -> str:
-    text = tokenizer.decode(ids)  # control tokens (</s>, <|im_end|>) decode to nothing
-    cuts = [text.find(s) for s in config.stop if s in text]
+    return _cut(tokenizer.decode(ids), config.stop)  # control tokens (</s>, <|im_end|>) decode to nothing
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first stop string in it."""
+    cuts = [text.find(s) for s in stops if s in text]
     return text[: min(cuts)] if cuts else text
 
 
@@ -434,12 +438,14 @@ class _RowText:
     def __init__(self, tokenizer: Tokenizer, config: GenerationConfig) -> None:
         self.tokenizer, self.config = tokenizer, config
         self.ids: list[int] = []
+        self.text = ""  # the decoded ids, uncut
         self.emitted = ""
         self.finished = False
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        complete = _to_text(self.tokenizer, self.ids, self.config).rstrip("\ufffd")
+        self.text = self.tokenizer.decode(self.ids)  # decoded once per token: `stopped` reads it too
+        complete = _cut(self.text, self.config.stop).rstrip("\ufffd")
         complete = complete[: len(complete) - _stop_prefix_len(complete, self.config.stop)]
         if len(complete) <= len(self.emitted):
             return ""
@@ -447,8 +453,7 @@ class _RowText:
         return piece
 
     def stopped(self) -> bool:
-        text = self.tokenizer.decode(self.ids)
-        return any(s in text for s in self.config.stop)
+        return any(s in self.text for s in self.config.stop)
 
     def rest(self) -> str:
         """What is left to emit of the final text (cut at a stop string)."""
