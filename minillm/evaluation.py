@@ -161,7 +161,8 @@ def _reward_model_scores(model: RewardModel, tokenizer: Tokenizer, prompts: list
 
 @torch.no_grad()
 def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict], batch_size: int = 16) -> dict:
-    """Fraction of preference pairs whose chosen completion scores above the rejected one."""
+    """Fraction of preference pairs whose chosen completion scores above the rejected one; with a `task` field on
+    the pairs, the same per task too (`tasks`)."""
     from minillm.data.kinds import encode_pair
     from minillm.data.records import to_preference
 
@@ -183,7 +184,14 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict
         margin = side_scores[0] - side_scores[1]
         wins += int((margin > 0).sum())
         margins += margin.tolist()
-    return {"n": len(pairs), "accuracy": wins / max(len(pairs), 1), "margin": sum(margins) / max(len(margins), 1)}
+    out = {"n": len(pairs), "accuracy": wins / max(len(pairs), 1), "margin": sum(margins) / max(len(margins), 1)}
+    per_task: dict[str, list[bool]] = {}
+    for p, m in zip(pairs, margins):
+        if "task" in p:
+            per_task.setdefault(p["task"], []).append(m > 0)
+    if per_task:
+        out["tasks"] = {t: {"n": len(w), "accuracy": sum(w) / len(w)} for t, w in sorted(per_task.items())}
+    return out
 
 
 def _eval_set(data_dir: Path, family: str) -> Path:

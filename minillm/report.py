@@ -1,5 +1,5 @@
 """minillm report [model_name=tiny] [stages=[pretrain,sft,dpo,reward,rlhf]] [targets=demo|quality]
-[out_dir=outputs] [card=outputs/report.md] [eval.limit=100 ...]
+[grpo_family=verifiable] [out_dir=outputs] [card=outputs/report.md] [eval.limit=100 ...]
 
 The report card `make demo` (and `make quality`) ends with: each stage's `outputs/<stage>_<model>/final` is
 evaluated on held-out data (its eval.json reused when newer than the weights and made with the same settings)
@@ -12,7 +12,9 @@ change from the stage it started from (read from the run's `training_config_snap
                reply first: what DPO optimizes) and exact match, against the SFT model it started from
     reward     the reward model's pairwise accuracy on each held-out family
     rlhf       the reward its training optimized (the reward model's score, or the rule's) on held-out prompts,
-               the KL to the model it started from, and the median reply length
+               the KL to the model it started from, and the median reply length (rlhf-grpo: exact match, KL and
+               length on the held-out questions of `grpo_family`, whatever eval.prompts says, against its start
+               asked the same questions)
 
 then every other column, the exact match per task, and a line saying which targets of the chosen set (`TARGETS`)
 are met. A chart goes beside it (`report.png`).
@@ -130,7 +132,8 @@ def target_cell(stage: str, values: dict, parent: str | None, start: dict) -> st
         key = rlhf_metric(stage, values)
         if key in values:
             gain = f" ({_delta(values[key], start[key])}{vs})" if key in start else ""
-            cell = f"{key} {_fmt(values[key])}{gain}"
+            where = f" on {family}" if (family := start.get("family")) else ""
+            cell = f"{key}{where} {_fmt(values[key])}{gain}"
             if "KL" in values:
                 cell += f", KL {values['KL']:.2f}"
             if "median length" in values:
@@ -140,10 +143,18 @@ def target_cell(stage: str, values: dict, parent: str | None, start: dict) -> st
     return "–"
 
 
-def targets_met(rows: dict[str, dict], parents: dict[str, str | None], targets: dict) -> list[tuple[str, bool]]:
+def stage_starts(rows: dict[str, dict], parents: dict[str, str | None], starts: dict | None = None) -> dict:
+    """Each stage's numbers to compare with: its parent's row, unless `starts` has the parent measured the stage's
+    own way (GRPO's family)."""
+    return {stage: (starts or {}).get(stage) or rows.get(parents.get(stage) or "", {}) for stage in rows}
+
+
+def targets_met(
+    rows: dict[str, dict], parents: dict[str, str | None], targets: dict, starts: dict | None = None
+) -> list[tuple[str, bool]]:
     """(what was checked, met) for each target whose numbers the card has."""
     checks: list[tuple[str, bool]] = []
-    start = {stage: rows.get(parents.get(stage) or "", {}) for stage in rows}
+    start = stage_starts(rows, parents, starts)
     sft, dpo = rows.get("sft", {}), rows.get("dpo", {})
     if "exact match" in sft and "exact match" in start["sft"]:
         gain, need = sft["exact match"] - start["sft"]["exact match"], targets["sft_gain"]
@@ -175,8 +186,8 @@ def targets_met(rows: dict[str, dict], parents: dict[str, str | None], targets: 
         values, begin = rows[stage], start[stage]
         key = rlhf_metric(stage, values)
         if key == "exact match" and key in values and key in begin:
-            need = begin[key] + targets["grpo_gain"]
-            checks.append((f"{stage} exact match {_fmt(values[key])} (≥ {_fmt(need)})", values[key] >= need))
+            need, where = begin[key] + targets["grpo_gain"], f" on {begin['family']}" if "family" in begin else ""
+            checks.append((f"{stage} exact match{where} {_fmt(values[key])} (≥ {_fmt(need)})", values[key] >= need))
         elif key in values and key in begin:
             need = begin[key] + targets["rlhf_gain"] * abs(begin[key])  # x(1 + gain) for a positive start
             what = f"{stage} {key} {_fmt(values[key])} (≥ {_fmt(need)}, from {_fmt(begin[key])})"
@@ -190,8 +201,14 @@ def targets_met(rows: dict[str, dict], parents: dict[str, str | None], targets: 
     return checks
 
 
-def markdown(rows: dict[str, dict[str, float]], parents: dict[str, str | None], targets: str) -> str:
-    starts = {stage: rows.get(parents.get(stage) or "", {}) for stage in rows}
+def markdown(
+    rows: dict[str, dict[str, float]],
+    parents: dict[str, str | None],
+    targets: str,
+    starts: dict | None = None,
+    grpo_family: str = "verifiable",
+) -> str:
+    given, starts = starts, stage_starts(rows, parents, starts)
     columns = [c for c in COLUMNS if any(c in v for v in rows.values())]
     lines = ["| stage | its target | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for stage, values in rows.items():
@@ -202,12 +219,18 @@ def markdown(rows: dict[str, dict[str, float]], parents: dict[str, str | None], 
     text = "\n".join(lines) + "\n"
     tasks = sorted({k.removeprefix("exact match ") for v in rows.values() for k in v if k.startswith("exact match ")})
     if tasks:
-        text += "\nExact match per task (held out):\n\n| stage | " + " | ".join(tasks) + " |\n"
+        other = grpo_family != "verifiable" and "rlhf-grpo" in rows
+        family = f"; rlhf-grpo and the row under it: the {grpo_family} family" if other else ""
+        text += f"\nExact match per task (held out{family}):\n\n| stage | " + " | ".join(tasks) + " |\n"
         text += "|---" * (len(tasks) + 1) + "|\n"
         for stage, values in rows.items():
             if any(f"exact match {t}" in values for t in tasks):
                 cells = [_fmt(values[f"exact match {t}"]) if f"exact match {t}" in values else "–" for t in tasks]
                 text += f"| {stage} | " + " | ".join(cells) + " |\n"
+        grpo_start = (given or {}).get("rlhf-grpo")
+        if other and grpo_start:
+            cells = [_fmt(grpo_start[f"exact match {t}"]) if f"exact match {t}" in grpo_start else "–" for t in tasks]
+            text += f"| {parents.get('rlhf-grpo')} on {grpo_family} | " + " | ".join(cells) + " |\n"
     reward = {
         k.removeprefix("pairwise accuracy "): v for k, v in rows.get("reward", {}).items() if k.startswith("pairwise")
     }
@@ -217,7 +240,7 @@ def markdown(rows: dict[str, dict[str, float]], parents: dict[str, str | None], 
             + ", ".join(f"{k} {_fmt(v)}" for k, v in reward.items())
             + "\n"
         )
-    checks = targets_met(rows, parents, TARGETS[targets])
+    checks = targets_met(rows, parents, TARGETS[targets], given)
     if checks:
         met = sum(ok for _, ok in checks)
         text += f"\nTargets ({targets}), {met} of {len(checks)} met:\n"
@@ -252,6 +275,7 @@ class ReportCommand:
     model_name: str = "tiny"  # whose run dirs: <out_dir>/<stage>_<model_name> (`model` is train's preset group)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     targets: str = "demo"  # a key of TARGETS
+    grpo_family: str = "verifiable"  # eval/<family>.jsonl: the questions rlhf-grpo's exact match, KL and length use
     out_dir: str = "outputs"
     card: Optional[str] = None  # None: <out_dir>/report.md
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -268,7 +292,7 @@ def run(command: ReportCommand) -> None:
     reward_folder = final_dir("reward", model, out_dir)
     if config.reward_model is None and reward_folder.is_dir():  # score every stage's replies with it too
         config.reward_model = str(reward_folder)
-    rows, parents = {}, {}
+    rows, parents, starts = {}, {}, {}
     for stage in stages:
         folder = final_dir(stage, model, out_dir)
         if not (folder / "model.safetensors").is_file():
@@ -277,10 +301,18 @@ def run(command: ReportCommand) -> None:
         stage_config = config
         if parents[stage] and (stage == "dpo" or stage.startswith("rlhf")):  # reward accuracy, KL: vs the start
             stage_config = replace(config, reference=str(final_dir(parents[stage], model, out_dir)))
+        if stage == "rlhf-grpo":  # GRPO answers its family's questions for their rule: its KL and length there too
+            stage_config = replace(stage_config, prompts=None, family=command.grpo_family)
+            if parents[stage] and command.grpo_family != config.family:  # its start, asked the same questions
+                start = final_dir(parents[stage], model, out_dir)
+                out = start / f"eval_{command.grpo_family}.json"
+                asked = replace(config, tasks=["verifiable", "reward"], family=command.grpo_family, prompts=None)
+                asked = replace(asked, out=str(out))
+                starts[stage] = {**headline(stage_result(start, asked)), "family": command.grpo_family}
         rows[stage] = headline(stage_result(folder, stage_config))
     if not rows:
         raise SystemExit(f"error: no final/ model under {out_dir}/<stage>_{model}/ for stages {stages}")
-    table = markdown(rows, parents, targets)
+    table = markdown(rows, parents, targets, starts, command.grpo_family)
     card.parent.mkdir(parents=True, exist_ok=True)
     card.write_text(f"# minillm report: model={model}, {out_dir}/\n\n{table}", encoding="utf-8")
     if have_matplotlib():

@@ -152,6 +152,30 @@ def test_builder_writes_the_data_layout_from_fake_archives(tmp_path, fake_archiv
     train_questions += [p["prompt"] for p in verifiable_pairs]
     assert held_keys.isdisjoint(key(q) for q in train_questions)
     assert key("What is 12 + 7?") == key("What is 7 + 12?")
+
+    # the rephrased family (GRPO's): right answers, wordings SFT never trains on, and the same held-out questions
+    def canonical(record):
+        question = record["conversations"][0]["content"] if "conversations" in record else record["prompt"]
+        task = record["task"]
+        if task == "add":
+            a, b = re.findall(r"\d+", question)
+            assert int(record["answer"]) == int(a) + int(b)
+            return f"What is {a} + {b}?"
+        listed = question.split(": ")[1]
+        expected = listed.split()[::-1] if task == "reverse" else sorted(listed.split())
+        assert record["answer"].split() == expected
+        return f"{'Reverse the words' if task == 'reverse' else 'Sort the words alphabetically'}: {listed}"
+
+    rephrased_held = read_jsonl(out / "eval/rephrased.jsonl")
+    rephrased_train = read_jsonl(out / "prompts/rephrased.jsonl")
+    assert 200 <= len(rephrased_held) <= 400 and len(rephrased_held) + len(rephrased_train) == 6000
+    assert {r["task"] for r in rephrased_held} == {"add", "reverse", "sort"}
+    assert all(builtin.is_held_out(key(canonical(r)), 0.05) for r in rephrased_held)  # the verifiable split's rule
+    assert not any(builtin.is_held_out(key(canonical(r)), 0.05) for r in rephrased_train)
+    assert held_keys.isdisjoint(key(canonical(r)) for r in rephrased_train)
+    sft_questions = {r["conversations"][0]["content"] for r in read_jsonl(out / "sft/verifiable.jsonl")}
+    asked = [r["conversations"][0]["content"] for r in rephrased_held] + [r["prompt"] for r in rephrased_train]
+    assert sft_questions.isdisjoint(asked)
     drills = read_jsonl(out / "pretrain/drills.jsonl")
     lines = [line for d in drills for line in d["text"].splitlines()]
     assert len(drills) == 1000 and len(lines) == 1000 * 16

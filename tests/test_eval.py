@@ -123,14 +123,19 @@ def test_report_tabulates_each_stage_against_its_start_and_draws_a_chart(tmp_pat
 
     out = tmp_path / "outputs"
     torch.manual_seed(0)
-    for stage, parent in (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft"), ("rlhf", "dpo")):
+    with (eval_data / "eval" / "rephrased.jsonl").open("w") as f:  # GRPO's family: other questions
+        for i in range(3):
+            msgs = [{"role": "user", "content": f"Add {i} and 2."}, {"role": "assistant", "content": str(i + 2)}]
+            f.write(json.dumps({"conversations": msgs, "answer": str(i + 2), "task": "add"}) + "\n")
+    stages = (("pretrain", None), ("sft", "pretrain"), ("dpo", "sft"), ("rlhf", "dpo"), ("rlhf-grpo", "dpo"))
+    for stage, parent in stages:
         save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, out / f"{stage}_micro" / "final")
         init = str(out / f"{parent}_micro" / "final") if parent else None
         snapshot = {"config": {"init_from": init}}
         (out / f"{stage}_micro" / "training_config_snapshot.json").write_text(json.dumps(snapshot))
     save_pretrained(RewardModel(micro_config(tokenizer.vocab_size)), tokenizer, out / "reward_micro" / "final")
     args = ["model_name=micro", f"out_dir={out}", f"eval.data_dir={eval_data}", "eval.pairs=[sums]"]
-    args.append("eval.max_new_tokens=4")
+    args += ["eval.max_new_tokens=4", "grpo_family=rephrased"]
     report.main(args)
     text = (out / "report.md").read_text()
     rows = {}  # the first table: stage -> its row
@@ -149,6 +154,19 @@ def test_report_tabulates_each_stage_against_its_start_and_draws_a_chart(tmp_pat
     assert "reward-model score" in rows["rlhf"] and "median length" in rows["rlhf"]
     assert "pairwise accuracy ≥" in rows["reward"] and "Reward model, held-out pairwise accuracy: sums" in text
     assert "| stage | add |" in text  # exact match per task
+    # GRPO: exact match, KL and length on its own family, against its start asked the same questions
+    grpo = json.loads((out / "rlhf-grpo_micro" / "final" / "eval.json").read_text())
+    start = json.loads((out / "dpo_micro" / "final" / "eval_rephrased.json").read_text())
+    assert grpo["config"]["family"] == start["config"]["family"] == "rephrased" and grpo["config"]["prompts"] is None
+    assert grpo["tasks"]["verifiable"]["n"] == start["tasks"]["verifiable"]["n"] == 3
+    assert grpo["tasks"]["kl"]["prompts"].endswith("eval/rephrased.jsonl")
+    assert list(start["tasks"]) == ["verifiable", "reward"]
+    em, was = grpo["tasks"]["verifiable"]["exact_match"], start["tasks"]["verifiable"]["exact_match"]
+    assert f"| exact match on rephrased {em:.3f} ({em - was:+.3f} vs dpo)" in rows["rlhf-grpo"]
+    length = start["tasks"]["reward"]["median_length"]
+    assert start["tasks"]["reward"]["prompts"].endswith("eval/rephrased.jsonl")
+    assert f"(dpo {length:.0f})" in rows["rlhf-grpo"]
+    assert "| dpo on rephrased |" in text and "the rephrased family" in text
     targets = text.split("Targets (demo), ")[1].splitlines()[1:]
     assert [t.split(" ")[1] for t in targets[:2]] == ["sft", "dpo"] and any(t.startswith("- rlhf KL") for t in targets)
     assert (out / "report.png").stat().st_size > 1000
@@ -223,6 +241,10 @@ def test_quality_targets_by_hand():
         "sft exact match on every task ≥ 0.75": False,  # sort at 0.7
         "rlhf-grpo exact match 0.950": False,  # GRPO is judged on exact match: +0.03 < +0.10
     }
+    # GRPO on its own family: judged against its start asked the same questions, not the start's row
+    starts = {"rlhf-grpo": {"exact match": 0.80, "family": "rephrased"}}
+    checks = targets_met(rows, {"sft": "pretrain", "rlhf-grpo": "sft"}, TARGETS["quality"], starts)
+    assert ("rlhf-grpo exact match on rephrased 0.950 (≥ 0.900)", True) in checks
 
 
 def test_headline_leaves_out_a_mean_reward_nothing_was_scored_by():

@@ -82,7 +82,10 @@ def test_eval_pairwise_accuracy_matches_the_scores(tokenizer):
 
     torch.manual_seed(1)
     model = RewardModel(micro_config(tokenizer.vocab_size)).eval()
-    pairs = [{"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": f"no idea {i}"} for i in range(6)]
+    pairs = [
+        {"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": f"no idea {i}", "task": "ab"[i % 2]}
+        for i in range(6)
+    ]
     expected = []
     for p in pairs:
         enc = encode_pair(tokenizer, {**p, "prompt": [{"role": "user", "content": p["prompt"]}]}, (32, 32))
@@ -90,6 +93,8 @@ def test_eval_pairwise_accuracy_matches_the_scores(tokenizer):
         expected.append(float(chosen > rejected))
     result = pairwise_accuracy(model, tokenizer, pairs, batch_size=4)
     assert result["n"] == 6 and result["accuracy"] == pytest.approx(sum(expected) / 6)
+    for i, task in enumerate("ab"):  # per task: the pairs of that task only
+        assert result["tasks"][task] == {"n": 3, "accuracy": pytest.approx(sum(expected[i::2]) / 3)}
 
 
 def test_eval_mean_reward_of_greedy_completions(tokenizer, micro_model):

@@ -40,7 +40,7 @@ from minillm.rundir import file_sha256
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 5  # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 6  # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -276,6 +276,48 @@ def verifiable(n: int = 6000) -> Iterator[dict]:
                            family="verifiable", task="sort")
 
 
+# The same three tasks asked in words SFT never trains on: GRPO's family (its rule reward has room there, where SFT
+# alone reaches full marks on the canonical questions). The {} is the sum's operands or the word list.
+REPHRASED = {
+    "add": ("Add {a} and {b}.", "What is the sum of {a} and {b}?", "Compute {a} plus {b}.", "{a} plus {b} makes what?"),
+    "reverse": (
+        "Write these words in reverse order: {w}",
+        "Say the words backwards: {w}",
+        "Reverse the order of these words: {w}",
+        "Last word first, please: {w}",
+    ),
+    "sort": (
+        "Put the words in alphabetical order: {w}",
+        "Alphabetize: {w}",
+        "Order these words from A to Z: {w}",
+        "Sort these words: {w}",
+    ),
+}
+
+
+def rephrased(held_out: bool, n: int = 6000) -> Iterator[dict]:
+    """The verifiable tasks in other words (`REPHRASED`), split like the verifiable family: a question is held out
+    when its canonical form ("What is a + b?") is (`verifiable_key`), so a held-out question's numbers or words
+    appear in no training file in any wording. `held_out` picks the split."""
+    rng = random.Random("rephrased")
+    for i in range(n):
+        task = ("add", "reverse", "sort")[i % 3]
+        template = rng.choice(REPHRASED[task])
+        if task == "add":
+            a, b = rng.randrange(100), rng.randrange(100)
+            canonical, question, answer = f"What is {a} + {b}?", template.format(a=a, b=b), str(a + b)
+        else:
+            words = rng.sample(WORDS, rng.randint(3, 5))
+            listed = " ".join(words)
+            if task == "reverse":
+                canonical, answer = f"Reverse the words: {listed}", " ".join(reversed(words))
+            else:
+                canonical, answer = f"Sort the words alphabetically: {listed}", " ".join(sorted(words))
+            question = template.format(w=listed)
+        if is_held_out(verifiable_key(canonical), VERIFIABLE_HELD_OUT) == held_out:
+            yield chat(question, answer, family="rephrased", task=task)
+
+
 def drills(held_out: set[str], paragraphs: int = 1000, lines: int = 16) -> Iterator[dict]:
     """Task-shaped pretraining text: sums and reversed or sorted word lists written as plain statements
     ("47 + 38 = 85."), so the base model (and the tokenizer) know digits, `+` and the list words before SFT asks
@@ -373,13 +415,16 @@ def chatterbot_prompts(dialogues: list[dict]) -> Iterator[dict]:
 
 
 def verifiable_prompts(records: Iterable[dict]) -> Iterator[dict]:
-    """The verifiable questions (SFT's training split) with their exact answers, for the `verifiable` reward."""
+    """Verifiable questions (of a training split) with their exact answers, for the `verifiable` reward."""
     for r in records:
         yield {"prompt": r["conversations"][0]["content"], "answer": r["answer"], "task": r["task"],
-               "family": "verifiable"}
+               "family": r["family"]}
 
 
-def _split(records: Iterable[dict], ratio: float = 0.05, key=None) -> tuple[list[dict], list[dict]]:
+VERIFIABLE_HELD_OUT = 0.05  # the share of verifiable questions held out (and of every generated split)
+
+
+def _split(records: Iterable[dict], ratio: float = VERIFIABLE_HELD_OUT, key=None) -> tuple[list[dict], list[dict]]:
     """(train, held out) by a hash of each record's conversation, or of `key(record)`."""
     train, held = [], []
     for r in records:
@@ -432,6 +477,8 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
         yield f"sft/{name}.jsonl", train
         yield f"eval/{name}.jsonl", held
     yield "prompts/verifiable.jsonl", verifiable_prompts(checkable_train)
+    yield "prompts/rephrased.jsonl", verifiable_prompts(rephrased(held_out=False))
+    yield "eval/rephrased.jsonl", rephrased(held_out=True)
     yield "prompts/reviews_zh.jsonl", review_prompts()
     yield "prompts/chatterbot.jsonl", chatterbot_prompts(list(chatterbot_records(archives["chatterbot-corpus"], "english")))
     preferences = {
