@@ -28,13 +28,15 @@ V vocabulary, E experts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from minillm.lora import LoRAConfig
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -70,8 +72,13 @@ class ModelConfig:
     n_experts_per_tok: int = 2
     n_shared_experts: int = 0  # width of the shared expert, in units of intermediate_size
     aux_loss_coef: float = 0.01
+    # LoRA fine-tuning (r > 0): the stage adds adapters to these layers and trains only them (minillm/lora.py);
+    # not part of the architecture: exported weights are merged and say r = 0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # read back from minillm.json or a checkpoint's plain config
+            self.lora = LoRAConfig(**self.lora)
         checks = [
             (self.n_layer > 0, f"n_layer must be > 0, got {self.n_layer}"),
             (

@@ -238,6 +238,11 @@ def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torc
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, foreign pickle payload, not a checkpoint at all
         raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {e}") from e
+    if isinstance(ckpt, dict) and ckpt.get("lora"):
+        raise ValueError(
+            f"{path} is a LoRA training checkpoint: it holds the adapters only, not the weights they apply to. Use "
+            "the run's final/ (adapters merged into the weights), or resume the run to finish it"
+        )
     try:
         hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
         config = _model_config(dict(hparams["config"]["model"]), path)

@@ -376,6 +376,13 @@ def check_resume(path: Path, config: dict, tokenizer_sha256: str, allow_changes:
             f"{path} is a checkpoint of a different model shape ({'; '.join(changed)}); resume it with "
             "the same model preset, or start a new run_dir"
         )
+    old_lora, new_lora = _lora_of(old["model"]), _lora_of(config["model"])
+    if old_lora != new_lora:  # adapters or not, and which: the checkpoint's tensors are these
+        was = f"with LoRA adapters ({old_lora})" if old_lora else "without LoRA (all weights)"
+        raise ResumeError(
+            f"{path} was trained {was}, this run has {new_lora or 'model.lora.r=0'}: resume it with the model.lora "
+            "settings it was trained with, or start a new run_dir"
+        )
     if hparams.get("tokenizer_sha256") != tokenizer_sha256:
         raise ResumeError(
             f"{path} was trained with tokenizer sha256 {str(hparams.get('tokenizer_sha256'))[:12]}…, "
@@ -405,6 +412,14 @@ def check_resume(path: Path, config: dict, tokenizer_sha256: str, allow_changes:
         )
     for d in diffs:
         log.warning("resume with a changed setting: %s", d)
+
+
+def _lora_of(model: dict) -> str:
+    """The adapter settings a checkpoint's tensors depend on, as text ('' without LoRA)."""
+    lora = model.get("lora") or {}
+    if not lora.get("r"):
+        return ""
+    return f"model.lora.r={lora['r']}, target_modules={','.join(lora.get('target_modules') or [])}"
 
 
 def _git_commit() -> str | None:

@@ -1,5 +1,7 @@
 """Beside the checkpoints: the model config and tokenizer (so a .ckpt opens with `load_model`); at the end of a
-completed fit: `<run_dir>/final/`, the exported model folder. Never after an interrupt or a halt.
+completed fit: `<run_dir>/final/`, the exported model folder. Never after an interrupt or a halt. A LoRA run
+(`model.lora.r > 0`) exports its adapters merged into the weights, and the adapters alone in `final/adapter/`
+(PEFT's files, minillm/lora.py).
 
 `export.weights`: `last` (the weights at the end) or `best` (best.ckpt, the lowest val/loss). The closing log
 line says which weights final/ holds and their val/loss, and warns when validation loss ended well above its
@@ -12,7 +14,9 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 
+from minillm import lora
 from minillm.pretrained import save_pretrained
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,12 @@ class ExportCallback(L.Callback):
         last_loss = trainer.callback_metrics.get("val/loss")
         last_loss = None if last_loss is None else float(last_loss)
         if self.weights == "best" and best_path is not None and best_path.is_file():
-            model = _weights_of(best_path)
+            if pl_module.lora.enabled:  # the checkpoint holds the adapters: load them into the finished module
+                state = torch.load(best_path, map_location=pl_module.device, weights_only=True)["state_dict"]
+                pl_module.load_state_dict(state, strict=False)
+                model = pl_module.exported_model()
+            else:
+                model = _weights_of(best_path)
             loss = "" if best_loss is None else f", val/loss {best_loss:.4f}"
             which = f"the best weights ({best_path.name}{loss})"
         else:
@@ -66,6 +75,10 @@ class ExportCallback(L.Callback):
             model = pl_module.exported_model()
             loss = "" if last_loss is None else f", val/loss {last_loss:.4f}"
             which = f"the last weights (step {trainer.global_step}{loss})"
+        if pl_module.lora.enabled:
+            base = None if pl_module.init_dir is None else str(pl_module.init_dir)
+            lora.save_adapter(model, pl_module.lora, self.run_dir / "final" / lora.ADAPTER_DIR, base=base)
+            model = lora.merged(model)
         out = save_pretrained(model, pl_module.tokenizer, self.run_dir / "final")
         log.info("final/ holds %s: %s", which, out)
         if self.weights == "last" and None not in (last_loss, best_loss) and last_loss > best_loss * OVERFIT_WARNING:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from minillm import loop_state
+from minillm import loop_state, lora
 from minillm.config import Config, StageConfig
 from minillm.data.kinds import PRETRAIN, Kind
 from minillm.flops import device_peak, flops_per_token, precision_dtype
@@ -87,6 +87,9 @@ class LMModule(L.LightningModule):
         self.__dict__["reference"] = None  # set_reference(): a plain attribute, outside the module tree
         self.__dict__["tokenizer"] = None  # attach(): for the stage and the callbacks that decode or generate
         self.data_dir: Path | None = None  # attach(): the data dir the run reads
+        self.init_dir: Path | None = None  # attach(): the weights this run started from
+        self.lora = config.model.lora
+        self.strict_loading = not self.lora.enabled  # a LoRA checkpoint holds the trainable tensors only
 
     def eval_records(self, family: str) -> Path | None:
         """The held-out records of a task family (`<data dir>/eval/<family>.jsonl`), for evaluation callbacks."""
@@ -94,16 +97,34 @@ class LMModule(L.LightningModule):
 
     def attach(self, inputs: StageInputs, resuming: bool) -> None:
         """Take what `rundir.inputs_for` resolved: the tokenizer, the init weights (a fresh run starts from them;
-        a resume loads its checkpoint instead) and, when the stage needs one, a frozen reference."""
+        a resume loads its checkpoint instead, but for LoRA's frozen base, which comes from them again) and, when
+        the stage needs one, a frozen reference (with LoRA: the policy with its adapters off)."""
         self.__dict__["tokenizer"] = inputs.tokenizer
-        self.data_dir = inputs.data_dir
-        if self.needs.reference:
-            if inputs.init_model is None:
-                raise ValueError(f"stage={self.stage_name} compares against a reference model: set init_from")
+        self.data_dir, self.init_dir = inputs.data_dir, inputs.init_dir
+        if self.lora.enabled and inputs.init_model is None:
+            raise ValueError(
+                f"model.lora.r={self.lora.r} fine-tunes existing weights through adapters, but stage="
+                f"{self.stage_name} starts from none: set init_from (or train without model.lora)"
+            )
+        if self.needs.reference and inputs.init_model is None:
+            raise ValueError(f"stage={self.stage_name} compares against a reference model: set init_from")
+        if self.needs.reference and not self.lora.enabled:
             self.set_reference(inputs.init_model)
-        if inputs.init_model is not None and not resuming:
+        if inputs.init_model is not None and (not resuming or self.lora.enabled):
             self.initialise(inputs.init_model)
             log.info("initialised from %s (sha256 %s…)", inputs.init_dir, inputs.init_sha256[:12])
+        if self.lora.enabled:
+            lora.add_adapters(self, self.lora)  # every backbone of the stage (policy, critic); heads stay trainable
+            if self.needs.reference:
+                self.__dict__["reference"] = lora.WithoutAdapters(self.model)
+            trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+            log.info(
+                "LoRA r=%d on %s: %s of %s parameters train",
+                self.lora.r,
+                ",".join(self.lora.target_modules),
+                f"{trainable:,}",
+                f"{sum(p.numel() for p in self.parameters()):,}",
+            )
 
     def set_reference(self, model: MiniGPT) -> None:
         """A frozen copy of the init weights, held outside the module tree: not optimized, not in checkpoints,
@@ -122,7 +143,7 @@ class LMModule(L.LightningModule):
         return 1
 
     def exported_model(self) -> nn.Module:
-        """What `final/` holds (save_pretrained's argument)."""
+        """What `final/` holds (save_pretrained's argument; with LoRA the export callback merges it)."""
         return self.model
 
     # ---- optimizer and schedule ----
@@ -202,6 +223,9 @@ class LMModule(L.LightningModule):
     # ---- exact resume: RNG states and the logger's position travel in the checkpoint (plain lists, tensors) ----
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         loop_state.annotate(self.trainer, checkpoint)
+        if self.lora.enabled:  # the frozen base is init_from's weights: only what trains is saved
+            checkpoint["state_dict"] = lora.trainable_state(checkpoint["state_dict"])
+            checkpoint["lora"] = {"r": self.lora.r, "target_modules": list(self.lora.target_modules)}
         version, state, gauss = random.getstate()
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["rng"] = {
