@@ -158,3 +158,19 @@ def test_end_to_end_smoke(tmp_path, all_data):
         ]
     )
     assert [r["stage"] for r in out["rows"]] == ["pretrain", "sft", "dpo", "reward", "rlhf", "total"]
+
+
+@pytest.mark.slow
+def test_lora_smoke(tmp_path, all_data, pretrained):
+    from benchmarks import lora
+
+    out = lora.main(
+        ["--preset", "tiny", "--init", str(pretrained), "--steps", "4", "--warmup", "0", "--val-batches", "2"]
+        + ["--r", "4", "--out-dir", str(tmp_path), "--override", *where(tmp_path, all_data), "model.block_size=32"]
+        + [m for m in MICRO if not m.startswith("tokenizer.")]
+    )
+    full, adapted = out["rows"]
+    assert adapted["trainable params"] < 0.2 * full["trainable params"] and full["all params"] > 0
+    assert adapted["checkpoint MB"] < 0.5 * full["checkpoint MB"]  # the adapters and their optimizer state only
+    assert full["tok/s"] > 0 and adapted["tok/s"] > 0 and adapted["held-out loss"] > 0
+    assert json.loads((tmp_path / "lora.json").read_text())["ratios"]["trainable"] < 0.2

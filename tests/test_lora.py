@@ -193,3 +193,25 @@ def reward_model(tmp_path_factory, pref_dir, pretrained):
     root = tmp_path_factory.mktemp("reward_lora")
     assert build(pair_overrides(root, pref_dir, pretrained, "trainer.max_steps=2", stage="reward")).fit() == 0
     return root / "run" / "final"
+
+
+@pytest.mark.ref
+def test_peft_loads_the_adapter_onto_the_transformers_export_of_the_base(tmp_path, chat_dir, pretrained):
+    import peft  # the ref venv has it: a missing one fails, never skips
+    import transformers
+
+    from minillm.export import main as export
+
+    assert build(sft(tmp_path, chat_dir, pretrained, *LORA, "trainer.max_steps=4")).fit() == 0
+    export([f"model_path={pretrained}", f"out={tmp_path / 'base_hf'}"])  # the parent, in the transformers layout
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base_hf", attn_implementation="eager", dtype=torch.float32
+    )
+    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "final" / "adapter").eval()
+    merged, tokenizer = load_model(str(tmp_path / "run" / "final"))
+    ids = torch.tensor([tokenizer.encode("What is 2 + 3? 你好")])
+    with torch.no_grad():
+        ours, theirs = merged(ids).logits, tuned(ids).logits
+        torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+        with tuned.disable_adapter():  # and the adapter is what makes the difference
+            assert (tuned(ids).logits - ours).abs().max() > 1e-3
