@@ -1,4 +1,4 @@
-"""minillm export model_path=outputs/sft_tiny/final out=hf_model/ [overwrite=true]
+"""minillm export model_path=outputs/sft_tiny/final out=hf_model/ [overwrite=true] [format=gguf gguf.type=q8_0]
 
 A self-contained copy of a model for sharing, in the transformers layout: config.json (LlamaForCausalLM, or
 LlamaForSequenceClassification for a reward model), model.safetensors, tokenizer.model with
@@ -8,12 +8,15 @@ generation_config.json. `model_path` may be a final/ folder or a training checkp
 `minillm.generate.load_model(out)` (also after it was saved again by transformers, without minillm.json).
 Mixture-of-experts models are not exportable to transformers yet (their router layout has no Llama
 equivalent): they stay usable as minillm folders.
+
+`format=gguf` writes one `.gguf` file for llama.cpp / ollama instead (minillm/export_gguf.py; `out` is the file,
+or a folder to write `model-<type>.gguf` into; `gguf.type` f32, f16, bf16 or q8_0).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.cli import Command
@@ -43,22 +46,60 @@ def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> 
     return save_pretrained(model, tokenizer, out)
 
 
+def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f32", overwrite: bool = False) -> Path:
+    from minillm.export_gguf import write_gguf
+
+    out = Path(out)
+    if out.suffix != ".gguf":
+        out = out / f"model-{dtype}.gguf"
+    if out.exists() and not overwrite:
+        raise ValueError(f"out={out} exists; choose another path, or add overwrite=true to replace it")
+    model, tokenizer, score = _load(Path(model_path), "cpu")
+    if score is not None:
+        raise ValueError(
+            f"{model_path} is a reward model (a scalar head, not a language model head): llama.cpp has no "
+            "architecture that reads it; export it with format=hf (LlamaForSequenceClassification)"
+        )
+    return write_gguf(model, tokenizer, out, dtype, name=Path(model_path).resolve().parent.name)
+
+
+@dataclass
+class GGUFOptions:
+    type: str = "f32"  # f32 | f16 | bf16 | q8_0
+
+    def __post_init__(self) -> None:
+        from minillm.export_gguf import TYPES
+
+        if self.type not in TYPES:
+            raise ValueError(f"gguf.type must be one of {', '.join(TYPES)}, got {self.type!r}")
+
+
 @dataclass
 class ExportCommand:
     """`minillm export` (minillm/conf/export.yaml)."""
 
     model_path: str = "???"  # a final/ folder or a training checkpoint
-    out: str = "???"  # a new or empty folder
+    out: str = "???"  # a new or empty folder (format=gguf: a .gguf file, or a folder)
     overwrite: bool = False  # write over the files already in `out`
+    format: str = "hf"  # hf (the transformers layout) | gguf (llama.cpp, ollama)
+    gguf: GGUFOptions = field(default_factory=GGUFOptions)
+
+    def __post_init__(self) -> None:
+        if self.format not in ("hf", "gguf"):
+            raise ValueError(f"format must be hf or gguf, got {self.format!r}")
 
 
 def run(command: ExportCommand) -> None:
     try:
-        out = export(command.model_path, command.out, overwrite=command.overwrite)
+        if command.format == "gguf":
+            out = export_gguf(command.model_path, command.out, command.gguf.type, overwrite=command.overwrite)
+        else:
+            out = export(command.model_path, command.out, overwrite=command.overwrite)
     except (ValueError, FileNotFoundError) as e:  # a user error: the message says what to do
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"exported {command.model_path} to {out} (transformers layout)")
+    layout = f"GGUF, {command.gguf.type}" if command.format == "gguf" else "transformers layout"
+    print(f"exported {command.model_path} to {out} ({layout})")
 
 
 COMMAND = Command("export", ExportCommand, run)
