@@ -9,7 +9,9 @@ cannot exceed batch × (measured memory read bandwidth) ÷ (bytes of matmul weig
 row's greedy tokens with those of the no-cache loop in fp32 (the full forward for every token). Without
 --model-path a randomly initialised model=tiny is used (speed does not depend on the weights). EOS is disabled,
 so each row generates exactly --new-tokens tokens. HF runs only where transformers is installed (the `ref`
-extra: make bench runs this file in .venv-ref).
+extra: make bench runs this file in .venv-ref). llama.cpp (llama-cpp-python, also in the `ref` extra) decodes
+the same weights exported to GGUF f32 (`minillm export format=gguf`) at batch 1 with as many threads as torch
+uses: the best CPU inference engine, the anchor the "vs llama.cpp" column measures every batch-1 row against.
 """
 
 from __future__ import annotations
@@ -85,6 +87,30 @@ def hf_generate(hf_model, ids, mask, new_tokens: int) -> None:
     assert out.shape[1] == ids.shape[1] + new_tokens
 
 
+def llama_cpp_generate(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens from llama.cpp (EOS not special here: exactly `new_tokens`)."""
+    out = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if len(out) == new_tokens:
+            break
+    return out
+
+
+def llama_cpp_engine(model, tokenizer, folder: Path):
+    """llama.cpp on the GGUF f32 export of `model`, or None without llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed (the `ref` extra): skipping the llama.cpp row")
+        return None
+    from minillm.export_gguf import write_gguf
+
+    path = write_gguf(model, tokenizer, folder / "model-f32.gguf", "f32")
+    threads = torch.get_num_threads()
+    return llama_cpp.Llama(str(path), n_ctx=model.config.block_size, n_threads=threads, verbose=False)
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     best = float("inf")
@@ -147,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             hf = None
             print("transformers is not installed (the `ref` extra): skipping the HF row")
         engines = variants(model, args.compile)
+        llm = llama_cpp_engine(model, tokenizer, Path(tmp))
         rows = []
         for batch in args.batches:
             gen = torch.Generator().manual_seed(batch)
@@ -166,10 +193,18 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(
                     row(batch, "HF generate fp32", new, times["HF"], 4 * matmul_params(model.config), bandwidth)
                 )
+            if llm is not None and batch == 1:
+                prompt = ids[0].tolist()
+                times["llama.cpp"] = timed(partial(llama_cpp_generate, llm, prompt, new), args.repeats)
+                same = llama_cpp_generate(llm, prompt, new) == reference[0]
+                weight_bytes = 4 * matmul_params(model.config)
+                rows.append(row(batch, "llama.cpp fp32 (GGUF)", new, times["llama.cpp"], weight_bytes, bandwidth, same))
             for r in rows:
                 if r["batch"] == batch and "HF" in times:
                     r["vs HF"] = times["HF"] / (r["ms/step"] * new / 1000)
-    columns = ["batch", "engine", "tok/s", "ms/step", "vs HF", "limit tok/s", "of limit", "same tokens"]
+                if r["batch"] == batch and "llama.cpp" in times:
+                    r["vs llama.cpp"] = times["llama.cpp"] / (r["ms/step"] * new / 1000)
+    columns = ["batch", "engine", "tok/s", "ms/step", "vs HF", "vs llama.cpp", "limit tok/s", "of limit", "same tokens"]
     print()
     print_table(rows, columns)
     payload = {"model_path": str(args.model_path or "random model=tiny"), "bandwidth": bandwidth, "rows": rows}
