@@ -9,6 +9,7 @@ import torch
 
 from minillm.callbacks.export import ExportCallback
 from minillm.generate import load_model
+from minillm.lora import LoRAConfig
 from minillm.model import MiniGPT
 from minillm.train import build
 from tests.conftest import micro_config, micro_overrides
@@ -39,7 +40,7 @@ def fake_fit(tokenizer, weights, last_loss, best_loss, best_path=""):
         callback_metrics={"val/loss": torch.tensor(last_loss)},
         global_step=900,
     )
-    module = SimpleNamespace(stop_reason=None, exported_model=lambda: model, tokenizer=tokenizer)
+    module = SimpleNamespace(stop_reason=None, exported_model=lambda: model, tokenizer=tokenizer, lora=LoRAConfig())
     return trainer, module
 
 

@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_exported_folder_uses_llama_names_and_config(tokenizer, tmp_path):
 
 def write_checkpoint(path, model, tokenizer):
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    hparams = {"config": {"model": dict(model.config.__dict__)}, "tokenizer_sha256": tokenizer.sha256}
+    hparams = {"config": {"model": asdict(model.config)}, "tokenizer_sha256": tokenizer.sha256}
     torch.save({"state_dict": state, "hyper_parameters": hparams, "global_step": 3}, path)
 
 
