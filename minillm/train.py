@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from minillm import rundir
-from minillm.callbacks.interrupt import InterruptCallback
+from minillm.callbacks.interrupt import CommandSignals, InterruptCallback
 from minillm.checkpoint_io import remove_stale_tmp
 from minillm.config import CONF_DIR, Config, compose, resolved_dict, to_config
 from minillm.data.datamodule import MiniLLMDataModule, find_sources
@@ -206,12 +206,9 @@ def check_before_hydra(argv: Sequence[str]) -> None:
 
 def cli() -> None:
     """`minillm train` / `python -m minillm.train`: Hydra's command line over minillm/conf/train.yaml."""
-    try:
+    with CommandSignals():  # Ctrl-C / kill outside the training loop (InterruptCallback's handler inside it)
         check_before_hydra(sys.argv[1:])
         main()
-    except KeyboardInterrupt:  # Ctrl-C before training started (our handler takes over once it has)
-        print("\ninterrupted before training started; no checkpoint was written", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,19 @@ import errno
 import hashlib
 import json
 import re
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
+from minillm.callbacks.interrupt import CommandSignals
 from minillm.data.records import DataError
 from minillm.generate import load_model
 from minillm.rundir import ResumeError
@@ -405,6 +409,68 @@ def test_resuming_with_other_init_weights_names_them(tmp_path, data_dir, finishe
         build(micro_overrides(tmp_path, data_dir, f"init_from={pretrained}", "resume=auto"))
 
 
+@pytest.fixture
+def signal_handlers():
+    """CommandSignals leaves its exit-now handlers installed (the command is the process): restore them."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def _signal_inside_a_library(sig: int, wrap) -> None:
+    """A signal lands in library code that turns the KeyboardInterrupt into something else (OmegaConf wraps it
+    in a ValueError subclass, Lightning prints a line and exits 1, Hydra reports an error and exits 1)."""
+    try:
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler runs before this returns
+    except KeyboardInterrupt as e:
+        wrap(e)
+    raise AssertionError("the signal did not interrupt")
+
+
+def _as_value_error(e):
+    raise ValueError("wrapped by the library") from e
+
+
+@pytest.mark.parametrize(
+    ("sig", "wrap", "code"),
+    [
+        (signal.SIGINT, _as_value_error, 130),  # main() exits 2 on a ValueError: a "bad input" code before the fix
+        (signal.SIGTERM, lambda e: sys.exit(1), 143),
+        (signal.SIGINT, lambda e: None, 130),  # swallowed: the command still ends as interrupted
+    ],
+)
+def test_a_signal_outside_training_exits_128_plus_n_whatever_the_library_makes_of_it(
+    signal_handlers, capsys, sig, wrap, code
+):
+    with pytest.raises(SystemExit) as exit, CommandSignals():
+        try:
+            _signal_inside_a_library(sig, wrap)
+        except ValueError:  # as main() treats a user error
+            sys.exit(2)
+        except AssertionError:
+            pass
+    assert exit.value.code == code
+    err = capsys.readouterr().err
+    assert "interrupted before training started" in err and "Traceback" not in err
+
+
+def test_without_a_signal_the_command_keeps_its_own_errors_and_exit_codes(signal_handlers):
+    with pytest.raises(ValueError, match="a user error"), CommandSignals():
+        raise ValueError("a user error")
+    with pytest.raises(SystemExit) as exit, CommandSignals():
+        sys.exit(2)
+    assert exit.value.code == 2
+
+
+def test_a_sigint_ignored_by_the_parent_stays_ignored(signal_handlers):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # `nohup` / `&`
+    with CommandSignals():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 @pytest.mark.slow
 def test_user_errors_before_hydra_and_ctrl_c_at_start_up(tmp_path, data_dir):
     def train(*extra, **kwargs):
@@ -423,8 +489,6 @@ def test_user_errors_before_hydra_and_ctrl_c_at_start_up(tmp_path, data_dir):
     assert typo.returncode == 2 and "unknown config key optim.lrr" in typo.stdout + typo.stderr
     assert "Traceback" not in typo.stderr
 
-    import signal
-
     proc = subprocess.Popen(
         [sys.executable, "-u", "-m", "minillm.train", *micro_overrides(tmp_path / "c", data_dir, "resume=auto")],
         cwd=tmp_path,
@@ -438,6 +502,6 @@ def test_user_errors_before_hydra_and_ctrl_c_at_start_up(tmp_path, data_dir):
         if "starting fresh" in line:
             proc.send_signal(signal.SIGINT)
             break
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, (out[-2000:], err[-2000:])
     assert "interrupted before training started" in err
