@@ -289,6 +289,22 @@ def preference_accuracy(policy_logps: torch.Tensor, reference_logps: torch.Tenso
     return out
 
 
+def preference_by_task(policy_logps: torch.Tensor, reference_logps: torch.Tensor | None, pairs: list[dict]) -> dict:
+    """`preference_accuracy` of all the pairs, and of each `task` the pairs name under "tasks" (a sum against a
+    near miss; a dialogue reply against another dialogue's or a cut one, ...)."""
+    out = preference_accuracy(policy_logps, reference_logps)
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        if "task" in p:
+            rows.setdefault(p["task"], []).append(i)
+    if rows:
+        out["tasks"] = {
+            task: preference_accuracy(policy_logps[i], None if reference_logps is None else reference_logps[i])
+            for task, i in sorted(rows.items())
+        }
+    return out
+
+
 def _wins(margins: torch.Tensor, prefix: str) -> dict[str, float]:
     return {
         f"{prefix}accuracy": float((margins > 0).float().mean()) if len(margins) else 0.0,
@@ -373,7 +389,7 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
         for name in config.pairs:
             pairs = load_family(_eval_set(data_dir, name), config.limit)
             ref = completion_logps(reference, tokenizer, pairs) if reference is not None else None
-            per[name] = preference_accuracy(completion_logps(model, tokenizer, pairs), ref)
+            per[name] = preference_by_task(completion_logps(model, tokenizer, pairs), ref, pairs)
         n = sum(v["n"] for v in per.values())
         keys = ("accuracy", "reward_accuracy") if reference is not None else ("accuracy",)
         tasks["preference"] = {

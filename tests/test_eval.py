@@ -45,6 +45,19 @@ def test_preference_accuracy_by_hand():
     assert relative["accuracy"] == 0.5 and relative["reward_accuracy"] == 0.0 and relative["reward_margin"] == -1.0
 
 
+def test_preference_accuracy_per_task_by_hand():
+    policy = torch.tensor([[-1.0, -2.0], [-3.0, -1.0], [-2.0, -4.0]])  # margins +1, -2, +2
+    reference = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.0, -5.0]])  # margins 0, 0, +4
+    pairs = [{"task": "cut"}, {"task": "other"}, {"task": "other"}]
+    out = ev.preference_by_task(policy, reference, pairs)
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["reward_accuracy"] == pytest.approx(1 / 3)
+    assert out["tasks"]["cut"] == {"n": 1, "accuracy": 1.0, "margin": 1.0, "reward_accuracy": 1.0, "reward_margin": 1.0}
+    other = out["tasks"]["other"]  # gains over the reference: -2 and -2
+    assert other["n"] == 2 and other["accuracy"] == 0.5 and other["reward_accuracy"] == 0.0
+    assert other["reward_margin"] == pytest.approx(-2.0)
+    assert "tasks" not in ev.preference_by_task(policy, None, [{}, {}, {}])  # pairs without a task: no breakdown
+
+
 def test_kl_to_the_reference_by_hand(tokenizer):
     torch.manual_seed(0)
     sharp = MiniGPT(micro_config(tokenizer.vocab_size)).eval()
