@@ -34,7 +34,7 @@ DEMO_MODEL ?= tiny
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
 DEMO_CHAT := 'What is 12 + 7?\n/reset\nReverse the words: apple river stone\n/reset\nSort the words alphabetically: tiger lemon paper\n/reset\nHello, how are you?\n/exit\n'
 # The card's pairs and RL prompts: the families the demo's DPO, reward model and PPO train on (held-out records).
-DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,verifiable_pairs]' eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
+DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
 demo: data
 	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=demo resume=auto
 	$(PY) -m minillm.generate model_path=outputs/pretrain_$(DEMO_MODEL)/final $(DEMO_PROMPTS) \
@@ -54,7 +54,7 @@ demo: data
 QUALITY_RULE := stage.algorithm=grpo stage.reward=verifiable data.sources.rephrased.sample_ratio=1 \
 	+data.sources.chatterbot.sample_ratio=0 callbacks.task_eval.family=rephrased
 # The card's pairs and PPO prompts, as in the demo: the families the chain's DPO, reward model and PPO train on.
-QUALITY_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,verifiable_pairs]' \
+QUALITY_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' \
 	eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
 # The two long stages train compiled: +34% tokens/s for tiny in bf16 on a 2-core AMX Xeon, +12% in fp32 on an
 # AVX-512 one (README, Performance), for about a minute of compiling (cached in data/cache/torchinductor).

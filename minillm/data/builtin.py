@@ -40,7 +40,7 @@ from minillm.rundir import file_sha256
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 7  # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 8  # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -351,23 +351,30 @@ def pair(prompt: str, chosen: str, rejected: str, **meta) -> dict:
 
 
 def chatterbot_pairs(dialogues: list[dict], seed: str = "chatterbot-pairs") -> Iterator[dict]:
-    """The true first reply of a dialogue over a worse one, `task` naming which: half the time the first reply of
-    another dialogue ("other": is it an answer to *this* question?), else the true reply spoiled — cut to its first
-    half ("cut"), its words shuffled ("shuffled") or each word's letters shuffled ("scrambled"): is it a whole,
-    well-formed reply? The spoiled ones are what a policy drifts to when a reward model cannot tell them from good
-    replies (a reward model that only ever saw another dialogue's reply rejected scored letter salad above the true
-    reply a quarter of the time)."""
+    """The true first reply of a dialogue over the first reply of another dialogue, drawn at random (is it an answer
+    to *this* question?)."""
     rng = random.Random(seed)
     replies = [d["conversations"][1]["content"] for d in dialogues]
     for d, reply in zip(dialogues, replies):
-        task = rng.choice(("other", "other", "other", "cut", "shuffled", "scrambled"))
-        rejected = spoil(reply, task, rng) if task != "other" else None
-        if rejected is None:  # too short to spoil that way: another dialogue's reply
-            task, others = "other", [r for r in replies if r != reply]
-            if not others:
-                continue
-            rejected = rng.choice(others)
-        yield pair(d["conversations"][0]["content"], reply, rejected, family="chatterbot", task=task)
+        others = [r for r in replies if r != reply]
+        if others:
+            yield pair(d["conversations"][0]["content"], reply, rng.choice(others), family="chatterbot", task="other")
+
+
+def chatterbot_spoiled(dialogues: list[dict], seed: str = "chatterbot-spoiled") -> Iterator[dict]:
+    """The true first reply of a dialogue over itself spoiled, `task` naming how: cut to its first half ("cut"), its
+    words shuffled ("shuffled") or each word's letters shuffled ("scrambled") — is it a whole, well-formed reply?
+    What a policy drifts to when a reward model cannot tell it from a good reply (one trained on `chatterbot_pairs`
+    alone scored letter salad above the true reply a quarter of the time). For the reward model: DPO on these pairs
+    learned to end plain text at once (bits per byte 3.48 → 5.10; docs/training.md)."""
+    rng = random.Random(seed)
+    for d in dialogues:
+        reply = d["conversations"][1]["content"]
+        for task in rng.sample(("cut", "shuffled", "scrambled"), 3):  # the first way that changes this reply
+            rejected = spoil(reply, task, rng)
+            if rejected is not None:
+                yield pair(d["conversations"][0]["content"], reply, rejected, family="chatterbot", task=task)
+                break
 
 
 def spoil(reply: str, how: str, rng: random.Random) -> str | None:
@@ -527,6 +534,8 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
         yield f"eval/{name}.jsonl", (p for p in records if is_held_out(p, 0.05))
     yield "preference/chatterbot_pairs.jsonl", chatterbot_pairs(dialogues)
     yield "eval/chatterbot_pairs.jsonl", chatterbot_pairs(held_dialogues)
+    yield "preference/chatterbot_spoiled.jsonl", chatterbot_spoiled(dialogues)
+    yield "eval/chatterbot_spoiled.jsonl", chatterbot_spoiled(held_dialogues)
     # verifiable pairs: training pairs from SFT's training questions, held-out pairs from its held-out questions
     yield "preference/verifiable_pairs.jsonl", verifiable_pairs(checkable_train[:1500])
     yield "eval/verifiable_pairs.jsonl", verifiable_pairs(checkable_held)
