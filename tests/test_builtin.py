@@ -216,37 +216,41 @@ def test_held_out_dialogue_openers_are_in_no_training_file(tmp_path, fake_archiv
     out = build_builtin(tmp_path / "builtin", fetch=lambda pkg: fake_archives[pkg.name])
 
     held = {p["prompt"] for p in read_jsonl(out / "eval/chatterbot_pairs.jsonl")}
+    assert held == {p["prompt"] for p in read_jsonl(out / "eval/chatterbot_spoiled.jsonl")}
     trained = {r["conversations"][0]["content"] for r in read_jsonl(out / "sft/chatterbot_en.jsonl")}
     trained |= {p["prompt"] for p in read_jsonl(out / "preference/chatterbot_pairs.jsonl")}
+    trained |= {p["prompt"] for p in read_jsonl(out / "preference/chatterbot_spoiled.jsonl")}
     trained |= {p["prompt"] for p in read_jsonl(out / "prompts/chatterbot.jsonl")}
     assert held and trained and held.isdisjoint(trained)
     assert len(held | trained) == 30  # every opener on one side, none lost
 
 
-def test_dialogue_pairs_reject_another_reply_or_a_spoiled_one():
-    replies = ["Fine thanks, and how are you today?", "I like reading long books.", "Yes", "Hi"] * 25
+def test_dialogue_pairs_reject_another_reply_and_spoiled_pairs_a_spoiled_one():
+    replies = ["Fine thanks, and how are you today?", "I like reading long books.", "Yes", "I"] * 25
     dialogues = [
         {"conversations": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": reply}]}
         for i, reply in enumerate(replies)
     ]
     pairs = list(builtin.chatterbot_pairs(dialogues))
     assert len(pairs) == len(dialogues)
+    assert all(p["task"] == "other" and p["rejected"] in set(replies) and p["rejected"] != p["chosen"] for p in pairs)
+    assert len({p["rejected"] for p in pairs}) == 4  # drawn at random, not one fixed partner per reply
+
+    spoiled = list(builtin.chatterbot_spoiled(dialogues))
+    assert len(spoiled) == 75  # "Yes" cannot be cut or shuffled but is scrambled; "I" cannot be spoiled: no pair
     kinds = {}
-    for p in pairs:
+    for p in spoiled:
         chosen, rejected = p["chosen"].split(), p["rejected"].split()
         kinds[p["task"]] = kinds.get(p["task"], 0) + 1
         assert p["rejected"] != p["chosen"]
-        if p["task"] == "other":
-            assert p["rejected"] in set(replies)
-        elif p["task"] == "cut":
+        if p["task"] == "cut":
             assert rejected == chosen[: len(chosen) // 2]
         elif p["task"] == "shuffled":
             assert sorted(rejected) == sorted(chosen)
         else:
             assert p["task"] == "scrambled" and len(rejected) == len(chosen)
             assert all(sorted(a) == sorted(b) for a, b in zip(rejected, chosen))
-    assert set(kinds) == {"other", "cut", "shuffled", "scrambled"} and kinds["other"] >= 40
-    # a one-word reply cannot be cut, a one-letter one not scrambled: another dialogue's reply instead
+    assert set(kinds) == {"cut", "shuffled", "scrambled"}
     assert builtin.spoil("Yes", "cut", random.Random(0)) is None
     assert builtin.spoil("I a", "scrambled", random.Random(0)) is None
     assert builtin.spoil("Yes", "scrambled", random.Random(0)) in {"Yse", "eYs", "esY", "sYe", "seY"}
