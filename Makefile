@@ -33,7 +33,8 @@ data: $(STAMP)
 DEMO_MODEL ?= tiny
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
 DEMO_CHAT := 'What is 12 + 7?\n/reset\nReverse the words: apple river stone\n/reset\nSort the words alphabetically: tiger lemon paper\n/reset\nHello, how are you?\n/exit\n'
-# The card's pairs and RL prompts: the families the demo's DPO, reward model and PPO train on (held-out records).
+# The card's pairs and RL prompts: the families the demo's reward model and PPO train on (held-out records; DPO
+# trains on all but chatterbot_spoiled, the spoiled replies only the reward model learns from).
 DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
 demo: data
 	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=demo resume=auto
