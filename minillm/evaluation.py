@@ -185,12 +185,8 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict
         wins += int((margin > 0).sum())
         margins += margin.tolist()
     out = {"n": len(pairs), "accuracy": wins / max(len(pairs), 1), "margin": sum(margins) / max(len(margins), 1)}
-    per_task: dict[str, list[bool]] = {}
-    for p, m in zip(pairs, margins):
-        if "task" in p:
-            per_task.setdefault(p["task"], []).append(m > 0)
-    if per_task:
-        out["tasks"] = {t: {"n": len(w), "accuracy": sum(w) / len(w)} for t, w in sorted(per_task.items())}
+    if rows := rows_by_task(pairs):
+        out["tasks"] = {t: {"n": len(i), "accuracy": sum(margins[j] > 0 for j in i) / len(i)} for t, i in rows.items()}
     return out
 
 
@@ -293,16 +289,21 @@ def preference_by_task(policy_logps: torch.Tensor, reference_logps: torch.Tensor
     """`preference_accuracy` of all the pairs, and of each `task` the pairs name under "tasks" (a sum against a
     near miss; a dialogue reply against another dialogue's or a cut one, ...)."""
     out = preference_accuracy(policy_logps, reference_logps)
-    rows: dict[str, list[int]] = {}
-    for i, p in enumerate(pairs):
-        if "task" in p:
-            rows.setdefault(p["task"], []).append(i)
-    if rows:
+    if rows := rows_by_task(pairs):
         out["tasks"] = {
             task: preference_accuracy(policy_logps[i], None if reference_logps is None else reference_logps[i])
-            for task, i in sorted(rows.items())
+            for task, i in rows.items()
         }
     return out
+
+
+def rows_by_task(records: list[dict]) -> dict[str, list[int]]:
+    """The indices of the records of each `task` they name, tasks sorted ({} when none names one)."""
+    rows: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        if "task" in r:
+            rows.setdefault(r["task"], []).append(i)
+    return dict(sorted(rows.items()))
 
 
 def _wins(margins: torch.Tensor, prefix: str) -> dict[str, float]:
