@@ -8,15 +8,18 @@ change from the stage it started from (read from the run's `training_config_snap
 
     pretrain   bits per byte on held-out pretraining text
     sft        exact match of greedy replies on the held-out verifiable family (and per task)
-    dpo        reward accuracy on held-out pairs (the policy's log-prob gain over its reference ranks the chosen
-               reply first: what DPO optimizes) and exact match, against the SFT model it started from
-    reward     the reward model's pairwise accuracy on each held-out family
+    dpo        reward accuracy on the held-out pairs of the families it trained on (the policy's log-prob gain
+               over its reference ranks the chosen reply first: what DPO optimizes) and exact match, against the
+               SFT model it started from
+    reward     the reward model's pairwise accuracy on each held-out family it trained on
     rlhf       the reward its training optimized (the reward model's score, or the rule's) on held-out prompts,
                the KL to the model it started from, and the median reply length (rlhf-grpo: exact match, KL and
                length on the held-out questions of `grpo_family`, whatever eval.prompts says, against its start
                asked the same questions)
 
-then every other column, the exact match per task, and a line saying which targets of the chosen set (`TARGETS`)
+then every other column, the exact match per task, a table of DPO's and the reward model's accuracy on every
+family of `eval.pairs` (those a stage trained on marked: the sources with training records in its run's
+`dataset_stats.json`; the targets read only those), and a line saying which targets of the chosen set (`TARGETS`)
 are met. A chart goes beside it (`report.png`).
 """
 
@@ -94,6 +97,36 @@ def parent_stage(stage: str, model: str, out_dir: Path) -> str | None:
     return next((s for s in STAGES if final_dir(s, model, out_dir).resolve() == Path(init).resolve()), None)
 
 
+def trained_families(stage: str, model: str, out_dir: Path) -> set[str] | None:
+    """The data files (by stem) a stage's run trained on: the sources with training records in its
+    `dataset_stats.json`; None when the run dir has none (a model trained elsewhere: every family counts)."""
+    stats = stage_dir(stage, model, out_dir) / "dataset_stats.json"
+    if not stats.is_file():
+        return None
+    sources = json.loads(stats.read_text(encoding="utf-8")).get("sources", {})
+    return {name for name, s in sources.items() if s.get("train_records", 0) > 0}
+
+
+def family_accuracies(result: dict, trained: set[str] | None) -> dict[str, tuple[float, int, bool]]:
+    """{pairs file: (accuracy, pairs, trained on)} of an eval.json: DPO's reward accuracy (gain over its
+    reference) per `eval.pairs` file, or a reward model's pairwise accuracy."""
+    tasks = result["tasks"]
+    if "reward_model" in tasks:
+        files, key = tasks["reward_model"], "accuracy"
+    else:
+        files, key = tasks.get("preference", {}).get("files", {}), "reward_accuracy"
+    return {
+        name: (v[key], v["n"], trained is None or name in trained) for name, v in files.items() if key in v and v["n"]
+    }
+
+
+def pooled(families: dict[str, tuple[float, int, bool]]) -> float | None:
+    """The accuracy over all pairs of the families trained on (None when there are none)."""
+    chosen = [(acc, n) for acc, n, trained in families.values() if trained]
+    total = sum(n for _, n in chosen)
+    return sum(acc * n for acc, n in chosen) / total if total else None
+
+
 def rlhf_metric(stage: str, values: dict) -> str:
     """What an RLHF run optimized: GRPO against the verifiable rule, exact match; PPO, the reward model's score."""
     if stage == "rlhf-grpo":
@@ -109,7 +142,7 @@ def _delta(value: float, start: float) -> str:
     return f"{value - start:+.3f}"
 
 
-def target_cell(stage: str, values: dict, parent: str | None, start: dict) -> str:
+def target_cell(stage: str, values: dict, parent: str | None, start: dict, families: Families | None = None) -> str:
     """The stage's own metric, with its change from the stage it started from."""
     vs = f" vs {parent}" if parent else ""
     if stage == "pretrain" and "bpb" in values:
@@ -118,14 +151,15 @@ def target_cell(stage: str, values: dict, parent: str | None, start: dict) -> st
         gain = f" ({_delta(values['exact match'], start['exact match'])}{vs})" if "exact match" in start else ""
         return f"exact match {_fmt(values['exact match'])}{gain}"
     if stage == "dpo" and "reward accuracy" in values:
-        cell = f"reward accuracy {_fmt(values['reward accuracy'])}{vs}"
+        value, where = dpo_reward_accuracy(values, families)
+        cell = f"reward accuracy {where}{_fmt(value)}{vs}"
         if "exact match" in values and "exact match" in start:
             cell += (
                 f"; exact match {_fmt(values['exact match'])} ({_delta(values['exact match'], start['exact match'])})"
             )
         return cell
     if stage == "reward":
-        accuracies = {k.removeprefix("pairwise accuracy "): v for k, v in values.items() if k.startswith("pairwise")}
+        accuracies = reward_families(values, families)
         if accuracies:
             return f"pairwise accuracy ≥ {_fmt(min(accuracies.values()))} on {len(accuracies)} families"
     if stage.startswith("rlhf"):
@@ -143,6 +177,26 @@ def target_cell(stage: str, values: dict, parent: str | None, start: dict) -> st
     return "–"
 
 
+Families = dict[str, dict[str, tuple[float, int, bool]]]  # stage -> `family_accuracies`
+
+
+def reward_families(values: dict, families: Families | None = None) -> dict[str, float]:
+    """The reward model's pairwise accuracy per family it trained on (from its row: every family, when `families`
+    does not say which it trained on)."""
+    if families and "reward" in families:
+        return {name: acc for name, (acc, _, trained) in families["reward"].items() if trained}
+    return {k.removeprefix("pairwise accuracy "): v for k, v in values.items() if k.startswith("pairwise")}
+
+
+def dpo_reward_accuracy(values: dict, families: Families | None = None) -> tuple[float | None, str]:
+    """DPO's reward accuracy the target reads: over the families it trained on when it left some out, else over
+    all pairs (the row's pooled figure)."""
+    got = (families or {}).get("dpo", {})
+    if any(not trained for _, _, trained in got.values()) and (value := pooled(got)) is not None:
+        return value, "on the families it trained on "
+    return values.get("reward accuracy"), ""
+
+
 def stage_starts(rows: dict[str, dict], parents: dict[str, str | None], starts: dict | None = None) -> dict:
     """Each stage's numbers to compare with: its parent's row, unless `starts` has the parent measured the stage's
     own way (GRPO's family)."""
@@ -150,7 +204,11 @@ def stage_starts(rows: dict[str, dict], parents: dict[str, str | None], starts: 
 
 
 def targets_met(
-    rows: dict[str, dict], parents: dict[str, str | None], targets: dict, starts: dict | None = None
+    rows: dict[str, dict],
+    parents: dict[str, str | None],
+    targets: dict,
+    starts: dict | None = None,
+    families: Families | None = None,
 ) -> list[tuple[str, bool]]:
     """(what was checked, met) for each target whose numbers the card has."""
     checks: list[tuple[str, bool]] = []
@@ -172,15 +230,15 @@ def targets_met(
             )
         )
     if "reward accuracy" in dpo:
-        value, need = dpo["reward accuracy"], targets["dpo_reward_accuracy"]
-        checks.append((f"dpo reward accuracy {_fmt(value)} (≥ {need:.2f})", value >= need))
+        (value, what), need = dpo_reward_accuracy(dpo, families), targets["dpo_reward_accuracy"]
+        checks.append((f"dpo reward accuracy {what}{_fmt(value)} (≥ {need:.2f})", value >= need))
     if "exact match" in dpo and "exact match" in start["dpo"]:
         value, was = dpo["exact match"], start["dpo"]["exact match"]
         checks.append((f"dpo exact match {_fmt(value)} (≥ its start's {_fmt(was)})", value >= was))
-    family = {k.removeprefix("pairwise accuracy "): v for k, v in rows.get("reward", {}).items() if "pairwise" in k}
+    family = reward_families(rows.get("reward", {}), families)
     if family:
         worst, need = min(family, key=family.get), targets["reward_accuracy"]
-        what = f"reward model ≥ {need:.2f} on every family (lowest: {worst} {_fmt(family[worst])})"
+        what = f"reward model ≥ {need:.2f} on every family it trained on (lowest: {worst} {_fmt(family[worst])})"
         checks.append((what, family[worst] >= need))
     for stage in (s for s in rows if s.startswith("rlhf")):
         values, begin = rows[stage], start[stage]
@@ -207,6 +265,7 @@ def markdown(
     targets: str,
     starts: dict | None = None,
     grpo_family: str = "verifiable",
+    families: Families | None = None,
 ) -> str:
     given, starts = starts, stage_starts(rows, parents, starts)
     columns = [c for c in COLUMNS if any(c in v for v in rows.values())]
@@ -214,7 +273,9 @@ def markdown(
     for stage, values in rows.items():
         cells = [_fmt(values[c]) if c in values else "–" for c in columns]
         lines.append(
-            f"| {stage} | {target_cell(stage, values, parents.get(stage), starts[stage])} | " + " | ".join(cells) + " |"
+            f"| {stage} | {target_cell(stage, values, parents.get(stage), starts[stage], families)} | "
+            + " | ".join(cells)
+            + " |"
         )
     text = "\n".join(lines) + "\n"
     tasks = sorted({k.removeprefix("exact match ") for v in rows.values() for k in v if k.startswith("exact match ")})
@@ -231,20 +292,33 @@ def markdown(
         if other and grpo_start:
             cells = [_fmt(grpo_start[f"exact match {t}"]) if f"exact match {t}" in grpo_start else "–" for t in tasks]
             text += f"| {parents.get('rlhf-grpo')} on {grpo_family} | " + " | ".join(cells) + " |\n"
-    reward = {
-        k.removeprefix("pairwise accuracy "): v for k, v in rows.get("reward", {}).items() if k.startswith("pairwise")
-    }
-    if reward:
-        text += (
-            "\nReward model, held-out pairwise accuracy: "
-            + ", ".join(f"{k} {_fmt(v)}" for k, v in reward.items())
-            + "\n"
-        )
-    checks = targets_met(rows, parents, TARGETS[targets], given)
+    text += family_table(rows, parents, families)
+    checks = targets_met(rows, parents, TARGETS[targets], given, families)
     if checks:
         met = sum(ok for _, ok in checks)
         text += f"\nTargets ({targets}), {met} of {len(checks)} met:\n"
         text += "".join(f"- {what}: {'met' if ok else 'NOT met'}\n" for what, ok in checks)
+    return text
+
+
+def family_table(rows: dict[str, dict], parents: dict[str, str | None], families: Families | None) -> str:
+    """DPO's reward accuracy and the reward model's pairwise accuracy on each held-out pairs family, a `*` on the
+    families the stage trained on (what its targets read); from the reward model's row alone when `families` is
+    not given."""
+    families = dict(families or {})
+    if "reward" not in families and (accuracies := reward_families(rows.get("reward", {}))):
+        families["reward"] = {name: (acc, 0, True) for name, acc in accuracies.items()}
+    names = list(dict.fromkeys(name for stage in ("dpo", "reward") for name in families.get(stage, {})))
+    if not names:
+        return ""
+    what = {"dpo": f"reward accuracy vs {parents.get('dpo') or 'its start'}", "reward": "pairwise accuracy"}
+    text = "\nPreference pairs per family (held out; * = the stage trained on it):\n\n"
+    text += "| stage | metric | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 2) + "|\n"
+    for stage in ("dpo", "reward"):
+        if stage in families:
+            got = families[stage]
+            cells = [f"{_fmt(got[n][0])}{'*' if got[n][2] else ''}" if n in got else "–" for n in names]
+            text += f"| {stage} | {what[stage]} | " + " | ".join(cells) + " |\n"
     return text
 
 
@@ -292,7 +366,7 @@ def run(command: ReportCommand) -> None:
     reward_folder = final_dir("reward", model, out_dir)
     if config.reward_model is None and reward_folder.is_dir():  # score every stage's replies with it too
         config.reward_model = str(reward_folder)
-    rows, parents, starts = {}, {}, {}
+    rows, parents, starts, families = {}, {}, {}, {}
     for stage in stages:
         folder = final_dir(stage, model, out_dir)
         if not (folder / "model.safetensors").is_file():
@@ -309,10 +383,13 @@ def run(command: ReportCommand) -> None:
                 asked = replace(config, tasks=["verifiable", "reward"], family=command.grpo_family, prompts=None)
                 asked = replace(asked, out=str(out))
                 starts[stage] = {**headline(stage_result(start, asked)), "family": command.grpo_family}
-        rows[stage] = headline(stage_result(folder, stage_config))
+        result = stage_result(folder, stage_config)
+        rows[stage] = headline(result)
+        if stage in ("dpo", "reward"):
+            families[stage] = family_accuracies(result, trained_families(stage, model, out_dir))
     if not rows:
         raise SystemExit(f"error: no final/ model under {out_dir}/<stage>_{model}/ for stages {stages}")
-    table = markdown(rows, parents, targets, starts, command.grpo_family)
+    table = markdown(rows, parents, targets, starts, command.grpo_family, families)
     card.parent.mkdir(parents=True, exist_ok=True)
     card.write_text(f"# minillm report: model={model}, {out_dir}/\n\n{table}", encoding="utf-8")
     if have_matplotlib():

@@ -165,7 +165,12 @@ def test_report_tabulates_each_stage_against_its_start_and_draws_a_chart(tmp_pat
     rlhf = json.loads((out / "rlhf_micro" / "final" / "eval.json").read_text())["tasks"]
     assert rlhf["kl"]["reference"] == str(out / "dpo_micro" / "final") and f"KL {rlhf['kl']['kl']:.2f}" in rows["rlhf"]
     assert "reward-model score" in rows["rlhf"] and "median length" in rows["rlhf"]
-    assert "pairwise accuracy ≥" in rows["reward"] and "Reward model, held-out pairwise accuracy: sums" in text
+    assert "pairwise accuracy ≥" in rows["reward"]
+    rm = json.loads((out / "reward_micro" / "final" / "eval.json").read_text())["tasks"]["reward_model"]
+    dpo_sums = dpo["tasks"]["preference"]["files"]["sums"]["reward_accuracy"]
+    assert "| stage | metric | sums |" in text  # no dataset_stats.json: every family counts as trained on
+    assert f"| dpo | reward accuracy vs sft | {dpo_sums:.3f}* |" in text
+    assert f"| reward | pairwise accuracy | {rm['sums']['accuracy']:.3f}* |" in text
     assert "| stage | add |" in text  # exact match per task
     # GRPO: exact match, KL and length on its own family, against its start asked the same questions
     grpo = json.loads((out / "rlhf-grpo_micro" / "final" / "eval.json").read_text())
@@ -206,11 +211,51 @@ def test_report_targets_by_hand():
         "sft exact match +0.350 vs its start": True,  # ≥ +0.30
         "dpo reward accuracy 0.900": True,
         "dpo exact match 0.300": False,  # below SFT's 0.35
-        "reward model ≥ 0.85 on every family": False,  # b at 0.6
+        "reward model ≥ 0.85 on every family it trained on": False,  # b at 0.6
         "rlhf reward-model score 0.500": True,  # ≥ 0.3 x 1.5
         "rlhf KL 3.00": True,
         "rlhf median reply length 2": False,  # < half of 10: collapsed
     }
+
+
+def test_report_targets_read_only_the_families_a_stage_trained_on(tmp_path):
+    from minillm.report import TARGETS, family_accuracies, markdown, targets_met, trained_families
+
+    run = tmp_path / "dpo_tiny"
+    run.mkdir()
+    stats = {"sources": {"a": {"train_records": 10}, "b": {"train_records": 0}}}  # b: sample_ratio 0
+    (run / "dataset_stats.json").write_text(json.dumps(stats))
+    assert trained_families("dpo", "tiny", tmp_path) == {"a"} and trained_families("sft", "tiny", tmp_path) is None
+    dpo = {
+        "tasks": {
+            "preference": {
+                "files": {
+                    "a": {"n": 30, "reward_accuracy": 0.9},
+                    "b": {"n": 10, "reward_accuracy": 0.5},
+                    "c": {"n": 10, "reward_accuracy": 1.0},
+                }
+            }
+        }
+    }
+    rm = {"tasks": {"reward_model": {"a": {"n": 30, "accuracy": 0.95}, "b": {"n": 10, "accuracy": 0.6}}}}
+    families = {"dpo": family_accuracies(dpo, {"a", "c"}), "reward": family_accuracies(rm, {"a"})}
+    assert families["dpo"] == {"a": (0.9, 30, True), "b": (0.5, 10, False), "c": (1.0, 10, True)}
+    rows = {
+        "sft": {"exact match": 0.5},
+        "dpo": {"exact match": 0.5, "reward accuracy": 0.8},  # pooled over a, b, c: (27 + 5 + 10) / 50 = 0.84
+        "reward": {"pairwise accuracy a": 0.95, "pairwise accuracy b": 0.6},
+    }
+    parents = {"dpo": "sft", "reward": "sft"}
+    checks = dict(targets_met(rows, parents, TARGETS["demo"], families=families))
+    assert checks["dpo reward accuracy on the families it trained on 0.925 (≥ 0.80)"]  # (27 + 10) / 40
+    assert checks["reward model ≥ 0.85 on every family it trained on (lowest: a 0.950)"]  # b not trained on
+    assert not dict(targets_met(rows, parents, TARGETS["demo"]))[
+        "reward model ≥ 0.85 on every family it trained on (lowest: b 0.600)"
+    ]  # without families: every family in the row
+    text = markdown(rows, parents, "demo", families=families)
+    assert "| dpo | reward accuracy vs sft | 0.900* | 0.500 | 1.000* |" in text
+    assert "| reward | pairwise accuracy | 0.950* | 0.600 | – |" in text
+    assert "reward accuracy on the families it trained on 0.925 vs sft" in text
 
 
 def test_task_eval_logs_exact_match_during_training_and_leaves_the_loss_curve(
