@@ -107,7 +107,11 @@ def trained_families(stage: str, model: str, out_dir: Path) -> set[str] | None:
     return {name for name, s in sources.items() if s.get("train_records", 0) > 0}
 
 
-def family_accuracies(result: dict, trained: set[str] | None) -> dict[str, tuple[float, int, bool]]:
+FamilyAccuracies = dict[str, tuple[float, int, bool]]  # pairs file -> (accuracy, pairs, trained on)
+Families = dict[str, FamilyAccuracies]  # stage -> its `family_accuracies`
+
+
+def family_accuracies(result: dict, trained: set[str] | None) -> FamilyAccuracies:
     """{pairs file: (accuracy, pairs, trained on)} of an eval.json: DPO's reward accuracy (gain over its
     reference) per `eval.pairs` file, or a reward model's pairwise accuracy."""
     tasks = result["tasks"]
@@ -120,7 +124,7 @@ def family_accuracies(result: dict, trained: set[str] | None) -> dict[str, tuple
     }
 
 
-def pooled(families: dict[str, tuple[float, int, bool]]) -> float | None:
+def pooled(families: FamilyAccuracies) -> float | None:
     """The accuracy over all pairs of the families trained on (None when there are none)."""
     chosen = [(acc, n) for acc, n, trained in families.values() if trained]
     total = sum(n for _, n in chosen)
@@ -175,9 +179,6 @@ def target_cell(stage: str, values: dict, parent: str | None, start: dict, famil
                 cell += f", median length {values['median length']:.0f}{was}"
             return cell
     return "–"
-
-
-Families = dict[str, dict[str, tuple[float, int, bool]]]  # stage -> `family_accuracies`
 
 
 def reward_families(values: dict, families: Families | None = None) -> dict[str, float]:
