@@ -33,9 +33,12 @@ data: $(STAMP)
 DEMO_MODEL ?= tiny
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
 DEMO_CHAT := 'What is 12 + 7?\n/reset\nReverse the words: apple river stone\n/reset\nSort the words alphabetically: tiger lemon paper\n/reset\nHello, how are you?\n/exit\n'
-# The card's pairs and RL prompts: the families the demo's reward model and PPO train on (held-out records; DPO
-# trains on all but chatterbot_spoiled, the spoiled replies only the reward model learns from).
-DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
+# The card's pairs: dialogue relevance (chatterbot_pairs, which neither DPO nor the reward model trains on: at chance
+# on unseen openers), the spoiled replies (the reward model's only) and the verifiable answers (both); the card marks
+# which a stage trained on. Its RL prompts: the held-out dialogue openers, as PPO's (PPO on the verifiable questions
+# against this reward model raised its score 2.7x and dropped exact match 0.48 -> 0.29: docs/training.md).
+DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' \
+	eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
 demo: data
 	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=demo resume=auto
 	$(PY) -m minillm.generate model_path=outputs/pretrain_$(DEMO_MODEL)/final $(DEMO_PROMPTS) \
@@ -54,9 +57,8 @@ demo: data
 # GRPO asks the rephrased questions (the verifiable tasks in words SFT never saw) and rewards exact answers.
 QUALITY_RULE := stage.algorithm=grpo stage.reward=verifiable data.sources.rephrased.sample_ratio=1 \
 	+data.sources.chatterbot.sample_ratio=0 callbacks.task_eval.family=rephrased
-# The card's pairs and PPO prompts, as in the demo: the families the chain's DPO, reward model and PPO train on.
-QUALITY_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' \
-	eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
+# The card's pairs and PPO prompts, as in the demo (DEMO_EVAL).
+QUALITY_EVAL := $(DEMO_EVAL)
 # The two long stages train compiled: +34% tokens/s for tiny in bf16 on a 2-core AMX Xeon, +12% in fp32 on an
 # AVX-512 one (README, Performance), for about a minute of compiling (cached in data/cache/torchinductor).
 quality: data

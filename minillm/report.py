@@ -251,6 +251,9 @@ def targets_met(
             need = begin[key] + targets["rlhf_gain"] * abs(begin[key])  # x(1 + gain) for a positive start
             what = f"{stage} {key} {_fmt(values[key])} (≥ {_fmt(need)}, from {_fmt(begin[key])})"
             checks.append((what, values[key] >= need))
+            if "exact match" in values and "exact match" in begin:  # a learned reward's score, not bought with
+                value, was = values["exact match"], begin["exact match"]  # wrong answers (reward hacking)
+                checks.append((f"{stage} exact match {_fmt(value)} (≥ its start's {_fmt(was)})", value >= was))
         if "KL" in values:
             kl = values["KL"]
             checks.append((f"{stage} KL {kl:.2f} (finite, ≤ {KL_BOUND:.0f})", kl == kl and abs(kl) <= KL_BOUND))

@@ -201,7 +201,7 @@ def test_report_targets_by_hand():
         "sft": {"exact match": 0.35},
         "dpo": {"exact match": 0.30, "reward accuracy": 0.9},
         "reward": {"pairwise accuracy a": 0.9, "pairwise accuracy b": 0.6},
-        "rlhf": {"reward-model score": 0.5, "KL": 3.0, "median length": 2.0},
+        "rlhf": {"reward-model score": 0.5, "KL": 3.0, "median length": 2.0, "exact match": 0.29},
     }
     rows["dpo"] |= {"reward-model score": 0.3, "median length": 10.0}
     parents = {"sft": "pretrain", "dpo": "sft", "reward": "sft", "rlhf": "dpo"}
@@ -213,9 +213,12 @@ def test_report_targets_by_hand():
         "dpo exact match 0.300": False,  # below SFT's 0.35
         "reward model ≥ 0.85 on every family it trained on": False,  # b at 0.6
         "rlhf reward-model score 0.500": True,  # ≥ 0.3 x 1.5
+        "rlhf exact match 0.290": False,  # below DPO's 0.30: the score was bought with wrong answers
         "rlhf KL 3.00": True,
         "rlhf median reply length 2": False,  # < half of 10: collapsed
     }
+    rows["rlhf"]["exact match"] = 0.30  # kept the answers it started with
+    assert ("rlhf exact match 0.300 (≥ its start's 0.300)", True) in targets_met(rows, parents, TARGETS["demo"])
 
 
 def test_report_targets_read_only_the_families_a_stage_trained_on(tmp_path):
