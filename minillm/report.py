@@ -204,6 +204,12 @@ def stage_starts(rows: dict[str, dict], parents: dict[str, str | None], starts: 
     return {stage: (starts or {}).get(stage) or rows.get(parents.get(stage) or "", {}) for stage in rows}
 
 
+def kept_exact_match(stage: str, values: dict, start: dict) -> tuple[str, bool]:
+    """A preference or RL stage keeps the answers it started with: its exact match not below its start's."""
+    value, was = values["exact match"], start["exact match"]
+    return f"{stage} exact match {_fmt(value)} (≥ its start's {_fmt(was)})", value >= was
+
+
 def targets_met(
     rows: dict[str, dict],
     parents: dict[str, str | None],
@@ -234,8 +240,7 @@ def targets_met(
         (value, what), need = dpo_reward_accuracy(dpo, families), targets["dpo_reward_accuracy"]
         checks.append((f"dpo reward accuracy {what}{_fmt(value)} (≥ {need:.2f})", value >= need))
     if "exact match" in dpo and "exact match" in start["dpo"]:
-        value, was = dpo["exact match"], start["dpo"]["exact match"]
-        checks.append((f"dpo exact match {_fmt(value)} (≥ its start's {_fmt(was)})", value >= was))
+        checks.append(kept_exact_match("dpo", dpo, start["dpo"]))
     family = reward_families(rows.get("reward", {}), families)
     if family:
         worst, need = min(family, key=family.get), targets["reward_accuracy"]
@@ -252,8 +257,7 @@ def targets_met(
             what = f"{stage} {key} {_fmt(values[key])} (≥ {_fmt(need)}, from {_fmt(begin[key])})"
             checks.append((what, values[key] >= need))
             if "exact match" in values and "exact match" in begin:  # a learned reward's score, not bought with
-                value, was = values["exact match"], begin["exact match"]  # wrong answers (reward hacking)
-                checks.append((f"{stage} exact match {_fmt(value)} (≥ its start's {_fmt(was)})", value >= was))
+                checks.append(kept_exact_match(stage, values, begin))  # wrong answers (reward hacking)
         if "KL" in values:
             kl = values["KL"]
             checks.append((f"{stage} KL {kl:.2f} (finite, ≤ {KL_BOUND:.0f})", kl == kl and abs(kl) <= KL_BOUND))
