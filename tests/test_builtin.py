@@ -147,7 +147,12 @@ def test_builder_writes_the_data_layout_from_fake_archives(tmp_path, fake_archiv
     key = builtin.verifiable_key
     held_keys = {key(r["conversations"][0]["content"]) for r in held}
     assert held_keys
-    train_questions = [r["conversations"][0]["content"] for r in read_jsonl(out / "sft/verifiable.jsonl")]
+    sums = read_jsonl(out / "sft/verifiable_sums.jsonl")
+    assert len(sums) == 3000 and {(r["family"], r["task"]) for r in sums} == {("verifiable", "add")}
+    for r in sums:
+        a, b = r["conversations"][0]["content"].removeprefix("What is ").removesuffix("?").split(" + ")
+        assert r["answer"] == r["conversations"][1]["content"] == str(int(a) + int(b))
+    train_questions = [r["conversations"][0]["content"] for r in read_jsonl(out / "sft/verifiable.jsonl") + sums]
     train_questions += [r["prompt"] for r in read_jsonl(out / "prompts/verifiable.jsonl")]
     train_questions += [p["prompt"] for p in verifiable_pairs]
     assert held_keys.isdisjoint(key(q) for q in train_questions)

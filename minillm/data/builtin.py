@@ -40,7 +40,7 @@ from minillm.rundir import file_sha256
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 8  # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 9  # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -275,6 +275,21 @@ def verifiable(n: int = 6000) -> Iterator[dict]:
                 yield chat(f"Sort the words alphabetically: {' '.join(words)}", " ".join(sorted(words)),
                            family="verifiable", task="sort")
 
+
+
+def verifiable_sums(n: int = 3000) -> Iterator[dict]:
+    """More two-number sums for SFT (task `add` of the verifiable family, its own file so that the eval split and the
+    other files of the family stay as they were). Sums are the task the demo SFT learns last: held-out exact match
+    0.11-0.22 after 800 steps against ~0.9-1.0 for reversing and sorting, with ~1,900 distinct sums to learn from.
+    A sum whose question is held out (`verifiable_key`, the verifiable split's rule) is never written."""
+    rng = random.Random("verifiable-sums")
+    written = 0
+    while written < n:
+        a, b = rng.randrange(100), rng.randrange(100)
+        question = f"What is {a} + {b}?"
+        if not is_held_out(verifiable_key(question), VERIFIABLE_HELD_OUT):
+            written += 1
+            yield chat(question, str(a + b), family="verifiable", task="add")
 
 # The same three tasks asked in words SFT never trains on: GRPO's family (its rule reward has room there, where SFT
 # alone reaches full marks on the canonical questions). The {} is the sum's operands or the word list.
@@ -519,6 +534,7 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
     for name, (train, held) in families.items():
         yield f"sft/{name}.jsonl", train
         yield f"eval/{name}.jsonl", held
+    yield "sft/verifiable_sums.jsonl", verifiable_sums()
     yield "prompts/verifiable.jsonl", verifiable_prompts(checkable_train)
     yield "prompts/rephrased.jsonl", verifiable_prompts(rephrased(held_out=False))
     yield "eval/rephrased.jsonl", rephrased(held_out=True)
