@@ -276,11 +276,10 @@ def verifiable(n: int = 6000) -> Iterator[dict]:
                            family="verifiable", task="sort")
 
 
-
 def verifiable_sums(n: int = 3000) -> Iterator[dict]:
     """More two-number sums for SFT (task `add` of the verifiable family, its own file so that the eval split and the
     other files of the family stay as they were). Sums are the task the demo SFT learns last: held-out exact match
-    0.11-0.22 after 800 steps against ~0.9-1.0 for reversing and sorting, with ~1,900 distinct sums to learn from.
+    0.11-0.22 after 800 steps against ~0.9-1.0 for reversing and sorting, with ~1,700 distinct sums to learn from.
     A sum whose question is held out (`verifiable_key`, the verifiable split's rule) is never written."""
     rng = random.Random("verifiable-sums")
     written = 0
@@ -290,6 +289,7 @@ def verifiable_sums(n: int = 3000) -> Iterator[dict]:
         if not is_held_out(verifiable_key(question), VERIFIABLE_HELD_OUT):
             written += 1
             yield chat(question, str(a + b), family="verifiable", task="add")
+
 
 # The same three tasks asked in words SFT never trains on: GRPO's family (its rule reward has room there, where SFT
 # alone reaches full marks on the canonical questions). The {} is the sum's operands or the word list.
