@@ -411,8 +411,11 @@ def test_resuming_with_other_init_weights_names_them(tmp_path, data_dir, finishe
 
 @pytest.fixture
 def signal_handlers():
-    """CommandSignals leaves its exit-now handlers installed (the command is the process): restore them."""
+    """CommandSignals leaves its exit-now handlers installed (the command is the process): restore them. Each test
+    starts with Python's own SIGINT handler, as in a terminal: a suite started in the background (`nohup`, `&` in a
+    script) inherits SIGINT ignored, which CommandSignals rightly keeps, and the signal tests would see nothing."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
