@@ -8,6 +8,7 @@ any tensor exists. Everything else is typed here, so a typo or a wrong type fail
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -184,10 +185,15 @@ class RewardConfig(PromptLengths):
     """stage=reward hyper-parameters (minillm/conf/stage/reward.yaml); names as in TRL's RewardConfig."""
 
     center_rewards_coefficient: float = 0.0  # + c * mean((r_chosen + r_rejected)^2): rewards centred on 0
+    # ours, not TRL's: None = the head alone; a number w = the reward adds w x the trunk's mean log-likelihood of
+    # the completion, w learned from this start (minillm.model.RewardModel)
+    likelihood_weight: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.center_rewards_coefficient < 0:
             raise ValueError(f"stage.center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
+        if self.likelihood_weight is not None and not math.isfinite(self.likelihood_weight):
+            raise ValueError(f"stage.likelihood_weight must be a finite number or null, got {self.likelihood_weight}")
 
 
 RLHF_ALGORITHMS = ("ppo", "grpo")

@@ -152,11 +152,12 @@ def mean_reward(
 
 @torch.no_grad()
 def _reward_model_scores(model: RewardModel, tokenizer: Tokenizer, prompts: list[dict], completions: list) -> list:
-    rows = [
-        apply_chat_template(tokenizer, p["prompt"], add_generation_prompt=True).ids + c + [tokenizer.im_end_id]
-        for p, c in zip(prompts, completions)
+    prompt_ids = [apply_chat_template(tokenizer, p["prompt"], add_generation_prompt=True).ids for p in prompts]
+    rows = [p + c + [tokenizer.im_end_id] for p, c in zip(prompt_ids, completions)]
+    return [
+        float(model.sequence_scores(torch.tensor([row]), torch.tensor([len(row) - 1]), first=torch.tensor([len(p)]))[0])
+        for p, row in zip(prompt_ids, rows)
     ]
-    return [float(model.sequence_scores(torch.tensor([row]), torch.tensor([len(row) - 1]))[0]) for row in rows]
 
 
 @torch.no_grad()
@@ -165,6 +166,7 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict
     the pairs, the same per task too (`tasks`)."""
     from minillm.data.kinds import encode_pair
     from minillm.data.records import to_preference
+    from minillm.losses import IGNORE_INDEX
 
     wins, margins = 0, []
     block = model.config.block_size
@@ -180,7 +182,8 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict
             for i, row in enumerate(rows):
                 ids[i, : len(row)] = torch.tensor(row)
             last = torch.tensor([len(row) - 1 for row in rows])  # the completion's <|im_end|>
-            side_scores.append(model.sequence_scores(ids, last))
+            first = torch.tensor([[t != IGNORE_INDEX for t in e[f"{side}_labels"]].index(True) for e in encoded])
+            side_scores.append(model.sequence_scores(ids, last, first=first))
         margin = side_scores[0] - side_scores[1]
         wins += int((margin > 0).sum())
         margins += margin.tolist()

@@ -35,14 +35,14 @@ def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> 
             f"out={out} already holds files ({', '.join(held[:5])}{'…' if len(held) > 5 else ''}); choose a new or "
             "empty folder, or add overwrite=true to write the export over them"
         )
-    model, tokenizer, score = _load(Path(model_path), "cpu")
+    model, tokenizer, head = _load(Path(model_path), "cpu")
     if model.config.is_moe:
         raise ValueError(
             f"{model_path} is a mixture-of-experts model: exporting it to the transformers format is not supported "
             "yet; use the minillm folder itself with minillm.generate / minillm.chat"
         )
-    if score is not None:
-        model = RewardModel.from_trunk(model, score)
+    if head is not None:
+        model = RewardModel.from_trunk(model, *head)
     return save_pretrained(model, tokenizer, out)
 
 
@@ -54,8 +54,8 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f32", ove
         out = out / f"model-{dtype}.gguf"
     if out.exists() and not overwrite:
         raise ValueError(f"out={out} exists; choose another path, or add overwrite=true to replace it")
-    model, tokenizer, score = _load(Path(model_path), "cpu")
-    if score is not None:
+    model, tokenizer, head = _load(Path(model_path), "cpu")
+    if head is not None:
         raise ValueError(
             f"{model_path} is a reward model (a scalar head, not a language model head): llama.cpp has no "
             "architecture that reads it; export it with format=hf (LlamaForSequenceClassification)"

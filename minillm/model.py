@@ -510,24 +510,44 @@ class RewardModel(nn.Module):
 
     A sequence's reward is the score at its last real token (as HF's LlamaForSequenceClassification reads it);
     PPO's value model is the same network read at every completion position. `lm_head` stays in the trunk
-    (unused) so a reward model is initialised from, and exported like, any language model.
+    so a reward model is initialised from, and exported like, any language model.
+
+    With `likelihood_weight` w (a learned scalar) the reward also reads the trunk's own language model:
+        r(x, y) = score(h_last) + w · (1/|y|) Σ_{t ∈ y} log p(y_t | x, y_<t)
+    the mean log-likelihood of the completion's tokens (its <|im_end|> included) under the trunk's LM head. A
+    linear head on the last hidden state does not learn to check a sum or a reversal from a few hundred pairs;
+    the SFT trunk's likelihood already prefers the right answer (docs/training.md). A mean, not a sum: it does not
+    favour short replies.
     """
 
-    def __init__(self, config: ModelConfig, trunk: Optional[MiniGPT] = None, score: Optional[nn.Linear] = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        trunk: Optional[MiniGPT] = None,
+        score: Optional[nn.Linear] = None,
+        likelihood_weight: Optional[nn.Parameter | float] = None,
+    ):
         super().__init__()
         self.config = config
         self.model = trunk if trunk is not None else MiniGPT(config)
         self.score = score if score is not None else nn.Linear(config.n_embd, 1, bias=False)
         if score is None:
             nn.init.normal_(self.score.weight, std=1 / math.sqrt(config.n_embd + 1))
+        if likelihood_weight is None or isinstance(likelihood_weight, nn.Parameter):
+            self.likelihood_weight = likelihood_weight  # a training module's own parameter is shared, not copied
+        else:
+            self.likelihood_weight = nn.Parameter(torch.tensor(float(likelihood_weight)))
 
     @classmethod
-    def from_trunk(cls, trunk: MiniGPT, score_weight: torch.Tensor) -> RewardModel:
-        """A trained reward model from its trunk and its head's weight (1, n_embd), as files store them."""
+    def from_trunk(
+        cls, trunk: MiniGPT, score_weight: torch.Tensor, likelihood_weight: Optional[float] = None
+    ) -> RewardModel:
+        """A trained reward model from its trunk, its head's weight (1, n_embd) and its likelihood weight (None:
+        the head alone), as files store them."""
         head = nn.Linear(trunk.config.n_embd, 1, bias=False)
         with torch.no_grad():
             head.weight.copy_(score_weight)
-        return cls(trunk.config, trunk=trunk, score=head)
+        return cls(trunk.config, trunk=trunk, score=head, likelihood_weight=likelihood_weight)
 
     def forward(
         self,
@@ -554,19 +574,48 @@ class RewardModel(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
         return_aux: bool = False,
+        first: Optional[torch.Tensor] = None,  # (B,) index of each completion's first token
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The reward of each sequence: the score at its last real token, (B,) (and the MoE load-balancing loss
-        with `return_aux`). Causal attention: padding after that token is never seen. The one place a sequence is
-        scored (training, RLHF, evaluation)."""
-        scores, aux = self.scores_and_aux(input_ids, attention_mask, position_ids)  # (B, T)
-        scores = scores.gather(1, last[:, None]).squeeze(1)
-        return (scores, aux) if return_aux else scores
+        with `return_aux`), plus the likelihood term when the model has one (it needs `first`). Causal attention:
+        padding after that token is never seen. The one place a sequence is scored (training, RLHF, evaluation)."""
+        out = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask, hidden_only=True)
+        scores = self.score(out.hidden).squeeze(-1).float().gather(1, last[:, None]).squeeze(1)
+        if self.likelihood_weight is not None:
+            if first is None:
+                raise ValueError(
+                    "this reward model reads the completion's likelihood: pass `first`, each completion's first index"
+                )
+            scores = scores + self.likelihood_weight.float() * self.completion_likelihood(
+                out.hidden, input_ids, first, last
+            )
+        return (scores, out.aux_loss) if return_aux else scores
+
+    def completion_likelihood(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, first: torch.Tensor, last: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean log p(token t | tokens < t) over t in [first, last] of each row, (B,) in fp32 (0 for an empty
+        range). `hidden` (B, T, C) is the trunk's final hidden state; position t - 1 predicts token t."""
+        t = torch.arange(1, input_ids.shape[1], device=input_ids.device)
+        inside = (t >= first[:, None]) & (t <= last[:, None])  # (B, T-1): token t is the completion's
+        logits = self.model.lm_head(hidden[:, :-1][inside]).float()  # (N, V): those positions only
+        logp = torch.log_softmax(logits, -1).gather(1, input_ids[:, 1:][inside][:, None]).squeeze(1)
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(inside)[inside]
+        total = torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, logp)
+        return total / inside.sum(1).clamp(min=1)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last 1 in each row of a (B, T) 0/1 mask (0 for an empty row)."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     return (positions * mask.long()).amax(1)
+
+
+def first_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first 1 in each row of a (B, T) 0/1 mask (T for an empty row)."""
+    T = mask.shape[1]
+    positions = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, T).amin(1)
 
 
 def attention_bias(attention_mask: Optional[torch.Tensor], T: int, past: int, device) -> torch.Tensor | str | None:

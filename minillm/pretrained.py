@@ -9,7 +9,9 @@
     minillm.json         our ModelConfig, format version, tokenizer sha256, kind (lm / reward)
 
 A reward model (kind "reward") adds its scalar head as `score.weight` and says LlamaForSequenceClassification
-(num_labels 1) in config.json; `load_reward_model` opens it, `load_pretrained` gives its trunk.
+(num_labels 1) in config.json; `load_reward_model` opens it, `load_pretrained` gives its trunk. One trained with
+`stage.likelihood_weight` adds that weight as a scalar `likelihood_weight`: transformers leaves it unused and reads
+the head alone, without the likelihood term (minillm.model.RewardModel).
 
 `load_pretrained` also opens a Lightning training checkpoint (`*.ckpt`, loaded with weights_only=True): its
 `hyper_parameters["config"]["model"]` is the ModelConfig, its `state_dict` holds the backbone under a `model.`
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -91,6 +94,8 @@ def save_pretrained(model: MiniGPT | RewardModel, tokenizer: Tokenizer, out_dir:
     out.mkdir(parents=True, exist_ok=True)
     if kind == "reward":
         tensors = to_hf_state_dict(model.model) | {"score.weight": model.score.weight.detach().contiguous().cpu()}
+        if model.likelihood_weight is not None:
+            tensors["likelihood_weight"] = model.likelihood_weight.detach().float().cpu()
     else:
         tensors = to_hf_state_dict(model)
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -186,17 +191,20 @@ def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_reward_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RewardModel, Tokenizer]:
     """(reward model in eval mode, tokenizer) from a `stage=reward` final/ folder or checkpoint."""
-    model, tokenizer, score = _load(Path(path), map_location)
-    if score is None:
+    model, tokenizer, head = _load(Path(path), map_location)
+    if head is None:
         raise ValueError(
             f"{path} is a language model, not a reward model (it has no score head); train one with "
             "`python -m minillm.train stage=reward` and point at its final/ folder"
         )
-    return RewardModel.from_trunk(model, score).eval(), tokenizer
+    return RewardModel.from_trunk(model, *head).eval(), tokenizer
 
 
-def _load(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torch.Tensor | None]:
-    """(trunk, tokenizer, score head weight or None)."""
+Head = tuple[torch.Tensor, Optional[float]]  # a reward model's (score head weight, likelihood weight or None)
+
+
+def _load(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, Head | None]:
+    """(trunk, tokenizer, the reward head or None for a language model)."""
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: expected an exported folder or a .ckpt file")
     if path.is_file():
@@ -228,12 +236,12 @@ def _load(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torch.Tensor | 
             "Export the model again (the run's final/ or python -m minillm.export), or copy the folder again"
         ) from None
     state = from_hf_state_dict(weights)
-    score = state.pop("score.weight", None)
+    score, weight = state.pop("score.weight", None), state.pop("likelihood_weight", None)
     _load_state(model, state, path / WEIGHTS_FILE)
-    return model.eval(), tokenizer, score
+    return model.eval(), tokenizer, None if score is None else (score, None if weight is None else float(weight))
 
 
-def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torch.Tensor | None]:
+def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, Head | None]:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, foreign pickle payload, not a checkpoint at all
@@ -257,7 +265,10 @@ def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, torc
     model = MiniGPT(config)
     backbone = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     _load_state(model, backbone, path)
-    return model.eval(), tokenizer, state.get("score.weight")  # a reward-stage checkpoint has its head
+    if "score.weight" not in state:
+        return model.eval(), tokenizer, None
+    weight = state.get("likelihood_weight")  # a reward-stage checkpoint has its head
+    return model.eval(), tokenizer, (state["score.weight"], None if weight is None else float(weight))
 
 
 def _check_tokenizer(expected: str | None, tokenizer: Tokenizer, where: Path) -> None:

@@ -175,6 +175,10 @@ def test_reward_model_trains_adapters_and_its_head(tmp_path, pref_dir, pretraine
     torch.testing.assert_close(reward(ids), live(ids), atol=1e-5, rtol=1e-5)
     adapter = load_file(tmp_path / "run" / "final" / "adapter" / "adapter_model.safetensors")
     assert torch.equal(adapter["base_model.model.score.weight"], run.module.score.weight.detach())
+    with pytest.raises(ValueError, match="likelihood_weight with model.lora"):  # no place for it in an adapter
+        build(
+            pair_overrides(tmp_path / "lik", pref_dir, pretrained, *LORA, "stage.likelihood_weight=1.0", stage="reward")
+        )
 
 
 def test_ppo_with_lora_trains_policy_and_critic_adapters_only(tmp_path, prompt_dir, pretrained, reward_model):

@@ -5,7 +5,7 @@ import torch
 
 from minillm.config import RewardConfig, compose, to_config
 from minillm.generate import load_model
-from minillm.model import RewardModel, last_token_index
+from minillm.model import RewardModel, first_token_index, last_token_index
 from minillm.pretrained import load_reward_model, save_pretrained
 from minillm.train import build
 from tests.conftest import micro_config, pair_overrides
@@ -20,6 +20,9 @@ def test_reward_schema_and_parent():
     assert isinstance(cfg.stage, RewardConfig) and cfg.stage.parent == "sft"
     with pytest.raises(ValueError, match="center_rewards_coefficient"):
         to_config(compose(["stage=reward", "stage.center_rewards_coefficient=-1"]))
+    assert cfg.stage.likelihood_weight is None  # the head alone unless a recipe asks
+    with pytest.raises(ValueError, match="likelihood_weight"):
+        to_config(compose(["stage=reward", "stage.likelihood_weight=nan"]))
 
 
 def test_reward_is_read_at_each_rows_last_real_token(tokenizer):
@@ -31,6 +34,45 @@ def test_reward_is_read_at_each_rows_last_real_token(tokenizer):
     scores = model(ids)
     alone = model(ids[1:, :3])  # right padding cannot change earlier positions under causal attention
     torch.testing.assert_close(scores[1, 2], alone[0, 2])
+
+
+def test_the_likelihood_term_is_the_weighted_mean_log_prob_of_each_completion(tokenizer):
+    torch.manual_seed(0)
+    model = RewardModel(micro_config(tokenizer.vocab_size), likelihood_weight=0.7).eval()
+    ids = torch.randint(6, 100, (2, 9))
+    first, last = torch.tensor([4, 6]), torch.tensor([8, 7])  # row 1: right padding after position 7
+    logits = model.model(ids).logits.float()  # the trunk as a language model
+    expected = []
+    for row in range(2):
+        logps = [
+            torch.log_softmax(logits[row, t - 1], -1)[ids[row, t]] for t in range(int(first[row]), int(last[row]) + 1)
+        ]
+        head = model(ids)[row, last[row]]
+        expected.append(head + 0.7 * sum(logps) / len(logps))
+    torch.testing.assert_close(model.sequence_scores(ids, last, first=first), torch.stack(expected))
+    with pytest.raises(ValueError, match="first"):
+        model.sequence_scores(ids, last)
+    assert first_token_index(torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])).tolist() == [2, 4]
+
+
+def test_a_reward_model_with_the_likelihood_term_learns_it_and_keeps_it(tmp_path, pref_dir, pretrained):
+    run = build(reward(tmp_path, pref_dir, pretrained, "trainer.max_steps=6", "stage.likelihood_weight=0.5"))
+    assert run.fit() == 0
+    learned = float(run.module.likelihood_weight.detach())
+    assert learned != 0.5  # a parameter, trained with the head
+    final = tmp_path / "run" / "final"
+    for source in (final, tmp_path / "run" / "checkpoints" / "last.ckpt"):
+        loaded, _ = load_reward_model(source)
+        assert float(loaded.likelihood_weight) == pytest.approx(learned)
+    batch = next(iter(run.datamodule.val_dataloader()))
+    chosen, _, _ = run.module.eval().rewards(batch)
+    completion = batch["chosen_labels"] != -100
+    first, last = first_token_index(completion), last_token_index(completion)
+    scores = load_reward_model(final)[0].sequence_scores(batch["chosen_ids"], last, first=first)
+    torch.testing.assert_close(scores, chosen, atol=1e-5, rtol=1e-5)
+    head_only = load_reward_model(final)[0]
+    head_only.likelihood_weight = None
+    assert not torch.allclose(head_only.sequence_scores(batch["chosen_ids"], last), chosen)  # the term counts
 
 
 def test_reward_model_learns_held_out_preferences_and_exports(tmp_path, pref_dir, pretrained):
@@ -76,12 +118,14 @@ def test_a_language_model_is_not_a_reward_model(tmp_path, tokenizer):
         load_reward_model(folder)
 
 
-def test_eval_pairwise_accuracy_matches_the_scores(tokenizer):
+@pytest.mark.parametrize("likelihood_weight", [None, 3.0])
+def test_eval_pairwise_accuracy_matches_the_scores(tokenizer, likelihood_weight):
     from minillm.data.kinds import encode_pair
     from minillm.evaluation import pairwise_accuracy
+    from minillm.tokenizer import apply_chat_template
 
     torch.manual_seed(1)
-    model = RewardModel(micro_config(tokenizer.vocab_size)).eval()
+    model = RewardModel(micro_config(tokenizer.vocab_size), likelihood_weight=likelihood_weight).eval()
     pairs = [
         {"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": f"no idea {i}", "task": "ab"[i % 2]}
         for i in range(6)
@@ -89,7 +133,14 @@ def test_eval_pairwise_accuracy_matches_the_scores(tokenizer):
     expected = []
     for p in pairs:
         enc = encode_pair(tokenizer, {**p, "prompt": [{"role": "user", "content": p["prompt"]}]}, (32, 32))
-        chosen, rejected = (model(torch.tensor([enc[f"{s}_ids"]]))[0, -1] for s in ("chosen", "rejected"))
+        user = [{"role": "user", "content": p["prompt"]}]
+        prompt = len(apply_chat_template(tokenizer, user, add_generation_prompt=True).ids)
+        chosen, rejected = (
+            model.sequence_scores(
+                torch.tensor([enc[f"{s}_ids"]]), torch.tensor([len(enc[f"{s}_ids"]) - 1]), first=torch.tensor([prompt])
+            )[0]
+            for s in ("chosen", "rejected")
+        )
         expected.append(float(chosen > rejected))
     result = pairwise_accuracy(model, tokenizer, pairs, batch_size=4)
     assert result["n"] == 6 and result["accuracy"] == pytest.approx(sum(expected) / 6)

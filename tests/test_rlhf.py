@@ -161,6 +161,39 @@ def test_ppo_against_a_reward_model(tmp_path, prompt_dir, pretrained, reward_mod
         build(rlhf(tmp_path, prompt_dir, pretrained, f"stage.reward_model={changed}", "resume=auto"))
 
 
+def test_ppo_scores_each_reply_with_the_likelihood_of_its_own_tokens(tmp_path, pref_dir, prompt_dir, pretrained):
+    """A reward model with the likelihood term reads, in a rollout, the mean log-likelihood of the completion's
+    tokens only (not the prompt's, not the left padding's): the score of each row equals that of the same
+    prompt and reply scored alone, unpadded."""
+    from minillm.pretrained import load_reward_model
+
+    rm_run = pair_overrides(
+        tmp_path / "rm", pref_dir, pretrained, "trainer.max_steps=2", "stage.likelihood_weight=1.0", stage="reward"
+    )
+    assert build(rm_run).fit() == 0
+    rm_dir = tmp_path / "rm" / "run" / "final"
+    run = build(
+        rlhf(
+            tmp_path,
+            prompt_dir,
+            pretrained,
+            f"stage.reward_model={rm_dir}",
+            "stage.short_completion_penalty=null",
+            "stage.max_prompt_length=24",
+            "stage.max_completion_length=8",
+        )
+    )
+    module = run.module
+    batch = next(b for b in run.datamodule.train_dataloader() if b["attention_mask"].min() == 0)  # left-padded
+    r = module.rollout(batch, module.generation(seed=3), score_only=True)
+    rm, _ = load_reward_model(rm_dir)
+    for i, completion in enumerate(r.completions):
+        prompt = r.ids[i, : r.prompt_len][r.attention[i, : r.prompt_len].bool()]
+        row = torch.cat([prompt, torch.tensor(completion, dtype=torch.long)])[None]
+        alone = rm.sequence_scores(row, torch.tensor([row.shape[1] - 1]), first=torch.tensor([len(prompt)]))
+        assert float(r.scores[i]) == pytest.approx(float(alone), abs=1e-4)
+
+
 def test_a_missing_reward_model_names_the_command(tmp_path, prompt_dir, pretrained):
     with pytest.raises(FileNotFoundError, match=r"python -m minillm.train stage=reward model=tiny"):
         build(rlhf(tmp_path, prompt_dir, pretrained))

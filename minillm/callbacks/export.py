@@ -96,5 +96,5 @@ def _weights_of(checkpoint: Path):
     from minillm.model import RewardModel
     from minillm.pretrained import _load
 
-    model, _, score = _load(checkpoint, "cpu")
-    return RewardModel.from_trunk(model, score) if score is not None else model
+    model, _, head = _load(checkpoint, "cpu")
+    return RewardModel.from_trunk(model, *head) if head is not None else model

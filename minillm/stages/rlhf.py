@@ -131,8 +131,9 @@ class RLHFModule(LMModule):
         super().initialise(init_model)
         if self.value is None:
             return
-        if self.reward_model is not None:
-            self.value.load_state_dict(self.reward_model.state_dict())
+        if self.reward_model is not None:  # its trunk and head (the critic reads no likelihood term)
+            self.value.model.load_state_dict(self.reward_model.model.state_dict())
+            self.value.score.load_state_dict(self.reward_model.score.state_dict())
         else:
             self.value.model.load_state_dict(init_model.state_dict())
             torch.nn.init.zeros_(self.value.score.weight)
@@ -214,7 +215,8 @@ class RLHFModule(LMModule):
         """s(x, y) per completion, (B,)."""
         if self.rl.reward == "model":
             last = r.prompt_len + r.mask.sum(1) - 1  # the completion's last token (the prompt's if empty)
-            scores = self.reward_model.sequence_scores(r.ids, last, r.attention, r.positions)
+            first = torch.full_like(last, r.prompt_len)  # prompts are left-padded to one length
+            scores = self.reward_model.sequence_scores(r.ids, last, r.attention, r.positions, first=first)
         else:
             texts = [self.tokenizer.decode(c) for c in r.completions]
             values = reward_rules.score(self.rl.reward, texts, r.completions, r.records)
