@@ -514,7 +514,7 @@ class RewardModel(nn.Module):
 
     With `likelihood_weight` w (a learned scalar) the reward also reads the trunk's own language model:
         r(x, y) = score(h_last) + w · (1/|y|) Σ_{t ∈ y} log p(y_t | x, y_<t)
-    the mean log-likelihood of the completion's tokens (its <|im_end|> included) under the trunk's LM head. A
+    the mean log-likelihood of the completion's tokens, up to the one the head reads, under the trunk's LM head. A
     linear head on the last hidden state does not learn to check a sum or a reversal from a few hundred pairs;
     the SFT trunk's likelihood already prefers the right answer (docs/training.md). A mean, not a sum: it does not
     favour short replies.

@@ -383,6 +383,13 @@ def check_resume(path: Path, config: dict, tokenizer_sha256: str, allow_changes:
             f"{path} was trained {was}, this run has {new_lora or 'model.lora.r=0'}: resume it with the model.lora "
             "settings it was trained with, or start a new run_dir"
         )
+    had, has = ((c.get("stage") or {}).get("likelihood_weight") is not None for c in (old, config))
+    if had != has:  # the reward model's tensors: with a likelihood weight or without
+        raise ResumeError(
+            f"{path} is a reward model trained {'with' if had else 'without'} stage.likelihood_weight, this run "
+            f"is {'with' if has else 'without'} one: resume it with the setting it was trained with, or start a new "
+            "run_dir"
+        )
     if hparams.get("tokenizer_sha256") != tokenizer_sha256:
         raise ResumeError(
             f"{path} was trained with tokenizer sha256 {str(hparams.get('tokenizer_sha256'))[:12]}…, "

@@ -7,6 +7,7 @@ from minillm.config import RewardConfig, compose, to_config
 from minillm.generate import load_model
 from minillm.model import RewardModel, first_token_index, last_token_index
 from minillm.pretrained import load_reward_model, save_pretrained
+from minillm.rundir import ResumeError
 from minillm.train import build
 from tests.conftest import micro_config, pair_overrides
 
@@ -73,6 +74,9 @@ def test_a_reward_model_with_the_likelihood_term_learns_it_and_keeps_it(tmp_path
     head_only = load_reward_model(final)[0]
     head_only.likelihood_weight = None
     assert not torch.allclose(head_only.sequence_scores(batch["chosen_ids"], last), chosen)  # the term counts
+    without = reward(tmp_path, pref_dir, pretrained, "trainer.max_steps=8", "resume=auto", "resume_allow_changes=true")
+    with pytest.raises(ResumeError, match="trained with stage.likelihood_weight, this run is without one"):
+        build(without)  # its checkpoint holds a tensor this run does not have: a named error, not a key mismatch
 
 
 def test_reward_model_learns_held_out_preferences_and_exports(tmp_path, pref_dir, pretrained):
