@@ -228,10 +228,22 @@ class RLHFConfig(PromptLengths):
     loss_type: str = "dapo"  # GRPO aggregation: grpo | dapo | dr_grpo
     scale_rewards: str = "group"  # GRPO advantage scaling: group | batch | none
     max_grad_norm: float = 1.0  # clip_gradients (the Trainer's gradient_clip_val is off under manual optimization)
+    # PPO-ptx (Ouyang et al. 2022): every update also takes ptx_coef x the SFT loss of ptx_batch_size conversations
+    # from <data dir>/sft/<stem>.jsonl for each stem of ptx_sources (their training split), so that optimizing the
+    # reward does not unlearn the supervised tasks. 0 = off.
+    ptx_coef: float = 0.0
+    ptx_sources: list[str] = field(default_factory=list)
+    ptx_batch_size: int = 16
 
     def __post_init__(self) -> None:
         checks = [
             (self.algorithm in RLHF_ALGORITHMS, f"stage.algorithm must be one of {RLHF_ALGORITHMS}"),
+            (self.ptx_coef >= 0 and self.ptx_coef == self.ptx_coef, "stage.ptx_coef must be a number >= 0"),
+            (self.ptx_batch_size >= 1, "stage.ptx_batch_size must be >= 1"),
+            (
+                self.ptx_coef == 0 or bool(self.ptx_sources),
+                "stage.ptx_coef > 0 needs stage.ptx_sources: the sft/ files to read (e.g. [verifiable])",
+            ),
             (self.beta >= 0, "stage.beta must be >= 0"),
             (
                 self.num_generations >= (2 if self.algorithm == "grpo" else 1),

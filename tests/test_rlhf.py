@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from minillm.config import RLHFConfig, compose, to_config
+from minillm.data.kinds import encode_chat
+from minillm.data.records import is_held_out, to_messages
 from minillm.generate import load_model
 from minillm.reward_rules import register_reward
 from minillm.rundir import ResumeError
@@ -121,6 +123,65 @@ def test_ppo_with_zero_advantages_and_coefficients_leaves_parameters_unchanged(t
     assert run.trainer.global_step == 2 * 2
     after = run.module.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("val_"))
+
+
+def test_ptx_follows_the_sft_loss_of_its_training_conversations(tmp_path, prompt_dir, pretrained):
+    """PPO-ptx: with a zero reward, no KL and no value loss the updates leave the weights unchanged (test above);
+    with stage.ptx_coef they lower the SFT loss of the stage.ptx_sources conversations. Only the training split is
+    read, and a draw's loss is the mean -log p of its assistant tokens."""
+    data = tmp_path / "data"
+    shutil.copytree(prompt_dir / "prompts", data / "prompts")
+    (data / "sft").mkdir()
+    records = [
+        {"conversations": [{"role": "user", "content": f"Double {i}"}, {"role": "assistant", "content": str(2 * i)}]}
+        for i in range(200)
+    ]
+    (data / "sft" / "doubles.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    zero = ("stage.reward=zero", "stage.beta=0", "stage.vf_coef=0", "stage.entropy_coef=0", "optim.weight_decay=0")
+    ptx = ("stage.ptx_coef=1.0", "stage.ptx_sources=[doubles]", "stage.ptx_batch_size=8", "trainer.max_steps=3")
+    run = build(rlhf(tmp_path, data, pretrained, *zero, *ptx))
+    module = run.module
+    conversations = [to_messages(r) for r in records]
+    val_ratio = run.config.data.val_ratio
+    training = [m for m in conversations if not is_held_out(json.dumps(m, ensure_ascii=False), val_ratio)]
+    assert 0 < len(training) < len(records)
+    expected = [encode_chat(module.tokenizer, m, module.model.config.block_size + 1)[:2] for m in training]
+    assert module.ptx == expected
+
+    draw = torch.randint(
+        len(expected), (8,), generator=torch.Generator().manual_seed(run.config.seed * 1_000_003 + 7 * 997)
+    )
+    nll, count = 0.0, 0
+    for i in draw.tolist():
+        ids, labels = (torch.tensor(x) for x in expected[i])
+        logp = torch.log_softmax(module.model(ids[None, :-1]).logits[0].float(), -1)
+        targets = labels[1:]
+        kept = targets != -100
+        nll, count = nll - logp[kept].gather(1, targets[kept][:, None]).sum(), count + int(kept.sum())
+    torch.testing.assert_close(module.ptx_loss(7)[0], nll / count)
+
+    def sft_loss() -> float:
+        with torch.no_grad():
+            return float(sum(module.ptx_loss(update)[0] for update in range(1000, 1010)))
+
+    before = sft_loss()
+    assert run.fit() == 0
+    assert sft_loss() < before - 0.1
+    rows = metrics_rows(run.run_dir)
+    assert any(row.get("loss/ptx_avg") for row in rows)
+
+
+def test_ptx_settings_are_checked(tmp_path, prompt_dir, pretrained):
+    with pytest.raises(ValueError, match="ptx_sources"):
+        to_config(compose(["stage=rlhf", "stage.ptx_coef=0.5"]))
+    with pytest.raises(ValueError, match="ptx_coef"):
+        to_config(compose(["stage=rlhf", "stage.ptx_coef=-1", "stage.ptx_sources=[a]"]))
+    with pytest.raises(FileNotFoundError, match="ptx_sources names 'nowhere'"):
+        build(
+            rlhf(
+                tmp_path, prompt_dir, pretrained, "stage.reward=zero", "stage.ptx_coef=1", "stage.ptx_sources=[nowhere]"
+            )
+        )
 
 
 def test_ppo_against_a_reward_model(tmp_path, prompt_dir, pretrained, reward_model):

@@ -19,12 +19,16 @@ PPO (Schulman et al. 2017; Ouyang et al. 2022; the "N implementation details of 
 GRPO (Shao et al. 2024): G completions per prompt, no critic, sequence advantage
     A_i = (s_i - mean_group(s)) / scale  (`stage.scale_rewards`), per token
     ℓ_t = -min(ρ_t A_i, clip(ρ_t, 1±ε) A_i) + β KL_k3(π ‖ π_ref)_t, aggregated by `stage.loss_type`.
+PPO-ptx (Ouyang et al. 2022; `stage.ptx_coef` γ > 0, either algorithm): every update adds γ · the SFT loss of a
+batch of conversations from `stage.ptx_sources` (sft/ files, their training split), so that optimizing the reward
+does not unlearn the supervised tasks.
 Rollouts are sampled with a seed made of (seed, rollout index), so a resumed run draws the same completions
-as an uninterrupted one.
+as an uninterrupted one; ptx batches with one made of (seed, update index).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -33,13 +37,16 @@ from torchmetrics import MeanMetric
 
 from minillm import reward_rules
 from minillm.config import Config, RLHFConfig
-from minillm.data.kinds import PROMPTS
+from minillm.data.kinds import PROMPTS, encode_chat
+from minillm.data.records import BadRecords, is_held_out, read_conversations
 from minillm.generate import GenerationConfig, generate_ids
 from minillm.losses import (
+    IGNORE_INDEX,
     entropy_from_logits,
     gae,
     group_advantages,
     grpo_loss,
+    lm_loss,
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
@@ -109,6 +116,8 @@ class RLHFModule(LMModule):
         self.val_reward = MeanMetric()
         self.rollouts = 0  # rollout batches done (in checkpoints)
         self.__dict__["reward_model"] = None
+        self.data_config = config.data
+        self.ptx: list[tuple[list[int], list[int]]] = []  # attach(): PPO-ptx's conversations, (ids, labels)
 
     @classmethod
     def updates_per_batch(cls, stage: RLHFConfig) -> int:
@@ -119,6 +128,29 @@ class RLHFModule(LMModule):
         if inputs.reward_model is not None:
             self.set_reward_model(inputs.reward_model)
         super().attach(inputs, resuming)
+        if self.rl.ptx_coef > 0:
+            self.ptx = self._read_ptx()
+
+    def _read_ptx(self) -> list[tuple[list[int], list[int]]]:
+        """(ids, labels) of each training-split conversation of the stage.ptx_sources files, as SFT encodes them."""
+        if self.data_dir is None:
+            raise ValueError("stage.ptx_coef > 0 reads sft/ files of a data dir: set data.dir (or unset ptx_coef)")
+        bad, out = BadRecords(self.data_config.skip_bad_records), []
+        for stem in self.rl.ptx_sources:
+            path = self.data_dir / "sft" / f"{stem}.jsonl"
+            if not path.is_file():
+                have = sorted(f.stem for f in (self.data_dir / "sft").glob("*.jsonl"))
+                raise FileNotFoundError(
+                    f"stage.ptx_sources names {stem!r}, but {path} does not exist (sft/ has {have})"
+                )
+            for text in read_conversations(path, bad):
+                if not is_held_out(text, self.data_config.val_ratio):  # the SFT stage's validation split stays out
+                    ids, labels, _ = encode_chat(self.tokenizer, json.loads(text), self.model.config.block_size + 1)
+                    out.append((ids, labels))
+        if not out:
+            raise ValueError(f"stage.ptx_sources {list(self.rl.ptx_sources)} hold no training conversations")
+        log.info("PPO-ptx: %d conversations of sft/%s, coefficient %g", len(out), self.rl.ptx_sources, self.rl.ptx_coef)
+        return out
 
     # ---- the frozen models: plain attributes, outside the module tree ----
     def set_reward_model(self, model: RewardModel) -> None:
@@ -273,13 +305,34 @@ class RLHFModule(LMModule):
         self.log_rate()
         return {"metrics": metrics, "prompts": self._prompt_batch(r)}
 
-    def _step(self, loss: torch.Tensor) -> None:
+    def ptx_loss(self, update: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the SFT loss of stage.ptx_batch_size conversations drawn for optimizer step `update` — mean over their
+        assistant tokens —, the MoE load-balancing loss). The draw depends on (seed, update, rank) only."""
+        draw = torch.Generator().manual_seed(self.seed * 1_000_003 + update * 997 + self.global_rank)
+        rows = [self.ptx[i] for i in torch.randint(len(self.ptx), (self.rl.ptx_batch_size,), generator=draw).tolist()]
+        T = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        for i, (row_ids, row_labels) in enumerate(rows):  # right padding: causal attention never reads it
+            ids[i, : len(row_ids)], labels[i, : len(row_labels)] = torch.tensor(row_ids), torch.tensor(row_labels)
+        ids, labels = ids.to(self.device), labels.to(self.device)
+        out = self.model(ids[:, :-1])
+        return lm_loss(out.logits, labels[:, 1:]), out.aux_loss
+
+    def _step(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimizer step on `loss` (plus PPO-ptx's term when on); returns the ptx loss for the metrics."""
+        stats = {}
+        if self.ptx:
+            ptx, aux = self.ptx_loss(self.global_step)
+            loss = loss + self.rl.ptx_coef * ptx + aux
+            stats["loss/ptx_avg"] = ptx.detach()
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self._last_loss = loss.detach()  # the non-finite guard in on_before_optimizer_step reads it
         self.manual_backward(loss)
         self.clip_gradients(optimizer, gradient_clip_val=self.rl.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
+        return stats
 
     def _ppo_prepare(self, r: Rollout) -> dict[str, torch.Tensor]:
         mask = r.mask
@@ -306,8 +359,8 @@ class RLHFModule(LMModule):
         vf_loss, vf = ppo_value_loss(values, r.old_values[rows], r.returns[rows], mask, self.rl.cliprange_value)
         entropy = masked_mean(entropy_from_logits(logits), mask)
         loss = pg_loss + self.rl.vf_coef * vf_loss - self.rl.entropy_coef * entropy
-        self._step(loss + aux + value_aux)  # MoE load balancing for the policy's and the critic's routers
-        return {
+        ptx = self._step(loss + aux + value_aux)  # MoE load balancing for the policy's and the critic's routers
+        return ptx | {
             "policy/approxkl_avg": pg["approxkl"],
             "policy/clipfrac_avg": pg["clipfrac"],
             "loss/policy_avg": pg_loss.detach(),
@@ -347,8 +400,8 @@ class RLHFModule(LMModule):
             max_completion_length=self.rl.max_completion_length,
         )
         entropy = masked_mean(entropy_from_logits(logits), mask)
-        self._step(loss - self.rl.entropy_coef * entropy + aux)
-        return stats | {"entropy": entropy.detach(), "train/loss": loss.detach()}
+        ptx = self._step(loss - self.rl.entropy_coef * entropy + aux)
+        return stats | ptx | {"entropy": entropy.detach(), "train/loss": loss.detach()}
 
     # ---- logging, alarms and samples ----
     def _completion_stats(self, r: Rollout) -> dict[str, float]:
