@@ -229,8 +229,8 @@ class RLHFConfig(PromptLengths):
     scale_rewards: str = "group"  # GRPO advantage scaling: group | batch | none
     max_grad_norm: float = 1.0  # clip_gradients (the Trainer's gradient_clip_val is off under manual optimization)
     # PPO-ptx (Ouyang et al. 2022): every update also takes ptx_coef x the SFT loss of ptx_batch_size conversations
-    # from <data dir>/sft/<stem>.jsonl for each stem of ptx_sources (their training split), so that optimizing the
-    # reward does not unlearn the supervised tasks. 0 = off.
+    # drawn from the pooled <data dir>/sft/<stem>.jsonl files of ptx_sources (records outside this run's
+    # data.val_ratio split), so that optimizing the reward does not unlearn the supervised tasks. 0 = off.
     ptx_coef: float = 0.0
     ptx_sources: list[str] = field(default_factory=list)
     ptx_batch_size: int = 16

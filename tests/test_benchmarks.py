@@ -26,13 +26,8 @@ def all_data(tmp_path, data_dir, chat_dir, pref_dir, prompt_dir):
     """One data dir with every stage's folder (the fixtures keep them apart)."""
     root = tmp_path / "all"
     root.mkdir()
-    for sub, source in (("pretrain", data_dir), ("preference", pref_dir)):
+    for sub, source in (("pretrain", data_dir), ("sft", chat_dir), ("preference", pref_dir)):
         (root / sub).symlink_to(source / sub)
-    (root / "sft").mkdir()
-    for f in (chat_dir / "sft").iterdir():
-        (root / "sft" / f.name).symlink_to(f)
-    for name in ("verifiable", "verifiable_sums"):  # the sft files demo_rlhf's PPO-ptx reads (stage.ptx_sources)
-        (root / "sft" / f"{name}.jsonl").symlink_to(chat_dir / "sft" / "qa.jsonl")
     (root / "prompts").mkdir()
     (root / "prompts" / "chatterbot.jsonl").symlink_to(prompt_dir / "prompts" / "sums.jsonl")  # demo_rlhf trains on it
     return root

@@ -165,7 +165,11 @@ def test_ptx_follows_the_sft_loss_of_its_training_conversations(tmp_path, prompt
             return float(sum(module.ptx_loss(update)[0] for update in range(1000, 1010)))
 
     before = sft_loss()
+    drawn, draw = [], module.ptx_loss
+    module.ptx_loss = lambda update: drawn.append(update) or draw(update)
     assert run.fit() == 0
+    assert drawn == list(range(3 * 2))  # one draw per optimizer step, named by the step (a resume continues it)
+    module.ptx_loss = draw
     assert sft_loss() < before - 0.1
     rows = metrics_rows(run.run_dir)
     assert any(row.get("loss/ptx_avg") for row in rows)
