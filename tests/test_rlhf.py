@@ -146,7 +146,7 @@ def test_ptx_follows_the_sft_loss_of_its_training_conversations(tmp_path, prompt
     training = [m for m in conversations if not is_held_out(json.dumps(m, ensure_ascii=False), val_ratio)]
     assert 0 < len(training) < len(records)
     expected = [encode_chat(module.tokenizer, m, module.model.config.block_size + 1)[:2] for m in training]
-    assert module.ptx == expected
+    assert [(r["input_ids"].tolist(), r["labels"].tolist()) for r in module.ptx] == expected
 
     draw = torch.randint(
         len(expected), (8,), generator=torch.Generator().manual_seed(run.config.seed * 1_000_003 + 7 * 997)

@@ -37,11 +37,10 @@ from torchmetrics import MeanMetric
 
 from minillm import reward_rules
 from minillm.config import Config, RLHFConfig
-from minillm.data.kinds import PROMPTS, encode_chat
+from minillm.data.kinds import PROMPTS, collate_padded, encode_chat
 from minillm.data.records import BadRecords, is_held_out, read_conversations
 from minillm.generate import GenerationConfig, generate_ids
 from minillm.losses import (
-    IGNORE_INDEX,
     entropy_from_logits,
     gae,
     group_advantages,
@@ -117,7 +116,7 @@ class RLHFModule(LMModule):
         self.rollouts = 0  # rollout batches done (in checkpoints)
         self.__dict__["reward_model"] = None
         self.data_config = config.data
-        self.ptx: list[tuple[list[int], list[int]]] = []  # attach(): PPO-ptx's conversations, (ids, labels)
+        self.ptx: list[dict[str, torch.Tensor]] = []  # attach(): PPO-ptx's conversations, rows as SFT batches them
 
     @classmethod
     def updates_per_batch(cls, stage: RLHFConfig) -> int:
@@ -131,8 +130,9 @@ class RLHFModule(LMModule):
         if self.rl.ptx_coef > 0:
             self.ptx = self._read_ptx()
 
-    def _read_ptx(self) -> list[tuple[list[int], list[int]]]:
-        """(ids, labels) of each training-split conversation of the stage.ptx_sources files, as SFT encodes them."""
+    def _read_ptx(self) -> list[dict[str, torch.Tensor]]:
+        """Each conversation of the stage.ptx_sources files outside this run's validation split, encoded as SFT
+        encodes it: a row of `collate_padded` (input_ids, labels, truncated)."""
         if self.data_dir is None:
             raise ValueError("stage.ptx_coef > 0 reads sft/ files of a data dir: set data.dir (or unset ptx_coef)")
         bad, out = BadRecords(self.data_config.skip_bad_records), []
@@ -144,9 +144,11 @@ class RLHFModule(LMModule):
                     f"stage.ptx_sources names {stem!r}, but {path} does not exist (sft/ has {have})"
                 )
             for text in read_conversations(path, bad):
-                if not is_held_out(text, self.data_config.val_ratio):  # the SFT stage's validation split stays out
-                    ids, labels, _ = encode_chat(self.tokenizer, json.loads(text), self.model.config.block_size + 1)
-                    out.append((ids, labels))
+                if not is_held_out(text, self.data_config.val_ratio):  # a superset of a lower ratio's split
+                    ids, labels, cut = encode_chat(self.tokenizer, json.loads(text), self.model.config.block_size + 1)
+                    out.append(
+                        {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "truncated": torch.tensor(cut)}
+                    )
         if not out:
             raise ValueError(f"stage.ptx_sources {list(self.rl.ptx_sources)} hold no training conversations")
         log.info("PPO-ptx: %d conversations of sft/%s, coefficient %g", len(out), self.rl.ptx_sources, self.rl.ptx_coef)
@@ -310,12 +312,8 @@ class RLHFModule(LMModule):
         assistant tokens —, the MoE load-balancing loss). The draw depends on (seed, update, rank) only."""
         draw = torch.Generator().manual_seed(self.seed * 1_000_003 + update * 997 + self.global_rank)
         rows = [self.ptx[i] for i in torch.randint(len(self.ptx), (self.rl.ptx_batch_size,), generator=draw).tolist()]
-        T = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        for i, (row_ids, row_labels) in enumerate(rows):  # right padding: causal attention never reads it
-            ids[i, : len(row_ids)], labels[i, : len(row_labels)] = torch.tensor(row_ids), torch.tensor(row_labels)
-        ids, labels = ids.to(self.device), labels.to(self.device)
+        batch = collate_padded(rows, self.tokenizer)  # right padding: causal attention never reads it
+        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
         out = self.model(ids[:, :-1])
         return lm_loss(out.logits, labels[:, 1:]), out.aux_loss
 
