@@ -125,11 +125,9 @@ def test_ppo_with_zero_advantages_and_coefficients_leaves_parameters_unchanged(t
     assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("val_"))
 
 
-def test_ptx_follows_the_sft_loss_of_its_training_conversations(tmp_path, prompt_dir, pretrained):
-    """PPO-ptx: with a zero reward, no KL and no value loss the updates leave the weights unchanged (test above);
-    with stage.ptx_coef they lower the SFT loss of the stage.ptx_sources conversations. Only the training split is
-    read, and a draw's loss is the mean -log p of its assistant tokens."""
-    data = tmp_path / "data"
+def with_doubles(root, prompt_dir):
+    """A data dir with prompt_dir's prompts and sft/doubles.jsonl (200 conversations) for PPO-ptx."""
+    data = root / "data"
     shutil.copytree(prompt_dir / "prompts", data / "prompts")
     (data / "sft").mkdir()
     records = [
@@ -137,6 +135,14 @@ def test_ptx_follows_the_sft_loss_of_its_training_conversations(tmp_path, prompt
         for i in range(200)
     ]
     (data / "sft" / "doubles.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return data, records
+
+
+def test_ptx_follows_the_sft_loss_of_its_training_conversations(tmp_path, prompt_dir, pretrained):
+    """PPO-ptx: with a zero reward, no KL and no value loss the updates leave the weights unchanged (test above);
+    with stage.ptx_coef they lower the SFT loss of the stage.ptx_sources conversations. Only the training split is
+    read, and a draw's loss is the mean -log p of its assistant tokens."""
+    data, records = with_doubles(tmp_path, prompt_dir)
     zero = ("stage.reward=zero", "stage.beta=0", "stage.vf_coef=0", "stage.entropy_coef=0", "optim.weight_decay=0")
     ptx = ("stage.ptx_coef=1.0", "stage.ptx_sources=[doubles]", "stage.ptx_batch_size=8", "trainer.max_steps=3")
     run = build(rlhf(tmp_path, data, pretrained, *zero, *ptx))
@@ -286,8 +292,17 @@ def test_logging_samples_never_changes_the_loss_curve(tmp_path, prompt_dir, pret
     assert len(curves[0]) == 4 and curves[0] == curves[1]
 
 
-def test_rlhf_resume_is_exact(tmp_path, prompt_dir, pretrained):
-    base = ("stage.algorithm=ppo", "stage.reward=quarter_tokens", "callbacks.checkpoint.every_n_train_steps=2")
+PTX = ("stage.ptx_coef=1.0", "stage.ptx_sources=[doubles]", "stage.ptx_batch_size=4")
+
+
+@pytest.mark.parametrize(("algorithm", "extra"), [("ppo", ()), ("ppo", PTX), ("grpo", PTX)])
+def test_rlhf_resume_is_exact(tmp_path, prompt_dir, pretrained, algorithm, extra):
+    """Stopped after 2 rollouts and resumed, the run ends with the weights of an uninterrupted one: with PPO-ptx too
+    (its batches are drawn by optimizer step, so a resumed run draws what the uninterrupted one drew)."""
+    if extra:
+        prompt_dir, _ = with_doubles(tmp_path, prompt_dir)
+    base = (f"stage.algorithm={algorithm}", "stage.reward=quarter_tokens", "callbacks.checkpoint.every_n_train_steps=2")
+    base += extra
     full = build(rlhf(tmp_path / "full", prompt_dir, pretrained, *base))
     assert full.fit() == 0
     half = build(rlhf(tmp_path / "half", prompt_dir, pretrained, *base, "trainer.max_steps=2"))
