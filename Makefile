@@ -55,7 +55,7 @@ demo: data
 # several times longer): the same chain with longer budgets in outputs/quality/, then GRPO against the verifiable
 # rule, and its own card, outputs/report_quality.md, checked against the quality targets.
 # GRPO asks the rephrased questions (the verifiable tasks in words SFT never saw) and rewards exact answers.
-QUALITY_RULE := stage.algorithm=grpo stage.reward=verifiable data.sources.rephrased.sample_ratio=1 \
+QUALITY_RULE := stage.algorithm=grpo stage.reward=verifiable stage.ptx_coef=0 stage.temperature=1.0 data.sources.rephrased.sample_ratio=1 \
 	+data.sources.chatterbot.sample_ratio=0 callbacks.task_eval.family=rephrased
 # The card's pairs and PPO prompts, as in the demo (DEMO_EVAL).
 QUALITY_EVAL := $(DEMO_EVAL)
