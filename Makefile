@@ -51,8 +51,8 @@ demo: data
 	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/rlhf_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
 	$(PY) -m minillm.report model_name=$(DEMO_MODEL) $(DEMO_EVAL)
 
-# The one-hour recipe (about 60 minutes of training on 2 Zen 4 cores in bf16; a CPU without AVX-512 trains in fp32,
-# several times longer): the same chain with longer budgets in outputs/quality/, then GRPO against the verifiable
+# The one-hour recipe (about an hour of training on 2 Zen 4 cores in bf16; 1 h 54 min in all, card included, on a
+# 2-core AVX2-only EPYC in fp32): the same chain with longer budgets in outputs/quality/, then GRPO against the verifiable
 # rule, and its own card, outputs/report_quality.md, checked against the quality targets.
 # GRPO asks the rephrased questions (the verifiable tasks in words SFT never saw) and rewards exact answers.
 QUALITY_RULE := stage.algorithm=grpo stage.reward=verifiable stage.ptx_coef=0 stage.temperature=1.0 data.sources.rephrased.sample_ratio=1 \
