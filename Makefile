@@ -52,11 +52,11 @@ demo: data
 	$(PY) -m minillm.report model_name=$(DEMO_MODEL) $(DEMO_EVAL)
 
 # The one-hour recipe (about an hour of training on 2 Zen 4 cores in bf16; 1 h 54 min in all, card included, on a
-# 2-core AVX2-only EPYC in fp32): the same chain with longer budgets in outputs/quality/, then GRPO against the verifiable
-# rule, and its own card, outputs/report_quality.md, checked against the quality targets.
+# 2-core AVX2-only EPYC in fp32): the same chain with longer budgets in outputs/quality/, then GRPO against the
+# verifiable rule, and its own card, outputs/report_quality.md, checked against the quality targets.
 # GRPO asks the rephrased questions (the verifiable tasks in words SFT never saw) and rewards exact answers.
-QUALITY_RULE := stage.algorithm=grpo stage.reward=verifiable stage.ptx_coef=0 stage.temperature=1.0 data.sources.rephrased.sample_ratio=1 \
-	+data.sources.chatterbot.sample_ratio=0 callbacks.task_eval.family=rephrased
+QUALITY_RULE := stage.algorithm=grpo stage.reward=verifiable stage.ptx_coef=0 stage.temperature=1.0 \
+	data.sources.rephrased.sample_ratio=1 +data.sources.chatterbot.sample_ratio=0 callbacks.task_eval.family=rephrased
 # The card's pairs and PPO prompts, as in the demo (DEMO_EVAL).
 QUALITY_EVAL := $(DEMO_EVAL)
 # The two long stages train compiled: +34% tokens/s for tiny in bf16 on a 2-core AMX Xeon, +12% in fp32 on an
