@@ -25,7 +25,7 @@ $(REF_STAMP): pyproject.toml constraints.txt
 	touch $@
 
 data: $(STAMP)
-	$(PY) -m minillm.data.builtin
+	$(PY) -m minillm.data
 
 # The main job on the built-in corpus: pretrain -> generate -> SFT -> DPO -> reward model -> RLHF (PPO) -> a chat
 # exchange, model=tiny, ~10 minutes on 2 cores.
@@ -44,7 +44,7 @@ demo: data
 	$(PY) -m minillm.generate model_path=outputs/pretrain_$(DEMO_MODEL)/final $(DEMO_PROMPTS) \
 		max_new_tokens=48 temperature=0.8 top_p=0.9 repetition_penalty=1.1 seed=0
 	$(PY) -m minillm.train stage=sft model=$(DEMO_MODEL) experiment=demo_sft resume=auto
-	$(PY) -m minillm.data.pairs model_path=outputs/sft_$(DEMO_MODEL)/final limit=3000
+	$(PY) -m minillm.pairs model_path=outputs/sft_$(DEMO_MODEL)/final limit=3000
 	$(PY) -m minillm.train stage=dpo model=$(DEMO_MODEL) experiment=demo_dpo resume=auto
 	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward resume=auto
 	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=demo_rlhf resume=auto
@@ -64,7 +64,7 @@ QUALITY_EVAL := $(DEMO_EVAL)
 quality: data
 	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=quality compile=true resume=auto
 	$(PY) -m minillm.train stage=sft model=$(DEMO_MODEL) experiment=quality_sft compile=true resume=auto
-	$(PY) -m minillm.data.pairs model_path=outputs/quality/sft_$(DEMO_MODEL)/final limit=3000 \
+	$(PY) -m minillm.pairs model_path=outputs/quality/sft_$(DEMO_MODEL)/final limit=3000 \
 		out=data/builtin/preference/verifiable_onpolicy_quality.jsonl
 	$(PY) -m minillm.train stage=dpo model=$(DEMO_MODEL) experiment=quality_dpo resume=auto
 	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=quality_reward resume=auto

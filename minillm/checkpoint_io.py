@@ -10,6 +10,7 @@ bytes of checkpoint data have been written by this process (counted across check
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -47,7 +48,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     @classmethod
     def _write(cls, f, data: memoryview) -> None:
@@ -62,7 +63,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             cls.written += len(chunk)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # not every platform opens folders
@@ -82,3 +83,12 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
         log.warning("removing %s: a checkpoint write that never finished (the process was killed)", tmp)
         tmp.unlink(missing_ok=True)
     return stale
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (weights, downloaded archives)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

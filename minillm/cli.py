@@ -1,10 +1,13 @@
 """One command line for every entry point: `minillm <command> [key=value ...]`, or `python -m minillm.<module>`.
 
-Every command is a Hydra app over the package's config tree: `minillm/conf/<command>.yaml` holds its values, a
+Every command is a Hydra app over the package's config tree: `conf/<command>.yaml` holds its values, a
 dataclass its schema (registered in Hydra's ConfigStore as `<command>_schema`). So each one has the same
 conventions as `minillm train`: `--help` shows its keys, `--cfg job` prints the composed config, a typo or a
 wrong type is Hydra's error naming the key, `-m` sweeps (`minillm eval -m model_path=a,b`), and a folder of your
 own presets joins the search path with `--config-dir DIR` (or `hydra.searchpath=[file://DIR]`).
+
+This module and the command modules it names are the command layer: they import the libraries (model, data,
+generate, evaluation, ...), never the reverse (tests/test_layers.py).
 
 Tests and notebooks call `<module>.main([...])`: the same config through Hydra's compose API, user errors raised
 as `SystemExit("error: ...")`.
@@ -15,7 +18,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 # command -> module with a `cli()`; `python -m <module>` runs the same app
@@ -23,20 +26,20 @@ COMMANDS = {
     "train": ("minillm.train", "train a stage: minillm train stage=sft model=tiny"),
     "debug": ("minillm.debug", "one step of a stage, printed in full; writes nothing"),
     "device": ("minillm.device", "the accelerator training would use; writes the run's config snapshot"),
-    "generate": ("minillm.generate", "complete prompts with a trained model"),
+    "generate": ("minillm.generate.__main__", "complete prompts with a trained model"),
     "chat": ("minillm.chat", "chat with a trained model (streamed, with history)"),
     "eval": ("minillm.eval", "evaluate a model on held-out data (eval.json)"),
     "report": ("minillm.report", "the report card of a chain of stages (report.md)"),
     "export": ("minillm.export", "a model in the transformers layout"),
     "serve": ("minillm.serve", "an OpenAI-compatible HTTP server (the serve extra)"),
-    "pairs": ("minillm.data.pairs", "on-policy preference pairs from a model's wrong answers"),
-    "data": ("minillm.data.builtin", "build the built-in corpus (data/builtin)"),
+    "pairs": ("minillm.pairs", "on-policy preference pairs from a model's wrong answers"),
+    "data": ("minillm.data.__main__", "build the built-in corpus (data/builtin)"),
 }
 
 
 @dataclass(frozen=True)
 class Command:
-    """A command's config (minillm/conf/<name>.yaml, typed by `schema`) and what it runs with the typed config.
+    """A command's config (conf/<name>.yaml, typed by `schema`) and what it runs with the typed config.
     `schema=None`: the command composes the train config (debug, device) and `run` gets it as composed, to build
     the run exactly as `minillm train` does."""
 
@@ -88,11 +91,6 @@ class Command:
             return self.run(self.typed(cfg))
 
         return hydra.main(config_path=str(CONF_DIR), config_name=self.name, version_base="1.3")(task)()
-
-
-def fields_of(schema: type, value: Any) -> dict:
-    """The fields of dataclass `schema` taken from `value` (a command config that extends it)."""
-    return {f.name: getattr(value, f.name) for f in fields(schema)}
 
 
 def usage() -> str:

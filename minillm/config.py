@@ -1,4 +1,4 @@
-"""Config schemas, registered in Hydra's ConfigStore; the YAML files under minillm/conf/ hold only values.
+"""Config schemas, registered in Hydra's ConfigStore; the YAML files under conf/ hold only values.
 
 Each group's schema lives next to the code it configures when that code has one (`ModelConfig` in model.py,
 `TokenizerConfig` in tokenizer.py); the rest are here. `trainer`, `callbacks` and `logger` are Lightning
@@ -8,6 +8,7 @@ any tensor exists. Everything else is typed here, so a typo or a wrong type fail
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import os
 from collections.abc import Sequence
@@ -24,8 +25,27 @@ from omegaconf import DictConfig, OmegaConf
 from minillm.model import ModelConfig
 from minillm.tokenizer import TokenizerConfig
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package (package data)
-DATA_DIR_ENV = "MINIGPT_DATA_DIR"
+
+def _conf_dir() -> Path:
+    """The config tree: the top-level `conf/` of a checkout, installed as the `minillm.conf` package (a wheel
+    carries it; an editable install maps it to the checkout's folder)."""
+    try:
+        return Path(str(importlib.resources.files("minillm.conf")))
+    except ModuleNotFoundError:  # a checkout on sys.path that was never installed
+        return Path(__file__).resolve().parent.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
+DATA_DIR_ENV = "MINILLM_DATA_DIR"
+DATA_DIR_ENV_OLD = "MINIGPT_DATA_DIR"  # the earlier spelling, still read
+
+
+def data_dir_from_env() -> tuple[str, str] | None:
+    """(path, variable) of the data dir named in the environment, $MINILLM_DATA_DIR first."""
+    for name in (DATA_DIR_ENV, DATA_DIR_ENV_OLD):
+        if os.environ.get(name):
+            return os.environ[name], name
+    return None
 
 
 @dataclass
@@ -70,7 +90,9 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    dir: Optional[str] = None  # None: $MINIGPT_DATA_DIR when set, else the built-in corpus (data/builtin)
+    dir: Optional[str] = (
+        None  # None: $MINILLM_DATA_DIR (or $MINIGPT_DATA_DIR) when set, else the built-in corpus (data/builtin)
+    )
     batch_size: int = 16
     val_ratio: float = 0.01  # held out by a hash of each record: adding data never reshuffles validation
     sample_ratio: float = 1.0  # global, multiplies each source's sample_ratio

@@ -197,7 +197,7 @@ def _eval_set(data_dir: Path, family: str) -> Path:
     path = data_dir / "eval" / f"{family}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no evaluation set at {path}: build the corpus (python -m minillm.data.builtin) or set eval.data_dir"
+            f"no evaluation set at {path}: build the corpus (python -m minillm.data) or set eval.data_dir"
         )
     return path
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.cli import Command
-from minillm.pretrained import _load, save_pretrained
+from minillm.pretrained import load_parts, save_pretrained
 
 
 def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -35,7 +35,7 @@ def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> 
             f"out={out} already holds files ({', '.join(held[:5])}{'…' if len(held) > 5 else ''}); choose a new or "
             "empty folder, or add overwrite=true to write the export over them"
         )
-    model, tokenizer, head = _load(Path(model_path), "cpu")
+    model, tokenizer, head = load_parts(Path(model_path), "cpu")
     if model.config.is_moe:
         raise ValueError(
             f"{model_path} is a mixture-of-experts model: exporting it to the transformers format is not supported "
@@ -54,7 +54,7 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f32", ove
         out = out / f"model-{dtype}.gguf"
     if out.exists() and not overwrite:
         raise ValueError(f"out={out} exists; choose another path, or add overwrite=true to replace it")
-    model, tokenizer, head = _load(Path(model_path), "cpu")
+    model, tokenizer, head = load_parts(Path(model_path), "cpu")
     if head is not None:
         raise ValueError(
             f"{model_path} is a reward model (a scalar head, not a language model head): llama.cpp has no "

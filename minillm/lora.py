@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,41 +29,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # our (= Llama's) names
+from minillm.model import LoRAConfig, MiniGPT, RewardModel
+
 ADAPTER_DIR = "adapter"  # final/adapter/
 PEFT_PREFIX = "base_model.model."  # PEFT's prefix of a wrapped model's own names
-
-
-@dataclass
-class LoRAConfig:
-    """`model.lora`: r = 0 trains every weight (no adapters)."""
-
-    r: int = 0
-    alpha: float = 16.0  # the update is scaled by alpha / r
-    dropout: float = 0.0  # on the adapter's input
-    target_modules: list[str] = field(default_factory=lambda: list(TARGETS))
-
-    def __post_init__(self) -> None:
-        if self.r < 0:
-            raise ValueError(f"invalid model config: lora.r must be >= 0 (0 = no adapters), got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"invalid model config: lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"invalid model config: lora.dropout must be in [0, 1), got {self.dropout}")
-        unknown = [name for name in self.target_modules if name not in TARGETS]
-        if unknown or not self.target_modules:
-            raise ValueError(
-                f"invalid model config: lora.target_modules {list(self.target_modules)} names no layer of this "
-                f"model ({', '.join(unknown) or 'empty'}); the valid names are {', '.join(TARGETS)}"
-            )
-
-    @property
-    def enabled(self) -> bool:
-        return self.r > 0
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
 
 
 class LoRALinear(nn.Module):
@@ -155,7 +124,6 @@ class WithoutAdapters:
 def merged(model: nn.Module) -> nn.Module:
     """A plain copy of `model` (MiniGPT or RewardModel) with every adapter folded into its weight: the same
     outputs, the usual parameter names, `lora.r = 0` in its config."""
-    from minillm.model import MiniGPT, RewardModel
 
     if isinstance(model, RewardModel):
         out = merged(model.model)
@@ -179,7 +147,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under PEFT's names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`),
     of a causal LM (a MiniGPT: our names are the HF names without the `model.` prefix) or a reward model (its
     trunk, plus `score.weight`, as PEFT saves a sequence classifier's head)."""
-    from minillm.model import RewardModel
 
     trunk = model.model if isinstance(model, RewardModel) else model
     out = {
@@ -195,7 +162,6 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, config: LoRAConfig, out_dir: Path, base: str | None = None) -> Path:
     """`out_dir`/adapter_config.json + adapter_model.safetensors, PEFT's layout. `base`: where the model the
     adapter applies to was (the parent's final/; PEFT loads the adapter onto its transformers export)."""
-    from minillm.model import RewardModel
 
     reward = isinstance(model, RewardModel)
     out_dir.mkdir(parents=True, exist_ok=True)

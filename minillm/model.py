@@ -36,8 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minillm.lora import LoRAConfig
-
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
@@ -47,6 +45,41 @@ except ImportError:  # torch < 2.5
 
 MAX_BLOCK_SIZE = 65536
 SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa=: no K/V copies
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # our (= Llama's) names
+
+
+@dataclass
+class LoRAConfig:
+    """`model.lora`: r = 0 trains every weight (no adapters)."""
+
+    r: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ValueError(f"invalid model config: lora.r must be >= 0 (0 = no adapters), got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"invalid model config: lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"invalid model config: lora.dropout must be in [0, 1), got {self.dropout}")
+        unknown = [name for name in self.target_modules if name not in LORA_TARGETS]
+        if unknown or not self.target_modules:
+            raise ValueError(
+                f"invalid model config: lora.target_modules {list(self.target_modules)} names no layer of this "
+                f"model ({', '.join(unknown) or 'empty'}); the valid names are {', '.join(LORA_TARGETS)}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
 
 
 @dataclass

@@ -185,13 +185,13 @@ def _model_config(d: dict, where: Path) -> ModelConfig:
 
 def load_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[MiniGPT, Tokenizer]:
     """(model in eval mode, tokenizer) from an exported folder or a training checkpoint."""
-    model, tokenizer, _ = _load(Path(path), map_location)
+    model, tokenizer, _ = load_parts(Path(path), map_location)
     return model, tokenizer
 
 
 def load_reward_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[RewardModel, Tokenizer]:
     """(reward model in eval mode, tokenizer) from a `stage=reward` final/ folder or checkpoint."""
-    model, tokenizer, head = _load(Path(path), map_location)
+    model, tokenizer, head = load_parts(Path(path), map_location)
     if head is None:
         raise ValueError(
             f"{path} is a language model, not a reward model (it has no score head); train one with "
@@ -203,7 +203,7 @@ def load_reward_model(path: str | Path, map_location: str | torch.device = "cpu"
 Head = tuple[torch.Tensor, Optional[float]]  # a reward model's (score head weight, likelihood weight or None)
 
 
-def _load(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, Head | None]:
+def load_parts(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, Head | None]:
     """(trunk, tokenizer, the reward head or None for a language model)."""
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}: expected an exported folder or a .ckpt file")

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from minillm.checkpoint_io import file_sha256
 
 if TYPE_CHECKING:
     from minillm.model import MiniGPT, RewardModel
@@ -181,15 +182,6 @@ def resolve_reward_model(reward_model: str | None, model_name: str, outputs: Pat
             "use a rule-based reward: stage.reward=verifiable)"
         )
     return path
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks (weights, downloaded archives)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_sha256(path: Path) -> str:

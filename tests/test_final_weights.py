@@ -9,8 +9,7 @@ import torch
 
 from minillm.callbacks.export import ExportCallback
 from minillm.generate import load_model
-from minillm.lora import LoRAConfig
-from minillm.model import MiniGPT
+from minillm.model import LoRAConfig, MiniGPT
 from minillm.train import build
 from tests.conftest import micro_config, micro_overrides
 

@@ -35,11 +35,18 @@ PICO = "defaults:\n  - tiny\n  - _self_\n\nname: pico\nrope_theta: 5000.0\n"
 VERSES = "defaults:\n  - default\n  - _self_\n\nsources:\n  verses:\n    hf: {path}\n    columns: {{text: body}}\n"
 
 
+def copy_source(src: Path) -> Path:
+    """What a clone holds for packaging: the package, the top-level conf/ and the project files."""
+    for folder in ("minillm", "conf"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    return src
+
+
 def build_wheel(dest: Path) -> Path:
     src = dest / "src"
-    shutil.copytree(ROOT / "minillm", src / "minillm", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
+    copy_source(src)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", dest, src],
         check=True,
@@ -91,3 +98,26 @@ def test_a_wheel_trains_on_parquet_and_generates_from_an_empty_folder(tmp_path, 
     assert out.returncode == 0 and out.stdout.startswith("Hello"), out.stderr[-3000:]
     typo = minillm("generate", "model_path=outputs/pretrain_pico/final", "max_new_tokenz=4")
     assert typo.returncode != 0 and "max_new_tokenz" in typo.stderr
+
+
+@pytest.mark.slow
+def test_an_editable_install_finds_the_top_level_conf_from_another_folder(tmp_path):
+    src = copy_source(tmp_path / "src")
+    bin_ = fresh_venv(tmp_path / "venv")
+    pip = [sys.executable, "-m", "pip", "--python", bin_ / "python", "install", "--quiet", "--no-deps"]
+    subprocess.run([*pip, "--no-build-isolation", "-e", src], check=True)
+    (src / "conf" / "model" / "tiny.yaml").write_text(
+        (ROOT / "conf" / "model" / "tiny.yaml").read_text() + "n_layer: 3\n"
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    job = subprocess.run(
+        [bin_ / "minillm", "train", "stage=pretrain", "model=tiny", "--cfg", "job"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "n_layer: 3" in job.stdout  # the checkout's conf/, edited after the install, is the one read

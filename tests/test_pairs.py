@@ -1,11 +1,12 @@
-"""On-policy preference pairs (python -m minillm.data.pairs): the model's own wrong answers become rejected."""
+"""On-policy preference pairs (minillm pairs): the model's own wrong answers become rejected."""
 
 import json
 
 import torch
 
-from minillm.data.pairs import main, onpolicy_pairs
+from minillm.data.pairs import onpolicy_pairs
 from minillm.model import MiniGPT
+from minillm.pairs import main
 from minillm.pretrained import save_pretrained
 from tests.conftest import micro_config
 from tests.test_generate import scripted
@@ -36,7 +37,7 @@ def test_the_command_writes_training_questions_only_and_keeps_a_newer_file(tmp_p
     torch.manual_seed(0)
     folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
     says_five = scripted(tokenizer, tokenizer.encode("5") + [tokenizer.im_end_id])
-    monkeypatch.setattr("minillm.data.pairs.load_model", lambda path: (says_five, tokenizer))
+    monkeypatch.setattr("minillm.pairs.load_model", lambda path: (says_five, tokenizer))
     main([f"model_path={folder}", f"data_dir={tmp_path}", "family=sums", "max_new_tokens=3"])
     out = tmp_path / "preference" / "sums_onpolicy.jsonl"
     pairs = [json.loads(line) for line in out.read_text().splitlines()]

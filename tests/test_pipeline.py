@@ -45,7 +45,7 @@ def test_the_demo_chain_on_the_builtin_corpus(tmp_path):
         out = run("minillm.train", f"stage={stage}", "model=tiny", f"experiment=demo_{stage}", *SHORT)
         assert f"initialised from outputs/{parent}_tiny/final" in out
         if stage == "sft":  # the SFT model's own wrong answers, for DPO and the reward model
-            out = run("minillm.data.pairs", "model_path=outputs/sft_tiny/final", "limit=16", "max_new_tokens=8")
+            out = run("minillm.pairs", "model_path=outputs/sft_tiny/final", "limit=16", "max_new_tokens=8")
             assert "verifiable training questions" in out
     assert (tmp_path / "outputs" / "rlhf_tiny" / "final" / "model.safetensors").is_file()
     out = run(

@@ -286,7 +286,7 @@ def test_debug_shows_the_assistant_loss_mask_for_sft(tmp_path, chat_dir, pretrai
 
 
 def test_generate_cli_reads_a_prompt_file_and_speaks_chat(tmp_path, pretrained, capsys):
-    from minillm import generate
+    from minillm.generate import __main__ as generate
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What is 2 + 3?\n\nHello\n", encoding="utf-8")

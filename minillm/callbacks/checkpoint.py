@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from minillm.checkpoint_io import _fsync_dir
+from minillm.checkpoint_io import fsync_dir
 
 LAST = "last.ckpt"
 
@@ -73,4 +73,4 @@ def save_resume_point(trainer: L.Trainer, path: Path) -> None:
         tmp = last.with_name(LAST + ".tmp")
         shutil.copyfile(path, tmp)
         os.replace(tmp, last)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)

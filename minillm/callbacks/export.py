@@ -94,7 +94,7 @@ class ExportCallback(L.Callback):
 def _weights_of(checkpoint: Path):
     """The exportable model of a training checkpoint (a reward model with its head)."""
     from minillm.model import RewardModel
-    from minillm.pretrained import _load
+    from minillm.pretrained import load_parts
 
-    model, _, head = _load(checkpoint, "cpu")
+    model, _, head = load_parts(checkpoint, "cpu")
     return RewardModel.from_trunk(model, *head) if head is not None else model

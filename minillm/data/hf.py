@@ -63,7 +63,7 @@ class HFSource:
         """The `datasets.Dataset` (loaded once per process); errors say what was asked for and what to do."""
         key = self.spec()
         if key not in _OPENED:
-            _OPENED[key] = _load(self)
+            _OPENED[key] = load_parts(self)
         return _OPENED[key]
 
     def fingerprint(self) -> str:
@@ -134,7 +134,7 @@ def _offline() -> bool:
     ).lower() in ("1", "true", "yes")
 
 
-def _load(source: HFSource):
+def load_parts(source: HFSource):
     import datasets
 
     c, where = source.config, f"data.sources.{source.name}"
@@ -182,3 +182,8 @@ def _load(source: HFSource):
     if missing:
         raise DataError(f"{where}.columns maps to {missing}, which {source} does not have; its columns are {columns}")
     return dataset
+
+
+def read_source(source: Path | HFSource, kind, bad: BadRecords) -> Iterator[str]:
+    """The records of a file or a dataset source, as the kind (minillm/data/kinds.py) stores them."""
+    return source.read(kind, bad) if isinstance(source, HFSource) else kind.read(source, bad)

@@ -1,7 +1,4 @@
-"""minillm pairs model_path=DIR [data_dir=data/builtin] [family=verifiable] [limit=1000]
-[max_new_tokens=32] [batch_size=32] [out=<data_dir>/preference/<family>_onpolicy.jsonl]
-
-On-policy preference pairs: the model answers the questions of `<data_dir>/sft/<family>.jsonl` (the training
+"""On-policy preference pairs (the library of `minillm pairs`, minillm/pairs.py): the model answers the questions of `<data_dir>/sft/<family>.jsonl` (the training
 split only — held-out questions are never asked) greedily, and each wrong answer becomes a pair with the
 reference answer chosen and the model's own reply rejected. DPO then learns from the mistakes this model
 actually makes, and the reward model gets hard negatives (near misses of the policy it will judge). Empty replies
@@ -18,7 +15,6 @@ from typing import Optional
 
 from minillm import reward_rules
 from minillm.evaluation import load_family
-from minillm.cli import Command
 from minillm.generate import GenerationConfig, generate, load_model
 
 
@@ -42,52 +38,3 @@ def onpolicy_pairs(model, tokenizer, records: list[dict], max_new_tokens: int = 
             question = prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else prompt
             pairs.append({"prompt": question, "chosen": record["answer"], "rejected": reply.strip(), **extra})
     return {"pairs": pairs, "asked": len(records), "wrong": wrong, "empty": empty}
-
-
-@dataclass
-class PairsCommand:
-    """`minillm pairs` (minillm/conf/pairs.yaml)."""
-
-    model_path: str = "???"
-    data_dir: str = "data/builtin"
-    family: str = "verifiable"  # <data_dir>/sft/<family>.jsonl: the questions (training split)
-    limit: int = 1000
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    out: Optional[str] = None  # None: <data_dir>/preference/<family>_onpolicy.jsonl
-
-
-def run(command: PairsCommand) -> None:
-    model_path, data_dir, family = Path(command.model_path), Path(command.data_dir), command.family
-    limit, max_new_tokens, batch_size = command.limit, command.max_new_tokens, command.batch_size
-    out = Path(command.out) if command.out else data_dir / "preference" / f"{family}_onpolicy.jsonl"
-    source = data_dir / "sft" / f"{family}.jsonl"
-    if not source.is_file():
-        raise SystemExit(f"error: no training questions at {source}: build the corpus or set data_dir/family")
-    weights = model_path / "model.safetensors"
-    if out.is_file() and weights.is_file() and out.stat().st_mtime >= weights.stat().st_mtime:
-        print(f"{out} is newer than {weights}: kept")
-        return
-    records = [r for r in load_family(source, limit) if "answer" in r]
-    model, tokenizer = load_model(str(model_path))
-    result = onpolicy_pairs(model, tokenizer, records, max_new_tokens, batch_size)
-    if not result["pairs"]:  # an empty preference file would be a data error for DPO: write none
-        out.unlink(missing_ok=True)
-        print(f"{model_path}: no non-empty wrong answers to {result['asked']} {family} training questions; no pairs")
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["pairs"]), encoding="utf-8")
-    tmp.replace(out)
-    print(
-        f"{model_path} answered {result['asked'] - result['wrong']} of {result['asked']} {family} training "
-        f"questions; {len(result['pairs'])} wrong answers written as pairs to {out} ({result['empty']} empty, skipped)"
-    )
-
-
-COMMAND = Command("pairs", PairsCommand, run)
-cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
-
-
-if __name__ == "__main__":
-    cli()

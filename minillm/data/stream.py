@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from minillm.data.hf import HFSource
+from minillm.data.hf import HFSource, read_source
 from minillm.data.kinds import PRETRAIN
 from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled
 
@@ -57,8 +57,6 @@ class PretrainStream(IterableDataset):
 
     def records(self) -> Iterator[tuple[str, bool]]:
         """(text, held out) of every sampled record, sources in turn."""
-        from minillm.data.datamodule import read_source
-
         bad = BadRecords(self.skip_bad)
         readers = [iter(read_source(s, PRETRAIN, bad)) for s in self.sources]
         kept = [0] * len(readers)

@@ -17,11 +17,10 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 
-from minillm.cli import Command
 from minillm.model import MiniGPT
 from minillm.pretrained import load_pretrained
 from minillm.tokenizer import Tokenizer, apply_chat_template
@@ -531,47 +530,6 @@ def load_model(
     return model, tokenizer
 
 
-@dataclass
-class GenerateCommand(GenerationConfig):
-    """`minillm generate` (minillm/conf/generate.yaml): a model, prompts, and every GenerationConfig field.
-
-    `prompt` may be a list (prompt='["To be","你好"]') or `prompt_file=FILE` (one per line) for one batched call;
-    `chat=true` sends each prompt as a user message through the chat template (for SFT models). Values are parsed
-    as Hydra overrides, so quote commas, `!` and non-ASCII text.
-    """
-
-    model_path: str = "???"  # a final/ folder, an export, or a training checkpoint
-    prompt: Any = ""  # a string or a list of strings
-    prompt_file: Optional[str] = None
-    chat: bool = False
-    device: str = "cpu"
-    dtype: str = "auto"  # the weights' dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
-    compile: bool = False  # decode through a compiled fixed-shape step (faster after the first call)
-
-
 def generation_config(command: GenerationConfig) -> GenerationConfig:
-    """The GenerationConfig part of a command config that extends it."""
+    """The GenerationConfig part of a config that extends it (the generate and chat commands)."""
     return GenerationConfig(**{f.name: getattr(command, f.name) for f in fields(GenerationConfig)})
-
-
-def run(command: GenerateCommand) -> None:
-    prompt = command.prompt
-    if command.prompt_file is not None:  # one prompt per line
-        with open(command.prompt_file, encoding="utf-8") as f:
-            prompt = [line.rstrip("\n") for line in f if line.strip()]
-    try:
-        model, tokenizer = load_model(command.model_path, command.device, command.dtype, command.compile)
-    except Exception as e:  # a missing folder, an unreadable checkpoint: say which
-        raise SystemExit(f"error: {e}") from None
-    prompts = [str(p) for p in prompt] if isinstance(prompt, (list, tuple)) else [str(prompt)]
-    inputs = [[{"role": "user", "content": p}] for p in prompts] if command.chat else prompts
-    for p, text in zip(prompts, generate(model, tokenizer, inputs, generation_config(command))):
-        print(f"{p}\n→ {text}\n" if command.chat else f"{p}{text}\n")
-
-
-COMMAND = Command("generate", GenerateCommand, run)
-cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
-
-
-if __name__ == "__main__":
-    cli()
