@@ -79,7 +79,7 @@ def token_types(tokenizer: Tokenizer) -> list[int]:
 def write_gguf(
     model: MiniGPT, tokenizer: Tokenizer, path: str | Path, dtype: str = "f32", name: str = "minillm"
 ) -> Path:
-    import gguf  # the gguf extra: pip install -e '.[gguf]'
+    import gguf  # the gguf extra: pip install 'minillm-lab[gguf]' (in a checkout: -e '.[gguf]')
 
     if dtype not in TYPES:
         raise ValueError(f"gguf.type must be one of {', '.join(TYPES)}, got {dtype!r}")

@@ -19,7 +19,16 @@ def test_wandb_is_offline_unless_logged_in(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "secret-key")
     assert _wandb_offline() is False
     cfg = compose(["logger=[default,wandb]"])
-    assert set(cfg.logger) == {"csv", "tensorboard", "wandb"} and cfg.logger.wandb.offline is False
+    assert set(cfg.logger) == {"csv", "wandb"} and cfg.logger.wandb.offline is False
+
+
+def test_tensorboard_is_an_opt_in_beside_the_csv_log(tmp_path, data_dir):
+    plain = build(micro_overrides(tmp_path / "a", data_dir))
+    assert [type(lg).__name__ for lg in plain.trainer.loggers] == ["CSVLogger"]
+    run = build(micro_overrides(tmp_path / "b", data_dir, "logger=[default,tensorboard]"))
+    assert run.fit() == 0
+    assert list((tmp_path / "b" / "run" / "logs" / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "b" / "run" / "logs" / "metrics.csv").is_file()
 
 
 @pytest.mark.ref

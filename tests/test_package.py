@@ -51,7 +51,7 @@ def build_wheel(dest: Path) -> Path:
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", dest, src],
         check=True,
     )
-    (wheel,) = dest.glob("minillm-*.whl")
+    (wheel,) = dest.glob("minillm_lab-*.whl")
     return wheel
 
 

@@ -22,7 +22,7 @@ def have_matplotlib() -> bool:
     return True
 
 
-PLOTS_HINT = "matplotlib is not installed (pip install 'minillm[plots]')"
+PLOTS_HINT = "matplotlib is not installed (pip install 'minillm-lab[plots]'; in a checkout: pip install -e '.[plots]')"
 
 
 def read_metric(csv_path: Path, key: str) -> tuple[list[int], list[float]]:
