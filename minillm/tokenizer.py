@@ -83,10 +83,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. `add_special_tokens` is taken for transformers' signature: this tokenizer adds no
+        BOS or EOS either way (its exported tokenizer_config.json says the same), so both give the same ids."""
         return self.sp.encode(text)
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; control tokens (padding, </s>, the chat markers) decode to nothing either way."""
         return self.sp.decode([int(i) for i in ids])
 
     def id_to_piece(self, i: int) -> str:

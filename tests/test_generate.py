@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -39,6 +41,44 @@ class ScriptedModel(MiniGPT):
         logits[..., self.script[min(self.calls, len(self.script) - 1)]] = 0.0
         self.calls += 1
         return logits
+
+
+class TransitionModel(MiniGPT):
+    """Next-token probabilities that depend only on the previous token (`table[prev] = {next: p}`), decoded through
+    the real path (prefill, KV cache, `step`), so a test can build a sequence greedy decoding cannot find."""
+
+    def __init__(self, config, table: dict[int, dict[int, float]]):
+        super().__init__(config)
+        self.table = table
+
+    def _from(self, previous: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """logits (..., V) of the positions whose input tokens are `previous` (...)."""
+        out = torch.full_like(logits, -40.0)
+        flat = out.view(-1, out.shape[-1])
+        for position, token in enumerate(previous.reshape(-1).tolist()):
+            for nxt, p in self.table.get(token, {}).items():
+                flat[position, nxt] = math.log(p)
+        return out
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None, last_only=False):
+        out = super().forward(input_ids, position_ids, attention_mask, cache, last_only)
+        previous = input_ids[:, -out.logits.shape[1] :]  # every position, or the last one (last_only)
+        return ModelOutput(logits=self._from(previous, out.logits), aux_loss=out.aux_loss, cache=out.cache)
+
+    def step(self, token, position, cache, slot, key_mask):
+        return self._from(token[:, 0], super().step(token, position, cache, slot, key_mask))
+
+
+# A greedy trap: after the prompt's last token P, A (0.55) beats B (0.45), but every continuation of A is at 0.2
+# while B is followed by C at 0.99. Greedy takes A then a 0.2 token (0.11); two beams find B C (0.446).
+P, A, B, C, D, E = 40, 41, 42, 43, 44, 49
+TRAP = {P: {A: 0.55, B: 0.45}, A: {D + i: 0.2 for i in range(5)}, B: {C: 0.99, D: 0.01}, C: {E: 1.0}}
+TRAP |= {D + i: {E: 1.0} for i in range(5)} | {E: {E: 1.0}}
+
+
+def trap_model(tokenizer):
+    torch.manual_seed(0)
+    return TransitionModel(micro_config(tokenizer.vocab_size), TRAP)
 
 
 def scripted(tokenizer, script):
@@ -138,16 +178,19 @@ def sequence_logprob(model, prompt, new):
     return sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(new))
 
 
-def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(micro_model, tokenizer):
-    prompt = tokenizer.encode("Hello, how are")
-    gen = TextGenerator(micro_model, tokenizer)
-    results = {}
-    for beams in (1, 4):
-        cfg = GenerationConfig(max_new_tokens=6, do_sample=False, num_beams=beams, **NO_EOS)
-        new = gen.sample_generate(torch.tensor([prompt]), config=cfg)[0, len(prompt) :].tolist()
-        assert len(new) == 6
-        results[beams] = sequence_logprob(micro_model, prompt, new)
-    assert results[4] >= results[1] - 1e-5
+def test_beam_search_finds_the_likelier_sequence_that_greedy_misses(tokenizer):
+    model = trap_model(tokenizer)
+    gen = TextGenerator(model, tokenizer)
+    prompt = [7, P]
+    news, logps = {}, {}
+    for beams in (1, 2, 4):
+        cfg = GenerationConfig(max_new_tokens=3, do_sample=False, num_beams=beams, **NO_EOS)
+        news[beams] = gen.sample_generate(torch.tensor([prompt]), config=cfg)[0, len(prompt) :].tolist()
+        logps[beams] = sequence_logprob(model, prompt, news[beams])
+    assert news[1][:2] == [A, D]  # greedy falls into the trap: 0.55 x 0.2
+    assert news[2] == news[4] == [B, C, E]  # 0.45 x 0.99
+    assert logps[2] == pytest.approx(math.log(0.45 * 0.99), abs=1e-3)
+    assert logps[2] > logps[1] + 1.0
 
 
 def test_batched_beam_search_equals_each_prompt_alone(micro_model, tokenizer):
@@ -155,6 +198,13 @@ def test_batched_beam_search_equals_each_prompt_alone(micro_model, tokenizer):
     config = GenerationConfig(max_new_tokens=8, do_sample=False, num_beams=3, **NO_EOS)
     assert generate(micro_model, tokenizer, prompts, config) == [
         generate(micro_model, tokenizer, p, config) for p in prompts
+    ]
+    # the trap prompt beside a shorter, left-padded one: the batch still finds B C, not greedy's A
+    ids, mask = left_pad([[9, 7, 3, P], [5, P]], tokenizer.pad_id)
+    cfg = GenerationConfig(max_new_tokens=2, do_sample=False, num_beams=2, **NO_EOS)
+    assert TextGenerator(trap_model(tokenizer), tokenizer).sample_generate(ids, mask, cfg)[:, -2:].tolist() == [
+        [B, C],
+        [B, C],
     ]
 
 
@@ -276,8 +326,16 @@ def test_batched_stream_rows_join_to_generate_per_row_with_finish_reasons(micro_
             assert texts == expected and all(f in ("stop", "length") for f in finishes)
             for finish, count in zip(finishes, counts):
                 assert count <= cfg.max_new_tokens
-                assert finish == ("length" if count == cfg.max_new_tokens and not cfg.stop else finish)
                 assert count == cfg.max_new_tokens or finish == "stop"  # ended early: EOS or a stop string
+    # each reason from a scripted row: the budget ("length"), EOS ("stop"), a stop string ("stop")
+    words = tokenizer.encode("one two three")
+    for script, cfg, reason, count in (
+        (words, GenerationConfig(max_new_tokens=2, do_sample=False, **NO_EOS), "length", 2),
+        (words + [tokenizer.eos_id], GenerationConfig(max_new_tokens=20, do_sample=False), "stop", len(words)),
+        (words, GenerationConfig(max_new_tokens=20, do_sample=False, stop=["two"], **NO_EOS), "stop", None),
+    ):
+        events = list(stream_rows(scripted(tokenizer, script), tokenizer, ["q"], cfg))
+        assert events[-1][2] == reason and (count is None or events[-1][3] == count)
     script = tokenizer.encode("one two three")  # scripted: exactly these tokens, then EOS
     done = list(
         stream_rows(
@@ -288,6 +346,23 @@ def test_batched_stream_rows_join_to_generate_per_row_with_finish_reasons(micro_
         )
     )
     assert "".join(p for _, p, _, _ in done) == "one two three" and done[-1][2:] == ("stop", len(script))
+
+
+def test_the_original_quick_start_runs_verbatim(micro_model, tokenizer):
+    """The generation snippet of the quick-start the project was created from, unchanged after our imports:
+    `max_length` is transformers' (prompt + new tokens) and the output holds the prompt."""
+    model, prompt = micro_model, "In the beginning"
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)
+    output_ids = TextGenerator(model, tokenizer, device="cpu").sample_generate(
+        input_ids=torch.tensor([prompt_ids]), config=GenerationConfig(max_length=40, top_p=0.9, temperature=0.8)
+    )
+    text = tokenizer.decode(output_ids[0].tolist())
+    assert output_ids.shape[1] <= 40 and output_ids[0, : len(prompt_ids)].tolist() == prompt_ids
+    assert text.startswith(prompt)
+    full = TextGenerator(model, tokenizer).sample_generate(
+        torch.tensor([prompt_ids]), config=GenerationConfig(max_length=40, seed=0, max_new_tokens=3, **NO_EOS)
+    )
+    assert full.shape[1] == 40  # max_length decides, max_new_tokens is not read
 
 
 def test_left_pad_helper():

@@ -41,10 +41,18 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)  # stop when the new text contains one; it is cut off
     eos_token_ids: Optional[list[int]] = None  # default: the tokenizer's </s> and <|im_end|>
     seed: Optional[int] = None  # None: a fresh random seed per call
+    # transformers' meaning: prompt + new tokens (the prompt's padded width). When set it decides the budget and
+    # max_new_tokens is not read.
+    max_length: Optional[int] = None
+
+    def new_tokens(self, prompt_len: int) -> int:
+        """How many tokens to generate after a prompt of `prompt_len` tokens."""
+        return self.max_new_tokens if self.max_length is None else max(self.max_length - prompt_len, 0)
 
     def __post_init__(self) -> None:
         checks = [
             (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
+            (self.max_length is None or self.max_length >= 1, f"max_length must be >= 1, got {self.max_length}"),
             (self.temperature > 0, f"temperature must be > 0 (use do_sample=False for greedy), got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -116,8 +124,9 @@ def _eos_ids(tokenizer: Tokenizer, config: GenerationConfig) -> list[int]:
     return [tokenizer.eos_id, tokenizer.im_end_id]
 
 
-def _prepare(model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int):
+def _prepare(model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig):
     """Fit prompt + new tokens into block_size: cap the new tokens, drop the oldest prompt tokens if needed."""
+    max_new_tokens = config.new_tokens(input_ids.shape[1])
     block = model.config.block_size
     if input_ids.shape[1] >= block:
         log.warning(
@@ -180,7 +189,7 @@ def _sample_steps(
     config: GenerationConfig,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), until all rows stopped; rows already stopped get -1."""
-    input_ids, attention_mask, max_new = _prepare(model, input_ids, attention_mask, config.max_new_tokens)
+    input_ids, attention_mask, max_new = _prepare(model, input_ids, attention_mask, config)
     if max_new <= 0:
         return
     device = input_ids.device
@@ -219,7 +228,7 @@ def _beam_search(
     config: GenerationConfig,
 ) -> list[list[int]]:
     """Best continuation per row. A row is done once num_beams hypotheses ended in EOS (early stopping)."""
-    input_ids, attention_mask, max_new = _prepare(model, input_ids, attention_mask, config.max_new_tokens)
+    input_ids, attention_mask, max_new = _prepare(model, input_ids, attention_mask, config)
     B, K, V = input_ids.shape[0], config.num_beams, model.config.vocab_size
     if max_new <= 0:
         return [[] for _ in range(B)]
