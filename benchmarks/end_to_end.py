@@ -7,6 +7,7 @@ in, so only training is timed).
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import subprocess
 import sys
@@ -24,6 +25,20 @@ STAGES = [
     ("reward", ["stage=reward", "experiment=demo_reward"]),
     ("rlhf", ["stage=rlhf", "experiment=demo_rlhf"]),
 ]
+
+
+def last_step(run_dir: Path) -> int | None:
+    """The last optimizer step the run logged (logs/metrics.csv), None when it logged none."""
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.is_file():
+        return None
+    steps = [int(row["step"]) for row in csv.DictReader(path.open()) if row.get("step")]
+    return max(steps, default=None)
+
+
+def final_ok(run_dir: Path) -> bool:
+    """The stage exported its model (final/ with weights and minillm.json)."""
+    return (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "final" / "minillm.json").is_file()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -47,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"model={args.model}",
                 "trainer.enable_progress_bar=false",
             ]
+            cmd += args.override
             if args.max_steps:
                 cmd += [
                     f"trainer.max_steps={args.max_steps}",
@@ -64,9 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
             seconds = time.perf_counter() - start
             if done.returncode != 0:
                 raise SystemExit(f"stage {name} failed:\n{done.stderr[-2000:]}")
-            rows.append({"stage": name, "seconds": seconds})
+            run_dir = Path(tmp) / "outputs" / f"{name}_{args.model}"
+            rows.append({"stage": name, "seconds": seconds, "steps": last_step(run_dir), "final": final_ok(run_dir)})
     rows.append({"stage": "total", "seconds": sum(r["seconds"] for r in rows)})
-    print_table(rows, ["stage", "seconds"])
+    print_table(rows, ["stage", "seconds", "steps"])
     payload = {"model": args.model, "max_steps": args.max_steps, "rows": rows}
     write("end_to_end", payload, Path(args.out_dir))
     return payload

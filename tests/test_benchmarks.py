@@ -152,12 +152,19 @@ def test_end_to_end_smoke(tmp_path, all_data):
             str(all_data),
             "--out-dir",
             str(tmp_path),
-            "--override",
-            *where(tmp_path, all_data),
+            "--override",  # the demo's own sources (the built-in corpus, built under tmp_path), a micro model
+            f"tokenizer.cache_dir={tmp_path}/tok",
+            f"data.cache_dir={tmp_path}/ds",
             *MICRO,
         ]
     )
-    assert [r["stage"] for r in out["rows"]] == ["pretrain", "sft", "dpo", "reward", "rlhf", "total"]
+    rows = out["rows"]
+    assert [r["stage"] for r in rows] == ["pretrain", "sft", "dpo", "reward", "rlhf", "total"]
+    for row in rows[:-1]:  # each stage trained its 2 steps from its parent and exported a model
+        assert row["steps"] == 2 and row["final"] and row["seconds"] > 0, row
+    assert rows[-1]["seconds"] == pytest.approx(sum(r["seconds"] for r in rows[:-1]))
+    config = json.loads((tmp_path / "end_to_end.json").read_text())
+    assert config["rows"] == rows  # the JSON the benchmark writes is what it returned
 
 
 @pytest.mark.slow

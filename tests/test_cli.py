@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from minillm import debug, device
 from tests.conftest import micro_overrides
@@ -26,10 +27,16 @@ def test_debug_prints_the_batch_one_step_and_a_generation(tmp_path, data_dir, ca
     assert not (tmp_path / "run").exists()  # debug writes nothing
 
 
-def test_device_reports_and_writes_a_snapshot(tmp_path, capsys):
-    device.main([f"run_dir={tmp_path / 'dev'}"])
-    out = capsys.readouterr().out
-    assert out.startswith("device: cpu") and (tmp_path / "dev" / "training_config_snapshot.json").is_file()
+def test_device_reports_and_writes_a_snapshot(tmp_path, capsys, monkeypatch):
+    """What `minillm device` says follows what it detects (forced here, so the test holds on any machine)."""
+    monkeypatch.setattr("minillm.device.best_device", lambda: "cpu")
+    for fast, word in ((True, "available"), (False, "unavailable")):
+        monkeypatch.setattr("minillm.device.cpu_has_fast_bf16", lambda fast=fast: fast)
+        device.main([f"run_dir={tmp_path / word}", "trainer.max_steps=7"])
+        out = capsys.readouterr().out
+        assert out.startswith(f"device: cpu; torch {torch.__version__}; bf16-mixed {word}\n"), out
+        snapshot = json.loads((tmp_path / word / "training_config_snapshot.json").read_text())
+        assert snapshot["device"] == "cpu" and snapshot["config"]["trainer"]["max_steps"] == 7
 
 
 def train_cmd(root, data, *extra):

@@ -155,13 +155,22 @@ def test_too_little_data_after_sampling_is_an_error(tmp_path, data_dir):
         build(micro_overrides(tmp_path, data_dir, "data.sample_ratio=0.001"))
 
 
-def test_second_setup_reuses_the_datasets_cache(tmp_path, tokenizer):
+def test_second_setup_reuses_the_datasets_cache(tmp_path, tokenizer, monkeypatch):
     f = tmp_path / "p" / "a.jsonl"
     write_jsonl(f, texts(50))
+    first = datamodule(tmp_path, tokenizer, [f])
+    cached = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.arrow")}
+    assert cached
+    calls = []
+    tokenize = type(PRETRAIN).tokenize
+    monkeypatch.setattr(type(PRETRAIN), "tokenize", lambda self, *a, **k: calls.append(1) or tokenize(self, *a, **k))
+    second = datamodule(tmp_path, tokenizer, [f])
+    assert calls == []  # nothing tokenized again
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.arrow")} == cached  # no file rewritten
+    assert [w.tolist() for w in second.train["input_ids"]] == [w.tolist() for w in first.train["input_ids"]]
+    write_jsonl(f, texts(51))  # new content: a new fingerprint, tokenized again
     datamodule(tmp_path, tokenizer, [f])
-    cached = {p.name for p in (tmp_path / "cache").rglob("*.arrow")}
-    datamodule(tmp_path, tokenizer, [f])
-    assert {p.name for p in (tmp_path / "cache").rglob("*.arrow")} == cached  # nothing recomputed
+    assert calls
 
 
 def test_resumable_loader_continues_where_it_stopped():

@@ -67,6 +67,17 @@ def test_dpo_loss_types_match_hand_computed_values(loss_type, smoothing, expecte
     assert (m["logps/chosen"].item(), m["logps/rejected"].item()) == (-2.0, -6.0)
 
 
+def test_hinge_dpo_off_its_kink_scales_the_margin_by_beta():
+    """h = (-2 + 6) - (-3 + 5) = 2: with β = 0.2 the hinge is 1 - 0.4 = 0.6 (a loss without β would be 0); with
+    β = 0.05 it is 0.9, and its gradient moves the policy's log-probs by β per unit."""
+    for beta, expected in ((0.2, 0.6), (0.05, 0.9)):
+        loss, _ = dpo_loss(*logps(-2.0, -6.0, -3.0, -5.0), beta=beta, loss_type="hinge")
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+    pc, pr = torch.tensor([-2.0], requires_grad=True), torch.tensor([-6.0], requires_grad=True)
+    dpo_loss(pc, pr, torch.tensor([-3.0]), torch.tensor([-5.0]), beta=0.2, loss_type="hinge")[0].backward()
+    assert (pc.grad.item(), pr.grad.item()) == pytest.approx((-0.2, 0.2))
+
+
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():
     pc, pr = torch.tensor([-4.0], requires_grad=True), torch.tensor([-4.0], requires_grad=True)
     loss, _ = dpo_loss(pc, pr, torch.tensor([-4.0]), torch.tensor([-4.0]))
