@@ -27,13 +27,13 @@ STAGES = [
 ]
 
 
-def last_step(run_dir: Path) -> int | None:
-    """The last optimizer step the run logged (logs/metrics.csv), None when it logged none."""
+def steps_trained(run_dir: Path) -> int | None:
+    """Optimizer steps the run logged (logs/metrics.csv numbers them from 0), None when it logged none."""
     path = run_dir / "logs" / "metrics.csv"
     if not path.is_file():
         return None
     steps = [int(row["step"]) for row in csv.DictReader(path.open()) if row.get("step")]
-    return max(steps, default=None)
+    return max(steps) + 1 if steps else None
 
 
 def final_ok(run_dir: Path) -> bool:
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
             )
             seconds = time.perf_counter() - start
             if done.returncode != 0:
-                raise SystemExit(f"stage {name} failed:\n{done.stderr[-2000:]}")
+                raise SystemExit(f"stage {name} failed:\n{(done.stdout + done.stderr)[-3000:]}")
             run_dir = Path(tmp) / "outputs" / f"{name}_{args.model}"
-            rows.append({"stage": name, "seconds": seconds, "steps": last_step(run_dir), "final": final_ok(run_dir)})
+            rows.append({"stage": name, "seconds": seconds, "steps": steps_trained(run_dir), "final": final_ok(run_dir)})
     rows.append({"stage": "total", "seconds": sum(r["seconds"] for r in rows)})
     print_table(rows, ["stage", "seconds", "steps"])
     payload = {"model": args.model, "max_steps": args.max_steps, "rows": rows}
