@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
             if done.returncode != 0:
                 raise SystemExit(f"stage {name} failed:\n{(done.stdout + done.stderr)[-3000:]}")
             run_dir = Path(tmp) / "outputs" / f"{name}_{args.model}"
-            rows.append({"stage": name, "seconds": seconds, "steps": steps_trained(run_dir), "final": final_ok(run_dir)})
+            rows.append(
+                {"stage": name, "seconds": seconds, "steps": steps_trained(run_dir), "final": final_ok(run_dir)}
+            )
     rows.append({"stage": "total", "seconds": sum(r["seconds"] for r in rows)})
     print_table(rows, ["stage", "seconds", "steps"])
     payload = {"model": args.model, "max_steps": args.max_steps, "rows": rows}
