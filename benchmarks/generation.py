@@ -104,7 +104,7 @@ def llama_cpp_engine(model, tokenizer, folder: Path):
     except ImportError:
         print("llama-cpp-python is not installed (the `ref` extra): skipping the llama.cpp row")
         return None
-    from minillm.export_gguf import write_gguf
+    from minillm.gguf_writer import write_gguf
 
     path = write_gguf(model, tokenizer, folder / "model-f32.gguf", "f32")
     threads = torch.get_num_threads()

@@ -296,14 +296,14 @@ class RLHFConfig(PromptLengths):
 
 
 @dataclass
-class ExportConfig:
+class FinalConfig:
     """What `<run_dir>/final/` holds when training completes."""
 
     weights: str = "last"  # last: the weights at the end; best: best.ckpt (lowest val/loss)
 
     def __post_init__(self) -> None:
         if self.weights not in ("last", "best"):
-            raise ValueError(f"export.weights must be last or best, got {self.weights!r}")
+            raise ValueError(f"final.weights must be last or best, got {self.weights!r}")
 
 
 @dataclass
@@ -320,7 +320,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)  # what <run_dir>/final/ holds
     trainer: dict[str, Any] = field(default_factory=dict)  # lightning.pytorch.Trainer arguments
     callbacks: dict[str, Any] = field(default_factory=dict)  # name -> _target_ config (null disables one)
     logger: dict[str, Any] = field(default_factory=dict)

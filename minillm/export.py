@@ -9,7 +9,7 @@ generation_config.json. `model_path` may be a final/ folder or a training checkp
 Mixture-of-experts models are not exportable to transformers yet (their router layout has no Llama
 equivalent): they stay usable as minillm folders.
 
-`format=gguf` writes one `.gguf` file for llama.cpp / ollama instead (minillm/export_gguf.py; `out` is the file,
+`format=gguf` writes one `.gguf` file for llama.cpp / ollama instead (minillm/gguf_writer.py; `out` is the file,
 or a folder to write `model-<type>.gguf` into; `gguf.type` f32, f16, bf16 or q8_0).
 """
 
@@ -47,7 +47,7 @@ def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> 
 
 
 def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f32", overwrite: bool = False) -> Path:
-    from minillm.export_gguf import write_gguf
+    from minillm.gguf_writer import write_gguf
 
     out = Path(out)
     if out.suffix != ".gguf":
@@ -68,7 +68,7 @@ class GGUFOptions:
     type: str = "f32"  # f32 | f16 | bf16 | q8_0
 
     def __post_init__(self) -> None:
-        from minillm.export_gguf import TYPES
+        from minillm.gguf_writer import TYPES
 
         if self.type not in TYPES:
             raise ValueError(f"gguf.type must be one of {', '.join(TYPES)}, got {self.type!r}")

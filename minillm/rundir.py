@@ -51,13 +51,14 @@ RESUME_FREE_KEYS = (
     "callbacks.device_stats",
     "callbacks.early_stopping",
     "logger",
-    "export",  # which weights final/ gets
-    "callbacks.export.weights",
+    "final",  # which weights final/ gets
+    "callbacks.final",  # writes final/ and the files beside the checkpoints: no effect on training
+    "export",  # the earlier names of final and callbacks.final: runs started before the rename still resume
+    "callbacks.export",
     # where the run lives: a run dir that was moved or copied still resumes
     "run_dir",
     "callbacks.checkpoint.dirpath",
     "callbacks.best_checkpoint.dirpath",
-    "callbacks.export.run_dir",
     "callbacks.interrupt.dirpath",
     "callbacks.loss_plot.run_dir",
 )

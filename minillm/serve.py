@@ -391,8 +391,10 @@ def run(command: ServeCommand) -> None:
     try:
         import uvicorn
     except ImportError:
-        raise SystemExit("error: minillm serve needs the serve extra: pip install 'minillm-lab[serve]' "
-            "(in a checkout: pip install -e '.[serve]')") from None
+        raise SystemExit(
+            "error: minillm serve needs the serve extra: pip install 'minillm-lab[serve]' "
+            "(in a checkout: pip install -e '.[serve]')"
+        ) from None
     if command.max_batch < 1:
         raise SystemExit(f"error: max_batch must be >= 1, got {command.max_batch}")
     check_port(command.host, command.port)

@@ -1,4 +1,4 @@
-"""Which weights become final/ (export.weights=last|best, named in the closing log line, with an overfit warning),
+"""Which weights become final/ (final.weights=last|best, named in the closing log line, with an overfit warning),
 and the Lightning conveniences that decide when training ends or what it logs (callbacks presets)."""
 
 import logging
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minillm.callbacks.export import ExportCallback
+from minillm.callbacks.final import FinalCallback
 from minillm.generate import load_model
 from minillm.model import LoRAConfig, MiniGPT
 from minillm.train import build
@@ -21,7 +21,7 @@ def same_weights(a, b) -> bool:
 
 def test_export_weights_best_puts_best_ckpt_in_final(tmp_path, data_dir, caplog):
     caplog.set_level(logging.INFO, logger="minillm")
-    run = build(micro_overrides(tmp_path, data_dir, "export.weights=best", "trainer.max_steps=7"))
+    run = build(micro_overrides(tmp_path, data_dir, "final.weights=best", "trainer.max_steps=7"))
     assert run.fit() == 0
     final, _ = load_model(str(tmp_path / "run" / "final"))
     best, _ = load_model(str(tmp_path / "run" / "checkpoints" / "best.ckpt"))
@@ -49,15 +49,15 @@ def test_the_closing_line_names_the_weights_and_warns_when_val_loss_ended_well_a
 ):
     caplog.set_level(logging.INFO, logger="minillm")
     trainer, module = fake_fit(tokenizer, "last", last_loss=last_loss, best_loss=2.20, best_path="x/best.ckpt")
-    ExportCallback(str(tmp_path), weights="last").on_fit_end(trainer, module)
+    FinalCallback(str(tmp_path), weights="last").on_fit_end(trainer, module)
     assert f"final/ holds the last weights (step 900, val/loss {last_loss:.4f})" in caplog.text
     assert ("well above its best 2.2000 (best.ckpt)" in caplog.text) == warned
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
 def test_export_weights_is_checked(tmp_path, data_dir):
-    with pytest.raises(ValueError, match="export.weights must be last or best, got 'first'"):
-        build(micro_overrides(tmp_path, data_dir, "export.weights=first"))
+    with pytest.raises(ValueError, match="final.weights must be last or best, got 'first'"):
+        build(micro_overrides(tmp_path, data_dir, "final.weights=first"))
 
 
 def test_early_stopping_and_device_stats_presets(tmp_path, data_dir):

@@ -1,4 +1,4 @@
-"""GGUF export (minillm/export_gguf.py): the file's metadata and tensors (read back with the gguf package), and
+"""GGUF export (minillm/gguf_writer.py): the file's metadata and tensors (read back with the gguf package), and
 the proof by llama.cpp itself (ref extra): same token ids, same logits, same greedy continuation."""
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minillm.export import main as export_main
-from minillm.export_gguf import interleave_rope_rows, write_gguf
+from minillm.gguf_writer import interleave_rope_rows, write_gguf
 from minillm.model import MiniGPT, apply_rope, rope_tables
 from minillm.pretrained import save_pretrained
 from minillm.tokenizer import apply_chat_template

@@ -1,9 +1,9 @@
 """Beside the checkpoints: the model config and tokenizer (so a .ckpt opens with `load_model`); at the end of a
-completed fit: `<run_dir>/final/`, the exported model folder. Never after an interrupt or a halt. A LoRA run
+completed fit: `<run_dir>/final/`, the trained model folder. Never after an interrupt or a halt. A LoRA run
 (`model.lora.r > 0`) exports its adapters merged into the weights, and the adapters alone in `final/adapter/`
 (PEFT's files, minillm/lora.py).
 
-`export.weights`: `last` (the weights at the end) or `best` (best.ckpt, the lowest val/loss). The closing log
+`final.weights`: `last` (the weights at the end) or `best` (best.ckpt, the lowest val/loss). The closing log
 line says which weights final/ holds and their val/loss, and warns when validation loss ended well above its
 best (on a small corpus the last step is often not the best)."""
 
@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 OVERFIT_WARNING = 1.05  # warn when the last val/loss is this many times its best
 
 
-class ExportCallback(L.Callback):
+class FinalCallback(L.Callback):
     def __init__(self, run_dir: str, weights: str = "last") -> None:
         if weights not in ("last", "best"):
-            raise ValueError(f"export.weights must be last or best, got {weights!r}")
+            raise ValueError(f"final.weights must be last or best, got {weights!r}")
         self.run_dir, self.weights = Path(run_dir), weights
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -68,7 +68,7 @@ class ExportCallback(L.Callback):
         else:
             if self.weights == "best":
                 log.warning(
-                    "export.weights=best, but there is no best.ckpt in %s (no validation ran?): final/ holds the last "
+                    "final.weights=best, but there is no best.ckpt in %s (no validation ran?): final/ holds the last "
                     "weights",
                     self.run_dir / "checkpoints",
                 )
@@ -84,7 +84,7 @@ class ExportCallback(L.Callback):
         if self.weights == "last" and None not in (last_loss, best_loss) and last_loss > best_loss * OVERFIT_WARNING:
             log.warning(
                 "validation loss ended at %.4f, well above its best %.4f (%s): the model may have overfit; "
-                "export.weights=best makes final/ that checkpoint",
+                "final.weights=best makes final/ that checkpoint",
                 last_loss,
                 best_loss,
                 best_path.name if best_path else "best.ckpt",
