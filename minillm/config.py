@@ -338,16 +338,27 @@ class Config:
 
 
 ConfigStore.instance().store(name="schema", node=Config)
-# Stage-specific schemas: a stage YAML pulls its own in with `- /stage_schema/<name>@stage` in its defaults.
-STAGE_SCHEMAS = {
+# The one stage table, in chain order: name -> schema. Config, train (minillm/stages: the module whose `schema` it
+# is) and the report (run_names) read it. A stage YAML pulls its schema in with `- /stage_schema/<name>@stage`.
+STAGES = {
     "pretrain": PretrainConfig,
     "sft": SFTConfig,
     "dpo": DPOConfig,
     "reward": RewardConfig,
     "rlhf": RLHFConfig,
 }
-for _name, _schema in STAGE_SCHEMAS.items():
+for _name, _schema in STAGES.items():
     ConfigStore.instance().store(group="stage_schema", name=_name, node=_schema)
+
+
+def rlhf_run(algorithm: str) -> str:
+    """The run name of stage=rlhf: PPO and GRPO runs get different run dirs (rlhf_<model>, rlhf-grpo_<model>)."""
+    return "rlhf" if algorithm == "ppo" else f"rlhf-{algorithm}"
+
+
+def run_names() -> list[str]:
+    """Every run a chain can hold, in chain order: each stage, and rlhf once per algorithm."""
+    return [run for name in STAGES for run in ([rlhf_run(a) for a in RLHF_ALGORITHMS] if name == "rlhf" else [name])]
 
 
 def _wandb_offline() -> bool:
@@ -363,8 +374,7 @@ def _wandb_offline() -> bool:
 
 
 OmegaConf.register_new_resolver("wandb_offline", _wandb_offline)
-# PPO and GRPO runs of stage=rlhf get different run dirs: outputs/rlhf_<model>, outputs/rlhf-grpo_<model>
-OmegaConf.register_new_resolver("rlhf_run", lambda algorithm: "rlhf" if algorithm == "ppo" else f"rlhf-{algorithm}")
+OmegaConf.register_new_resolver("rlhf_run", rlhf_run)
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

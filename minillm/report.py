@@ -19,7 +19,7 @@ change from the stage it started from (read from the run's `training_config_snap
 
 then every other column, the exact match per task, a table of DPO's and the reward model's accuracy on every
 family of `eval.pairs` (those a stage trained on marked: the sources with training records in its run's
-`dataset_stats.json`; the targets read only those), and a line saying which targets of the chosen set (`TARGETS`)
+`dataset_stats.json`; the targets read only those), and a line saying which targets of the chosen set (conf/targets/)
 are met. A chart goes beside it (`report.png`).
 """
 
@@ -32,10 +32,11 @@ from typing import Optional
 
 from minillm.callbacks.loss_plot import PLOTS_HINT, have_matplotlib
 from minillm.cli import Command
+from minillm.config import run_names
 from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
 from minillm.rundir import final_dir, stage_dir
 
-STAGES = ("pretrain", "sft", "dpo", "reward", "rlhf", "rlhf-grpo")
+RUNS = tuple(run_names())  # the runs a card can show, in chain order
 COLUMNS = (
     "bpb",
     "exact match",
@@ -48,29 +49,29 @@ COLUMNS = (
     "distinct-2",
 )
 UNIT_RANGE = ("exact match", "preference accuracy", "reward accuracy", "distinct-2")
-# What each stage must show (issue: every stage moves its own target), per budget.
-TARGETS = {
-    "demo": {
-        "sft_gain": 0.30,
-        "sft_min": 0.0,
-        "sft_task_min": 0.0,
-        "dpo_reward_accuracy": 0.80,
-        "reward_accuracy": 0.85,
-        "rlhf_gain": 0.5,
-        "grpo_gain": 0.1,
-    },
-    "quality": {
-        "sft_gain": 0.60,
-        "sft_min": 0.90,
-        "sft_task_min": 0.75,
-        "dpo_reward_accuracy": 0.95,
-        "reward_accuracy": 0.95,
-        "rlhf_gain": 1.0,
-        "grpo_gain": 0.1,
-    },
-}
-KL_BOUND = 20.0  # nats per reply: RLHFMonitor's default alarm
-LENGTH_FLOOR = 0.5  # the median reply may shrink to half its start, not collapse
+
+
+@dataclass
+class Targets:
+    """What each stage must show on held-out data (conf/targets/<name>.yaml, `targets=<name>`)."""
+
+    name: str = "demo"
+    sft_gain: float = 0.30  # SFT exact match above its start's
+    sft_min: float = 0.0  # SFT exact match at least this (0: no check)
+    sft_task_min: float = 0.0  # every task's SFT exact match at least this (0: no check)
+    dpo_reward_accuracy: float = 0.80  # pooled over the families DPO trained on
+    reward_accuracy: float = 0.85  # on every family the reward model trained on
+    rlhf_gain: float = 0.5  # PPO's reward-model score at least (1 + gain) x its start's
+    grpo_gain: float = 0.1  # GRPO's exact match above its start's
+    kl_bound: float = 20.0  # nats per reply: RLHFMonitor's default alarm
+    length_floor: float = 0.5  # the median reply may shrink to this share of its start's, not collapse
+
+
+def targets_preset(name: str) -> Targets:
+    """The targets of conf/targets/<name>.yaml, as `minillm report targets=<name>` reads them."""
+    from minillm.config import compose
+
+    return Targets(**compose([f"targets={name}"], config_name="report").targets)
 
 
 def stage_result(folder: Path, config: EvalConfig) -> dict:
@@ -94,7 +95,7 @@ def parent_stage(stage: str, model: str, out_dir: Path) -> str | None:
     init = (json.loads(snapshot.read_text(encoding="utf-8")).get("config") or {}).get("init_from")
     if not init:
         return None
-    return next((s for s in STAGES if final_dir(s, model, out_dir).resolve() == Path(init).resolve()), None)
+    return next((s for s in RUNS if final_dir(s, model, out_dir).resolve() == Path(init).resolve()), None)
 
 
 def trained_families(stage: str, model: str, out_dir: Path) -> set[str] | None:
@@ -213,7 +214,7 @@ def kept_exact_match(stage: str, values: dict, start: dict) -> tuple[str, bool]:
 def targets_met(
     rows: dict[str, dict],
     parents: dict[str, str | None],
-    targets: dict,
+    targets: Targets,
     starts: dict | None = None,
     families: Families | None = None,
 ) -> list[tuple[str, bool]]:
@@ -222,14 +223,14 @@ def targets_met(
     start = stage_starts(rows, parents, starts)
     sft, dpo = rows.get("sft", {}), rows.get("dpo", {})
     if "exact match" in sft and "exact match" in start["sft"]:
-        gain, need = sft["exact match"] - start["sft"]["exact match"], targets["sft_gain"]
+        gain, need = sft["exact match"] - start["sft"]["exact match"], targets.sft_gain
         checks.append((f"sft exact match {gain:+.3f} vs its start (≥ +{need:.2f})", gain >= need))
-    if "exact match" in sft and targets["sft_min"]:
-        value, need = sft["exact match"], targets["sft_min"]
+    if "exact match" in sft and targets.sft_min:
+        value, need = sft["exact match"], targets.sft_min
         checks.append((f"sft exact match {_fmt(value)} (≥ {need:.2f})", value >= need))
     per_task = {k.removeprefix("exact match "): v for k, v in sft.items() if k.startswith("exact match ")}
-    if per_task and targets["sft_task_min"]:
-        worst, need = min(per_task, key=per_task.get), targets["sft_task_min"]
+    if per_task and targets.sft_task_min:
+        worst, need = min(per_task, key=per_task.get), targets.sft_task_min
         checks.append(
             (
                 f"sft exact match on every task ≥ {need:.2f} (lowest: {worst} {_fmt(per_task[worst])})",
@@ -237,32 +238,33 @@ def targets_met(
             )
         )
     if "reward accuracy" in dpo:
-        (value, what), need = dpo_reward_accuracy(dpo, families), targets["dpo_reward_accuracy"]
+        (value, what), need = dpo_reward_accuracy(dpo, families), targets.dpo_reward_accuracy
         checks.append((f"dpo reward accuracy {what}{_fmt(value)} (≥ {need:.2f})", value >= need))
     if "exact match" in dpo and "exact match" in start["dpo"]:
         checks.append(kept_exact_match("dpo", dpo, start["dpo"]))
     family = reward_families(rows.get("reward", {}), families)
     if family:
-        worst, need = min(family, key=family.get), targets["reward_accuracy"]
+        worst, need = min(family, key=family.get), targets.reward_accuracy
         what = f"reward model ≥ {need:.2f} on every family it trained on (lowest: {worst} {_fmt(family[worst])})"
         checks.append((what, family[worst] >= need))
     for stage in (s for s in rows if s.startswith("rlhf")):
         values, begin = rows[stage], start[stage]
         key = rlhf_metric(stage, values)
         if key == "exact match" and key in values and key in begin:
-            need, where = begin[key] + targets["grpo_gain"], f" on {begin['family']}" if "family" in begin else ""
+            need, where = begin[key] + targets.grpo_gain, f" on {begin['family']}" if "family" in begin else ""
             checks.append((f"{stage} exact match{where} {_fmt(values[key])} (≥ {_fmt(need)})", values[key] >= need))
         elif key in values and key in begin:
-            need = begin[key] + targets["rlhf_gain"] * abs(begin[key])  # x(1 + gain) for a positive start
+            need = begin[key] + targets.rlhf_gain * abs(begin[key])  # x(1 + gain) for a positive start
             what = f"{stage} {key} {_fmt(values[key])} (≥ {_fmt(need)}, from {_fmt(begin[key])})"
             checks.append((what, values[key] >= need))
             if "exact match" in values and "exact match" in begin:  # a learned reward's score, not bought with
                 checks.append(kept_exact_match(stage, values, begin))  # wrong answers (reward hacking)
         if "KL" in values:
             kl = values["KL"]
-            checks.append((f"{stage} KL {kl:.2f} (finite, ≤ {KL_BOUND:.0f})", kl == kl and abs(kl) <= KL_BOUND))
+            bound = targets.kl_bound
+            checks.append((f"{stage} KL {kl:.2f} (finite, ≤ {bound:.0f})", kl == kl and abs(kl) <= bound))
         if "median length" in values and "median length" in begin:
-            length, floor = values["median length"], LENGTH_FLOOR * begin["median length"]
+            length, floor = values["median length"], targets.length_floor * begin["median length"]
             checks.append((f"{stage} median reply length {length:.0f} (≥ {floor:.0f})", length >= max(floor, 1)))
     return checks
 
@@ -270,7 +272,7 @@ def targets_met(
 def markdown(
     rows: dict[str, dict[str, float]],
     parents: dict[str, str | None],
-    targets: str,
+    targets: Targets,
     starts: dict | None = None,
     grpo_family: str = "verifiable",
     families: Families | None = None,
@@ -301,10 +303,10 @@ def markdown(
             cells = [_fmt(grpo_start[f"exact match {t}"]) if f"exact match {t}" in grpo_start else "–" for t in tasks]
             text += f"| {parents.get('rlhf-grpo')} on {grpo_family} | " + " | ".join(cells) + " |\n"
     text += family_table(rows, parents, families)
-    checks = targets_met(rows, parents, TARGETS[targets], given, families)
+    checks = targets_met(rows, parents, targets, given, families)
     if checks:
         met = sum(ok for _, ok in checks)
-        text += f"\nTargets ({targets}), {met} of {len(checks)} met:\n"
+        text += f"\nTargets ({targets.name}), {met} of {len(checks)} met:\n"
         text += "".join(f"- {what}: {'met' if ok else 'NOT met'}\n" for what, ok in checks)
     return text
 
@@ -355,16 +357,12 @@ class ReportCommand:
     """`minillm report` (minillm/conf/report.yaml)."""
 
     model_name: str = "tiny"  # whose run dirs: <out_dir>/<stage>_<model_name> (`model` is train's preset group)
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
-    targets: str = "demo"  # a key of TARGETS
+    stages: list[str] = field(default_factory=lambda: list(RUNS))
+    targets: Targets = field(default_factory=Targets)  # conf/targets/<name>.yaml: targets=demo|quality
     grpo_family: str = "verifiable"  # eval/<family>.jsonl: the questions rlhf-grpo's exact match, KL and length use
     out_dir: str = "outputs"
     card: Optional[str] = None  # None: <out_dir>/report.md
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        if self.targets not in TARGETS:
-            raise ValueError(f"targets={self.targets}: choose one of {sorted(TARGETS)}")
 
 
 def run(command: ReportCommand) -> None:

@@ -5,8 +5,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from minillm.config import CONF_DIR, compose, to_config
-from minillm.stages import STAGES
+from minillm.config import CONF_DIR, STAGES, compose, run_names, to_config
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 STAGE_FILES = sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
@@ -123,17 +122,18 @@ def test_every_stage_declares_its_schema_data_kind_and_needs():
 
     from omegaconf import OmegaConf
 
-    from minillm.config import STAGE_SCHEMAS
     from minillm.data.kinds import KINDS
-    from minillm.stages import STAGES
+    from minillm.stages import MODULES, stage_module
     from minillm.train import build
 
-    assert set(STAGES) == set(STAGE_SCHEMAS)
-    for name, stage in STAGES.items():
-        assert stage.schema is STAGE_SCHEMAS[name], name
+    modules = {name: stage_module(name) for name in STAGES}
+    assert set(modules.values()) == set(MODULES)  # every module is some stage's, once
+    for name, stage in modules.items():
+        assert stage.schema is STAGES[name], name
         assert OmegaConf.get_type(compose([f"stage={name}"]).stage) is stage.schema, name  # the YAML pulls it in
         assert KINDS[stage.data.name] is stage.data, name
-    assert {s.data.name for s in STAGES.values()} == {"pretrain", "sft", "preference", "prompts"}
+    assert {s.data.name for s in modules.values()} == {"pretrain", "sft", "preference", "prompts"}
+    assert run_names() == ["pretrain", "sft", "dpo", "reward", "rlhf", "rlhf-grpo"]  # the report's runs
     source = inspect.getsource(build)
     assert not any(f'"{name}"' in source for name in STAGES) and "hasattr" not in source  # generic wiring
 

@@ -194,7 +194,7 @@ def test_report_tabulates_each_stage_against_its_start_and_draws_a_chart(tmp_pat
 
 
 def test_report_targets_by_hand():
-    from minillm.report import TARGETS, targets_met
+    from minillm.report import targets_met, targets_preset
 
     rows = {
         "pretrain": {"exact match": 0.0},
@@ -205,7 +205,7 @@ def test_report_targets_by_hand():
     }
     rows["dpo"] |= {"reward-model score": 0.3, "median length": 10.0}
     parents = {"sft": "pretrain", "dpo": "sft", "reward": "sft", "rlhf": "dpo"}
-    checks = dict(targets_met(rows, parents, TARGETS["demo"]))
+    checks = dict(targets_met(rows, parents, targets_preset("demo")))
     verdicts = {what.split(" (")[0]: ok for what, ok in checks.items()}
     assert verdicts == {
         "sft exact match +0.350 vs its start": True,  # ≥ +0.30
@@ -218,11 +218,11 @@ def test_report_targets_by_hand():
         "rlhf median reply length 2": False,  # < half of 10: collapsed
     }
     rows["rlhf"]["exact match"] = 0.30  # kept the answers it started with
-    assert ("rlhf exact match 0.300 (≥ its start's 0.300)", True) in targets_met(rows, parents, TARGETS["demo"])
+    assert ("rlhf exact match 0.300 (≥ its start's 0.300)", True) in targets_met(rows, parents, targets_preset("demo"))
 
 
 def test_report_targets_read_only_the_families_a_stage_trained_on(tmp_path):
-    from minillm.report import TARGETS, family_accuracies, markdown, targets_met, trained_families
+    from minillm.report import family_accuracies, markdown, targets_met, targets_preset, trained_families
 
     run = tmp_path / "dpo_tiny"
     run.mkdir()
@@ -249,13 +249,13 @@ def test_report_targets_read_only_the_families_a_stage_trained_on(tmp_path):
         "reward": {"pairwise accuracy a": 0.95, "pairwise accuracy b": 0.6},
     }
     parents = {"dpo": "sft", "reward": "sft"}
-    checks = dict(targets_met(rows, parents, TARGETS["demo"], families=families))
+    checks = dict(targets_met(rows, parents, targets_preset("demo"), families=families))
     assert checks["dpo reward accuracy on the families it trained on 0.925 (≥ 0.80)"]  # (27 + 10) / 40
     assert checks["reward model ≥ 0.85 on every family it trained on (lowest: a 0.950)"]  # b not trained on
-    assert not dict(targets_met(rows, parents, TARGETS["demo"]))[
+    assert not dict(targets_met(rows, parents, targets_preset("demo")))[
         "reward model ≥ 0.85 on every family it trained on (lowest: b 0.600)"
     ]  # without families: every family in the row
-    text = markdown(rows, parents, "demo", families=families)
+    text = markdown(rows, parents, targets_preset("demo"), families=families)
     assert "| dpo | reward accuracy vs sft | 0.900* | 0.500 | 1.000* |" in text
     assert "| reward | pairwise accuracy | 0.950* | 0.600 | – |" in text
     assert "reward accuracy on the families it trained on 0.925 vs sft" in text
@@ -287,14 +287,14 @@ def test_task_eval_logs_exact_match_during_training_and_leaves_the_loss_curve(
 
 
 def test_quality_targets_by_hand():
-    from minillm.report import TARGETS, targets_met
+    from minillm.report import targets_met, targets_preset
 
     rows = {
         "pretrain": {"exact match": 0.0},
         "sft": {"exact match": 0.92, "exact match add": 0.8, "exact match sort": 0.7},
         "rlhf-grpo": {"exact match": 0.95, "reward-model score": 9.0},
     }
-    checks = targets_met(rows, {"sft": "pretrain", "rlhf-grpo": "sft"}, TARGETS["quality"])
+    checks = targets_met(rows, {"sft": "pretrain", "rlhf-grpo": "sft"}, targets_preset("quality"))
     verdicts = {what.split(" (")[0]: ok for what, ok in checks}
     assert verdicts == {
         "sft exact match +0.920 vs its start": True,
@@ -304,7 +304,7 @@ def test_quality_targets_by_hand():
     }
     # GRPO on its own family: judged against its start asked the same questions, not the start's row
     starts = {"rlhf-grpo": {"exact match": 0.80, "family": "rephrased"}}
-    checks = targets_met(rows, {"sft": "pretrain", "rlhf-grpo": "sft"}, TARGETS["quality"], starts)
+    checks = targets_met(rows, {"sft": "pretrain", "rlhf-grpo": "sft"}, targets_preset("quality"), starts)
     assert ("rlhf-grpo exact match on rephrased 0.950 (≥ 0.900)", True) in checks
 
 
