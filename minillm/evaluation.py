@@ -32,6 +32,7 @@ import torch
 from minillm import reward_rules
 from minillm.generate import GenerationConfig, generate, generate_ids, load_model
 from minillm.model import MiniGPT, RewardModel
+from minillm.progress import batch_starts, progress
 from minillm.tokenizer import Tokenizer, apply_chat_template
 
 TASKS = ("bpb", "verifiable", "preference", "reward", "kl", "samples")
@@ -76,7 +77,7 @@ def exact_match_rate(
     the `exact_match` rule (the one RLHF rewards with)."""
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
     correct, examples, per_task = 0, [], {}
-    for start in range(0, len(records), batch_size):
+    for start in batch_starts(len(records), batch_size, "exact match"):
         chunk = records[start : start + batch_size]
         prompts = [r["conversations"][:-1] for r in chunk]
         replies = generate(model, tokenizer, prompts, config)
@@ -120,7 +121,7 @@ def mean_reward(
     if bad is not None:
         raise ValueError(f"not a prompt record: {bad}")
     scores, model_scores, examples, lengths = [], [], [], []
-    for start in range(0, len(prompts), batch_size):
+    for start in batch_starts(len(prompts), batch_size, "reward"):
         chunk = prompts[start : start + batch_size]
         replies = generate(model, tokenizer, [p["prompt"] for p in chunk], config)
         ids = [tokenizer.encode(r) for r in replies]
@@ -170,7 +171,7 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict
 
     wins, margins = 0, []
     block = model.config.block_size
-    for start in range(0, len(pairs), batch_size):
+    for start in batch_starts(len(pairs), batch_size, "pairwise accuracy"):
         encoded = [
             encode_pair(tokenizer, to_preference(p), (block // 2, block - block // 2))
             for p in pairs[start : start + batch_size]
@@ -232,7 +233,7 @@ def bits_per_byte(model: MiniGPT, tokenizer: Tokenizer, texts: list[str]) -> dic
     device = next(model.parameters()).device
     block = model.config.block_size
     loss_sum, tokens, n_bytes = 0.0, 0, 0
-    for text in texts:
+    for text in progress(texts, "bits per byte", unit="text"):
         ids = [tokenizer.eos_id] + tokenizer.encode(text)
         for start in range(0, len(ids) - 1, block):  # window i predicts ids[start + 1 : start + block + 1]
             window = torch.tensor(ids[start : start + block + 1], device=device)[None]
@@ -267,7 +268,7 @@ def completion_logps(model: MiniGPT, tokenizer: Tokenizer, pairs: list[dict]) ->
     model.eval()
     block = model.config.block_size
     out = []
-    for p in pairs:
+    for p in progress(pairs, "pair log-probs", unit="pair"):
         enc = encode_pair(tokenizer, to_preference(p), (block // 2, block - block // 2))
         row = []
         for side in ("chosen", "rejected"):
@@ -328,7 +329,7 @@ def kl_to_reference(
     model.eval()
     reference.eval()
     totals, lengths = [], []
-    for i, record in enumerate(records):
+    for i, record in enumerate(progress(records, "KL", unit="reply")):
         context = apply_chat_template(tokenizer, to_prompt(record)["prompt"], add_generation_prompt=True).ids
         context = context[-(model.config.block_size - max_new_tokens) :]  # room for the reply
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + i)

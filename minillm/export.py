@@ -21,6 +21,7 @@ from pathlib import Path
 
 from minillm.cli import Command
 from minillm.pretrained import load_parts, save_pretrained
+from minillm.progress import phase
 
 
 def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
@@ -90,6 +91,7 @@ class ExportCommand:
 
 
 def run(command: ExportCommand) -> None:
+    phase(f"export: reading {command.model_path}, writing {command.out} ({command.format})")
     try:
         if command.format == "gguf":
             out = export_gguf(command.model_path, command.out, command.gguf.type, overwrite=command.overwrite)

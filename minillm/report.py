@@ -34,6 +34,7 @@ from minillm.callbacks.loss_plot import PLOTS_HINT, have_matplotlib
 from minillm.cli import Command
 from minillm.config import run_names
 from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
+from minillm.progress import phase, progress
 from minillm.rundir import final_dir, stage_dir
 
 RUNS = tuple(run_names())  # the runs a card can show, in chain order
@@ -373,10 +374,11 @@ def run(command: ReportCommand) -> None:
     if config.reward_model is None and reward_folder.is_dir():  # score every stage's replies with it too
         config.reward_model = str(reward_folder)
     rows, parents, starts, families = {}, {}, {}, {}
-    for stage in stages:
+    for stage in progress(stages, "report", unit="stage"):
         folder = final_dir(stage, model, out_dir)
         if not (folder / "model.safetensors").is_file():
             continue
+        phase(f"report: evaluating {folder}")
         parents[stage] = parent_stage(stage, model, out_dir)
         stage_config = config
         if parents[stage] and (stage == "dpo" or stage.startswith("rlhf")):  # reward accuracy, KL: vs the start

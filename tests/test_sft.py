@@ -295,6 +295,13 @@ def test_generate_cli_reads_a_prompt_file_and_speaks_chat(tmp_path, pretrained, 
     assert out.count("→ ") == 2 and "What is 2 + 3?" in out and "Hello" in out
     with pytest.raises(SystemExit, match="max_new_tokenz"):
         generate.main([f"model_path={pretrained}", "prompt=x", "max_new_tokenz=3"])
+    many = tmp_path / "many.txt"  # decoded batch_size at a time: greedy text as one batch, in the file's order
+    many.write_text("".join(f"line {i} of the file\n" for i in range(5)), encoding="utf-8")
+    runs = []
+    for size in (2, 16):
+        generate.main([f"model_path={pretrained}", f"prompt_file={many}", f"batch_size={size}", "do_sample=false"])
+        runs.append(capsys.readouterr().out)
+    assert runs[0] == runs[1] and [line for line in runs[0].splitlines() if line.startswith("line ")][0][:6] == "line 0"
 
 
 def test_exact_match_counts_only_exact_replies(tokenizer):

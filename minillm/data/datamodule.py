@@ -22,7 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from datasets import Dataset, disable_progress_bars
+from datasets import Dataset, disable_progress_bars, enable_progress_bars
 from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 
@@ -34,6 +34,7 @@ from minillm.data.kinds import PRETRAIN, Kind, kind_named
 from minillm.data.loader import ResumableLoader, ResumableSampler, WindowTotals
 from minillm.data.stream import PretrainStream, StreamLoader
 from minillm.data.records import BadRecords, DataError, is_held_out, is_sampled
+from minillm.progress import shown as progress_shown
 from minillm.tokenizer import EmptyCorpusError, Tokenizer, TokenizerConfig, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class MiniLLMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        disable_progress_bars()
+        enable_progress_bars() if progress_shown() else disable_progress_bars()  # tokenize / pack bars on a terminal
         if self.config.streaming:
             self._setup_stream()
             return

@@ -15,6 +15,7 @@ from typing import Optional
 
 from minillm import reward_rules
 from minillm.evaluation import load_family
+from minillm.progress import batch_starts
 from minillm.generate import GenerationConfig, generate, load_model
 
 
@@ -22,7 +23,7 @@ def onpolicy_pairs(model, tokenizer, records: list[dict], max_new_tokens: int = 
     """{"pairs": [...], "asked": n, "wrong": n, "empty": n} for chat records with an `answer`."""
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
     pairs, wrong, empty = [], 0, 0
-    for start in range(0, len(records), batch_size):
+    for start in batch_starts(len(records), batch_size, "on-policy pairs"):
         chunk = records[start : start + batch_size]
         replies = generate(model, tokenizer, [r["conversations"][:-1] for r in chunk], config)
         hits = reward_rules.exact_match(replies, None, answer=[r["answer"] for r in chunk])

@@ -8,13 +8,15 @@ from typing import Any, Optional
 
 from minillm.cli import Command
 from minillm.generate import GenerationConfig, generate, generation_config, load_model
+from minillm.progress import batch_starts
 
 
 @dataclass
 class GenerateCommand(GenerationConfig):
     """`minillm generate` (conf/generate.yaml): a model, prompts, and every GenerationConfig field.
 
-    `prompt` may be a list (prompt='["To be","你好"]') or `prompt_file=FILE` (one per line) for one batched call;
+    `prompt` may be a list (prompt='["To be","你好"]') or `prompt_file=FILE` (one per line), decoded
+    `batch_size` at a time;
     `chat=true` sends each prompt as a user message through the chat template (for SFT models). Values are parsed
     as Hydra overrides, so quote commas, `!` and non-ASCII text.
     """
@@ -26,6 +28,12 @@ class GenerateCommand(GenerationConfig):
     device: str = "cpu"
     dtype: str = "auto"  # the weights' dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
     compile: bool = False  # decode through a compiled fixed-shape step (faster after the first call)
+    batch_size: int = 16  # prompts decoded together (left-padded); a longer list goes batch by batch
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ValueError(f"invalid generation config: batch_size must be >= 1, got {self.batch_size}")
 
 
 def run(command: GenerateCommand) -> None:
@@ -39,8 +47,11 @@ def run(command: GenerateCommand) -> None:
         raise SystemExit(f"error: {e}") from None
     prompts = [str(p) for p in prompt] if isinstance(prompt, (list, tuple)) else [str(prompt)]
     inputs = [[{"role": "user", "content": p}] for p in prompts] if command.chat else prompts
-    for p, text in zip(prompts, generate(model, tokenizer, inputs, generation_config(command))):
-        print(f"{p}\n→ {text}\n" if command.chat else f"{p}{text}\n")
+    config, size = generation_config(command), command.batch_size
+    for start in batch_starts(len(prompts), size, "generate"):  # each batch printed as soon as it is decoded
+        texts = generate(model, tokenizer, inputs[start : start + size], config)
+        for p, text in zip(prompts[start : start + size], texts):
+            print(f"{p}\n→ {text}\n" if command.chat else f"{p}{text}\n", flush=True)
 
 
 COMMAND = Command("generate", GenerateCommand, run)
