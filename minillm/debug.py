@@ -2,20 +2,26 @@
 
 Composes the same config and builds the same data module and stage module as `minillm.train`, prints the
 first batch (raw text, token ids, loss mask, shapes), runs one optimizer step through the stage's own
-training_step and prints the loss and gradient norm, then generates from `prompt`. Writes nothing.
+training_step and prints the loss and gradient norm, then generates from `prompt`. Writes only the config
+snapshot it describes, to `<run_dir>/debug/training_config_snapshot.json` (never the run's own snapshot,
+checkpoints or logs).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
 
 from minillm.cli import Command
+from minillm.config import resolved_dict
+from minillm.device import best_device
 from minillm.generate import GenerationConfig, generate
 from minillm.losses import IGNORE_INDEX
+from minillm.rundir import write_snapshot
 from minillm.train import build
 
 
@@ -39,6 +45,7 @@ def run(cfg: DictConfig) -> None:
     cfg.trainer.max_steps = 1
     cfg.trainer.limit_val_batches = 0
     run = build(cfg=cfg, inspect=True)
+    snapshot = write_snapshot(Path(run.run_dir) / "debug", resolved_dict(run.config), best_device())
     tok = run.datamodule.tokenizer
     batch = next(iter(run.datamodule.train_dataloader()))
     ids = batch["input_ids"]
@@ -60,9 +67,10 @@ def run(cfg: DictConfig) -> None:
         run.module.model, tok, cfg.prompt, GenerationConfig(max_new_tokens=cfg.debug.max_new_tokens, seed=0)
     )
     print(f"== generate({cfg.prompt!r}) -> {text!r}")
+    print(f"== config snapshot: {snapshot}")
 
 
-COMMAND = Command("debug", None, run)  # minillm/conf/debug.yaml: the train config, nothing written
+COMMAND = Command("debug", None, run)  # conf/debug.yaml: the train config; only <run_dir>/debug/ is written
 cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
 
 

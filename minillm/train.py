@@ -16,6 +16,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -174,18 +175,45 @@ def main(cfg: DictConfig) -> float | None:
     except (ValueError, FileNotFoundError) as e:  # errors a user can cause: the message says what to do
         log.error("error: %s", e)
         sys.exit(2)
+    code = fit_or_explain(run)
+    if code:
+        sys.exit(code)
+    return run.metric
+
+
+OUT_OF_MEMORY_HINT = (
+    "lower data.batch_size and raise trainer.accumulate_grad_batches by the same factor (the same batch per "
+    "optimizer step), or lower model.block_size, or set model.gradient_checkpointing=true; a smaller batch without "
+    "accumulation sees fewer tokens per step: raise trainer.max_steps to match. Checkpoints on disk are intact: "
+    "resume=auto continues from the last one"
+)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA/MPS allocator failure, or a CPU allocation torch could not make."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def fit_or_explain(run: Run) -> int:
+    """`run.fit()`; a failure the user can act on (a full disk, memory) is one `error:` line saying what to do,
+    and the exit code 1. Anything else propagates."""
     try:
-        code = run.fit()
+        return run.fit()
     except OSError as e:  # disk full, a folder that vanished: checkpoints are written atomically, none is lost
         log.error(
             "error: %s. Checkpoints already on disk are intact (written atomically); fix the cause and continue "
             "with resume=auto",
             e,
         )
-        sys.exit(1)
-    if code:
-        sys.exit(code)
-    return run.metric
+        return 1
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        log.error("error: out of memory (%s): %s", str(e).splitlines()[0][:200], OUT_OF_MEMORY_HINT)
+        return 1
 
 
 def check_before_hydra(argv: Sequence[str]) -> None:

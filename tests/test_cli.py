@@ -24,7 +24,13 @@ def test_debug_prints_the_batch_one_step_and_a_generation(tmp_path, data_dir, ca
     grad = float(out.split("grad norm ")[1].split()[0])
     assert 0 < loss < 20 and 0 < grad < 1e3
     assert "generate('你好，MiniGPT！') -> " in out
-    assert not (tmp_path / "run").exists()  # debug writes nothing
+    snapshot = tmp_path / "run" / "debug" / "training_config_snapshot.json"  # the config it described, and no more
+    assert f"== config snapshot: {snapshot}" in out
+    assert json.loads(snapshot.read_text())["config"]["stage"]["name"] == "pretrain"
+    assert sorted(p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*")) == [
+        "debug",
+        "debug/training_config_snapshot.json",
+    ]
 
 
 def test_device_reports_and_writes_a_snapshot(tmp_path, capsys, monkeypatch):

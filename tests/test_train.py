@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import signal
 
@@ -221,6 +222,7 @@ def test_grad_monitor_warns_on_a_spike_naming_the_step(caplog):
         monitor.on_before_optimizer_step(SimpleNamespace(global_step=step), module, None)
     assert logged["grad/total_norm"] == pytest.approx(50.0) and logged["grad/nonfinite"] == 0
     assert monitor.spikes == [12] and "step 12: gradient norm 50" in caplog.text
+    assert "try a lower optim.lr or a longer optim.warmup_steps" in caplog.text  # what to do about it
     weight.grad = torch.tensor([1.0, float("nan"), 0.0, 0.0])
     monitor.on_before_optimizer_step(SimpleNamespace(global_step=13), module, None)
     assert logged["grad/nonfinite"] == 1 and len(monitor.history) == 13  # non-finite norms stay out of the median
@@ -267,3 +269,32 @@ def test_without_matplotlib_a_run_draws_nothing_and_says_so(tmp_path, data_dir, 
     assert build(micro_overrides(tmp_path, data_dir)).fit() == 0
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file() and not (tmp_path / "run" / "loss.png").exists()
     assert "loss.png not drawn: matplotlib is not installed (pip install 'minillm-lab[plots]'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"),
+    ],
+)
+def test_out_of_memory_is_one_error_line_naming_the_knobs(tmp_path, data_dir, caplog, monkeypatch, error):
+    from minillm.train import fit_or_explain
+
+    run = build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=3"))
+
+    def explode(batch, batch_idx):
+        raise error
+
+    monkeypatch.setattr(run.module, "training_step", explode)
+    caplog.set_level(logging.ERROR, logger="minillm")
+    assert fit_or_explain(run) == 1
+    (line,) = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "out of memory" in r.getMessage()
+    ]
+    for knob in ("data.batch_size", "trainer.accumulate_grad_batches", "model.block_size", "trainer.max_steps"):
+        assert knob in line, knob
+    other = build(micro_overrides(tmp_path / "other", data_dir, "trainer.max_steps=3"))
+    monkeypatch.setattr(other.module, "training_step", lambda batch, batch_idx: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # not a memory error: it propagates as it is
+        fit_or_explain(other)

@@ -47,7 +47,9 @@ class GradMonitor(L.Callback):
             if median > 0 and total > self.spike_factor * median:
                 self.spikes.append(trainer.global_step)
                 log.warning(
-                    "step %d: gradient norm %.3g is %.1f× the running median %.3g",
+                    "step %d: gradient norm %.3g is %.1f× the running median %.3g. If the loss jumps too or this "
+                    "repeats, try a lower optim.lr or a longer optim.warmup_steps (gradient clipping: "
+                    "trainer.gradient_clip_val)",
                     trainer.global_step,
                     total,
                     total / median,
