@@ -7,8 +7,8 @@ TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 REF_VENV := .venv-ref
 REF_STAMP := $(REF_VENV)/.installed
-# The ref extra builds llama-cpp-python from its sdist (no binary wheel here: ~20 minutes on 2 busy cores, once;
-# pip caches the wheel). CMAKE_ARGS leaves out its multimodal library, which the GGUF tests do not use.
+# The ref extra builds llama-cpp-python from its sdist (~20 minutes on 2 cores, once; pip caches the wheel);
+# CMAKE_ARGS leaves out its multimodal library, which the GGUF tests do not use.
 
 .PHONY: demo quality test test-slow test-ref lint format data bench clean
 
@@ -28,15 +28,13 @@ data: $(STAMP)
 	$(PY) -m minillm.data
 
 # The main job on the built-in corpus: pretrain -> generate -> SFT -> DPO -> reward model -> RLHF (PPO) -> a chat
-# exchange, model=tiny, ~10 minutes on 2 cores.
-# resume=auto everywhere: a finished stage is not redone, an interrupted one continues.
+# exchange -> the report card, model=tiny (times per CPU: docs/performance.md). resume=auto everywhere: a finished
+# stage is not redone, an interrupted one continues.
 DEMO_MODEL ?= tiny
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
 DEMO_CHAT := 'What is 12 + 7?\n/reset\nReverse the words: apple river stone\n/reset\nSort the words alphabetically: tiger lemon paper\n/reset\nHello, how are you?\n/exit\n'
-# The card's pairs: dialogue relevance (chatterbot_pairs, which neither DPO nor the reward model trains on: at chance
-# on unseen openers), the spoiled replies (the reward model's only) and the verifiable answers (both); the card marks
-# which a stage trained on. Its RL prompts: the held-out dialogue openers, as PPO's (PPO on the verifiable questions
-# against this reward model raised its score 2.7x and dropped exact match 0.48 -> 0.29: docs/training.md).
+# The card's pairs: dialogue relevance (no stage trains on it), the spoiled replies (the reward model's) and the
+# verifiable answers (both); the card marks which a stage trained on. Its RL prompts: the held-out dialogue openers.
 DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' \
 	eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
 demo: data
@@ -51,16 +49,14 @@ demo: data
 	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/rlhf_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
 	$(PY) -m minillm.report model_name=$(DEMO_MODEL) $(DEMO_EVAL)
 
-# The one-hour recipe (about an hour of training on 2 Zen 4 cores in bf16; 1 h 54 min in all, card included, on a
-# 2-core AVX2-only EPYC in fp32): the same chain with longer budgets in outputs/quality/, then GRPO against the
-# verifiable rule, and its own card, outputs/report_quality.md, checked against the quality targets.
-# GRPO asks the rephrased questions (the verifiable tasks in words SFT never saw) and rewards exact answers.
+# The longer recipe (docs/performance.md): the same chain with longer budgets in outputs/quality/, then GRPO asking
+# the rephrased questions (the verifiable tasks in words SFT never saw) for exact answers, and its own card,
+# outputs/report_quality.md, against the quality targets.
 QUALITY_RULE := stage.algorithm=grpo stage.reward=verifiable stage.ptx_coef=0 stage.temperature=1.0 \
 	data.sources.rephrased.sample_ratio=1 +data.sources.chatterbot.sample_ratio=0 callbacks.task_eval.family=rephrased
 # The card's pairs and PPO prompts, as in the demo (DEMO_EVAL).
 QUALITY_EVAL := $(DEMO_EVAL)
-# The two long stages train compiled: +34% tokens/s for tiny in bf16 on a 2-core AMX Xeon, +12% in fp32 on an
-# AVX-512 one (README, Performance), for about a minute of compiling (cached in data/cache/torchinductor).
+# The two long stages train compiled (faster after about a minute of compiling: docs/performance.md).
 quality: data
 	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=quality compile=true resume=auto
 	$(PY) -m minillm.train stage=sft model=$(DEMO_MODEL) experiment=quality_sft compile=true resume=auto
@@ -73,7 +69,7 @@ quality: data
 	$(PY) -m minillm.report model_name=$(DEMO_MODEL) out_dir=outputs/quality card=outputs/report_quality.md \
 		targets=quality 'stages=[pretrain,sft,dpo,reward,rlhf,rlhf-grpo]' grpo_family=rephrased $(QUALITY_EVAL)
 
-LINTED := minillm tests benchmarks
+LINTED := minillm conf tests benchmarks
 
 test: $(STAMP)
 	$(PY) -m ruff check $(LINTED)

@@ -148,6 +148,9 @@ def test_data_dir_resolution_prefers_the_command_line_over_the_environment(tmp_p
     assert set(run.datamodule.stats["sources"]) == {"verses", "prose"}
     with pytest.raises(DataError, match=r"missing \(from data.dir\) does not exist"):
         build(micro_overrides(tmp_path, data_dir, f"data.dir={tmp_path / 'missing'}"))
+    monkeypatch.setenv("MINILLM_DATA_DIR", str(tmp_path / "first"))  # the primary spelling wins over the old one
+    with pytest.raises(DataError, match=r"first \(from \$MINILLM_DATA_DIR\) does not exist"):
+        build(micro_overrides(tmp_path, data_dir, "data.dir=null"))
 
 
 def test_too_little_data_after_sampling_is_an_error(tmp_path, data_dir):

@@ -16,10 +16,11 @@ def test_readme_generate_example_runs(tokenizer, tmp_path, capsys):
     ]
     torch.manual_seed(0)
     folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
-    code = block.replace('"outputs/pretrain_tiny/final"', repr(str(folder)))
+    assert '"outputs/sft_tiny/final"' in block
+    code = block.replace('"outputs/sft_tiny/final"', repr(str(folder)))
     namespace = {}
     exec(compile(code, str(README), "exec"), namespace)
-    out = namespace["out"]
-    assert out.shape[0] == 1 and out.shape[1] > len(namespace["ids"])
-    assert out[0, : len(namespace["ids"])].tolist() == namespace["ids"]
-    assert capsys.readouterr().out.count("\n") >= 4
+    out, ids = namespace["output_ids"], namespace["prompt_ids"]
+    assert out.shape[0] == 1 and len(ids) < out.shape[1] <= 40
+    assert out[0, : len(ids)].tolist() == ids
+    assert capsys.readouterr().out.count("\n") >= 5
