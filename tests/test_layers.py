@@ -2,6 +2,7 @@
 commands sit on top of libraries, no module pair needs each other, and no private name crosses a module."""
 
 import ast
+import tomllib
 from pathlib import Path
 
 from minillm.cli import COMMANDS
@@ -112,3 +113,11 @@ def test_no_private_name_is_imported_from_another_module():
         if name.startswith("_") and not name.startswith("__")
     }
     assert crossing == set()
+
+
+def test_the_wheel_lists_every_package_folder():
+    """pyproject.toml names its packages (conf/ is mapped in as minillm.conf): a new folder must be added there."""
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {module_name(p.parent / "__init__.py", PACKAGE) for p in PACKAGE.rglob("__init__.py")}
+    assert set(project["packages"]) == folders | {"minillm.conf"}
+    assert project["package-dir"] == {"minillm.conf": "conf"}
