@@ -2,8 +2,9 @@
 commands sit on top of libraries, no module pair needs each other, and no private name crosses a module."""
 
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from minillm.cli import COMMANDS
 
