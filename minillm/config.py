@@ -389,7 +389,38 @@ def to_config(cfg: DictConfig) -> Config:
     """Typed, validated dataclasses (runs every __post_init__). Group configs stay plain dicts. A key that no
     schema has (`+optim.lrr=1` gets past Hydra) is an error naming it and the keys that exist."""
     _check_keys(cfg, "")
+    _check_numbers(OmegaConf.to_container(cfg, resolve=True), "")
     return OmegaConf.to_object(cfg)
+
+
+# Lightning Trainer arguments that count (the trainer group is untyped: its schema is Lightning's signature).
+TRAINER_COUNTS = (
+    "max_steps",
+    "min_steps",
+    "max_epochs",
+    "min_epochs",
+    "accumulate_grad_batches",
+    "log_every_n_steps",
+    "num_nodes",
+    "check_val_every_n_epoch",
+    "num_sanity_val_steps",
+)
+
+
+def _check_numbers(node: Any, where: str) -> None:
+    """Every number finite (`optim.lr=inf` would train NaN weights), and the trainer's counts whole numbers
+    (`trainer.max_steps=1.5` is not a step count)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_numbers(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_numbers(value, f"{where}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ValueError(f"{where}={node}: every number in the config must be finite; set a finite value")
+    if where.startswith("trainer.") and where.removeprefix("trainer.") in TRAINER_COUNTS:
+        if isinstance(node, float) or isinstance(node, bool):
+            raise ValueError(f"{where}={node}: a count must be a whole number (e.g. {where}={max(int(node), 1)})")
 
 
 def _check_keys(node: DictConfig, where: str) -> None:

@@ -59,6 +59,7 @@ RESUME_FREE_KEYS = (
     "run_dir",
     "callbacks.checkpoint.dirpath",
     "callbacks.best_checkpoint.dirpath",
+    "callbacks.best_checkpoint._target_",  # lightning's ModelCheckpoint before BestCheckpoint: the same best.ckpt
     "callbacks.interrupt.dirpath",
     "callbacks.loss_plot.run_dir",
 )

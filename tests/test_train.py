@@ -2,6 +2,7 @@ import csv
 import json
 import logging
 import os
+import re
 import signal
 
 import lightning as L
@@ -196,6 +197,43 @@ def test_nonfinite_steps_are_skipped_then_training_halts_with_a_checkpoint(tmp_p
     assert torch.equal(weights[3], weights[5])  # skipped steps did not move the weights
     assert (tmp_path / "run" / "checkpoints" / "halt-step-000005.ckpt").is_file()
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_weights_that_break_are_never_checkpointed_or_exported(tmp_path, data_dir, caplog):
+    """A step that leaves NaN weights (what optim.lr=inf did): no checkpoint of them, no final/, exit 1, and the
+    error names the last good checkpoint, which holds finite weights."""
+    run = build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=6", "trainer.val_check_interval=6"))
+
+    class BreakWeights(L.Callback):  # after step 3's update, one weight becomes NaN
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    pl_module.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+
+    run.trainer.callbacks.insert(0, BreakWeights())
+    caplog.set_level(logging.ERROR, logger="minillm")
+    assert run.fit() == 1 and run.module.stop_reason == "nonfinite"
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not (tmp_path / "run" / "final").exists()
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt", "step-000002.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2 and all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    assert f"The last good state is {checkpoints / 'last.ckpt'}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=inf", "optim.lr=inf: every number in the config must be finite"),
+        ("trainer.gradient_clip_val=nan", "trainer.gradient_clip_val=nan: every number"),
+        ("trainer.max_steps=1.5", "trainer.max_steps=1.5: a count must be a whole number"),
+        ("trainer.accumulate_grad_batches=2.0", "trainer.accumulate_grad_batches=2.0: a count"),
+    ],
+)
+def test_non_finite_numbers_and_fractional_counts_are_refused_at_start(tmp_path, data_dir, override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(micro_overrides(tmp_path, data_dir, override))
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_with_another_tokenizer_is_refused(tmp_path, data_dir):

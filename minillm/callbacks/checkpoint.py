@@ -7,20 +7,44 @@ runs, at the end of that validation (so a resumed run neither repeats nor skips 
   never versioned (`last-v1.ckpt` would leave a stale `last.ckpt` after a resume or in a copied run dir).
 - `save_resume_point` (the interrupt and the halt callbacks): a named checkpoint, copied to `last.ckpt` too, so
   `last.ckpt` is the newest state after any interrupt.
+
+Neither writes weights that are not finite (a step that made them NaN or inf): the newest checkpoint then stays
+the last good state, and `last.ckpt` keeps pointing at it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from minillm.checkpoint_io import fsync_dir
 
 LAST = "last.ckpt"
+log = logging.getLogger(__name__)
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter of `module` is finite (no NaN or inf)."""
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def refuse_nonfinite(trainer: L.Trainer, path: Path | str) -> bool:
+    """True (and an error naming the step and `path`) when the weights are not finite: nothing is to be saved."""
+    if weights_finite(trainer.lightning_module):
+        return False
+    log.error(
+        "step %d: the weights are not finite (NaN or inf); %s not written: the last checkpoint on disk stays the last "
+        "good state",
+        trainer.global_step,
+        Path(path).name,
+    )
+    return True
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -52,6 +76,18 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # Lightning would write last.ckpt here, after the loader has moved on: a resume point that is not exact
 
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if not refuse_nonfinite(trainer, filepath):
+            super()._save_checkpoint(trainer, filepath)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's best-by-metric checkpoint (`best.ckpt`), never of weights that are not finite."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if not refuse_nonfinite(trainer, filepath):
+            super()._save_checkpoint(trainer, filepath)
+
 
 def validation_follows(trainer: L.Trainer) -> bool:
     """Whether the loop validates right after the current training batch on its schedule (asked in
@@ -65,8 +101,11 @@ def validation_follows(trainer: L.Trainer) -> bool:
         trainer.should_stop = stop
 
 
-def save_resume_point(trainer: L.Trainer, path: Path) -> None:
-    """Save `path` and make `last.ckpt` beside it the same state (a copy, replaced atomically)."""
+def save_resume_point(trainer: L.Trainer, path: Path) -> bool:
+    """Save `path` and make `last.ckpt` beside it the same state (a copy, replaced atomically). False (nothing
+    written) when the weights are not finite."""
+    if refuse_nonfinite(trainer, path):
+        return False
     trainer.save_checkpoint(path)
     if trainer.is_global_zero:
         last = path.with_name(LAST)
@@ -74,3 +113,4 @@ def save_resume_point(trainer: L.Trainer, path: Path) -> None:
         shutil.copyfile(path, tmp)
         os.replace(tmp, last)
         fsync_dir(path.parent)
+    return True

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from minillm import lora
+from minillm.callbacks.checkpoint import weights_finite
 from minillm.pretrained import save_pretrained
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,16 @@ class FinalCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.stop_reason is not None:
             log.info("training stopped early (%s): no final/ export", pl_module.stop_reason)
+            return
+        if not weights_finite(pl_module):  # e.g. a step that overflowed: never exported, and the run fails
+            pl_module.stop_reason = "nonfinite"
+            last = self.run_dir / "checkpoints" / "last.ckpt"
+            log.error(
+                "the weights at step %d are not finite (NaN or inf): no final/ export. The last good state is %s; "
+                "lower optim.lr or try trainer.precision=32-true, then resume=auto or retrain",
+                trainer.global_step,
+                last if last.is_file() else "not on disk (no checkpoint was written before the weights broke)",
+            )
             return
         if not trainer.is_global_zero:
             return

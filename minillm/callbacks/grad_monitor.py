@@ -62,13 +62,13 @@ class GradMonitor(L.Callback):
             return
         dirpath = self.dirpath or Path(trainer.default_root_dir) / "checkpoints"
         path = dirpath / f"halt-step-{trainer.global_step:06d}.ckpt"
-        save_resume_point(trainer, path)
+        where = path if save_resume_point(trainer, path) else dirpath / "last.ckpt"
         log.error(
             "stopping: %d steps in a row had a non-finite loss or gradient (last at step %d); the last good "
-            "state is saved to %s. Lower optim.lr, check the data, or try trainer.precision=32-true",
+            "state is %s. Lower optim.lr, check the data, or try trainer.precision=32-true",
             pl_module.nonfinite_streak,
             trainer.global_step,
-            path,
+            where,
         )
         pl_module.stop_reason = "nonfinite"
         trainer.should_stop = True

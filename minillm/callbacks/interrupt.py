@@ -94,10 +94,13 @@ class InterruptCallback(Checkpoint):  # a Checkpoint: Lightning runs it after th
 
     def _save(self, trainer: L.Trainer) -> None:
         self.saved_to = self.dirpath / f"interrupt-step-{trainer.global_step:06d}.ckpt"
-        save_resume_point(trainer, self.saved_to)
-        log.warning(
-            "received interrupt signal — checkpoint saved to %s; rerun with resume=auto to continue", self.saved_to
-        )
+        if save_resume_point(trainer, self.saved_to):
+            log.warning(
+                "received interrupt signal — checkpoint saved to %s; rerun with resume=auto to continue", self.saved_to
+            )
+        else:  # the weights are not finite: the last checkpoint on disk is the state to go back to
+            self.saved_to = None
+            log.warning("received interrupt signal — nothing saved (the weights are not finite)")
 
 
 class CommandSignals:
