@@ -153,10 +153,36 @@ def write_hf_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
+# config.json fields whose other values change what a Llama computes, with the value MiniGPT implements: a folder
+# that sets another is refused by name, since loading it would silently compute other logits than transformers.
+IMPLEMENTED_HF_FIELDS = {
+    "hidden_act": ("silu", "only SiLU-gated (SwiGLU) MLPs are implemented"),
+    "rope_scaling": (None, "RoPE scaling (linear, dynamic, yarn, llama3, ...) is not implemented"),
+    "attention_bias": (False, "attention projections have no bias here"),
+    "mlp_bias": (False, "MLP projections have no bias here"),
+    "sliding_window": (None, "sliding-window attention is not implemented"),
+    "use_sliding_window": (False, "sliding-window attention is not implemented"),
+    "pretraining_tp": (1, "tensor-parallel slicing of the pretraining run (pretraining_tp > 1) is not implemented"),
+}
+
+
 def model_config_from_hf(config: dict, where: Path) -> ModelConfig:
-    """Our ModelConfig from a transformers LlamaForCausalLM config.json (a folder without minillm.json)."""
+    """Our ModelConfig from a transformers LlamaForCausalLM config.json (a folder without minillm.json). A field
+    that would make transformers compute something MiniGPT does not (IMPLEMENTED_HF_FIELDS) is an error naming it."""
     if config.get("model_type") != "llama":
         raise ValueError(f"{where}: model_type {config.get('model_type')!r}; only llama folders can be imported")
+    for key, (implemented, why) in IMPLEMENTED_HF_FIELDS.items():
+        if key in config and config[key] not in (implemented, None if implemented is False else implemented):
+            raise ValueError(
+                f"{where}: {key}={config[key]!r} is not supported ({why}); minillm would compute other logits than "
+                f"transformers from this folder, so it refuses it. Supported: {key}={implemented!r}"
+            )
+    rope = config.get("rope_parameters") or {}  # transformers 5 keeps the RoPE settings here
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(
+            f"{where}: rope_parameters.rope_type={rope['rope_type']!r} is not supported (RoPE scaling is not "
+            "implemented); minillm would compute other logits than transformers from this folder, so it refuses it"
+        )
     heads = config["num_attention_heads"]
     if config.get("head_dim", config["hidden_size"] // heads) != config["hidden_size"] // heads:
         raise ValueError(f"{where}: head_dim must be hidden_size / num_attention_heads to import")
@@ -170,7 +196,7 @@ def model_config_from_hf(config: dict, where: Path) -> ModelConfig:
         intermediate_size=config["intermediate_size"],
         block_size=config.get("max_position_embeddings", 2048),
         norm_eps=config.get("rms_norm_eps", 1e-5),
-        rope_theta=config.get("rope_theta", 10000.0),
+        rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
         tie_embeddings=config.get("tie_word_embeddings", False),
     )
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from minillm.generate import load_model
 from minillm.model import MiniGPT
-from minillm.pretrained import save_pretrained
+from minillm.pretrained import load_pretrained, save_pretrained
 from minillm.tokenizer import TokenizerConfig, train_tokenizer
 from tests.conftest import FIXTURES, micro_config
 
@@ -55,6 +55,29 @@ def test_exported_folder_uses_llama_names_and_config(tokenizer, tmp_path):
         MiniGPT(micro_config(tokenizer.vocab_size, tie_embeddings=False)), tokenizer, tmp_path / "u"
     )
     assert "lm_head.weight" in load_file(untied / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}),
+        ("hidden_act", "gelu"),
+        ("attention_bias", True),
+        ("mlp_bias", True),
+        ("sliding_window", 4096),
+        ("pretraining_tp", 2),
+        ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}),
+    ],
+)
+def test_a_transformers_folder_with_a_field_we_do_not_compute_is_refused_by_name(tokenizer, tmp_path, field, value):
+    out = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "hf")
+    (out / "minillm.json").unlink()  # a folder transformers saved: read from config.json
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("hidden_act", "silu") == "silu" and not config.get("rope_scaling")  # our export is accepted
+    load_pretrained(out)
+    (out / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=rf"config.json: {field}(.rope_type)?=.* is not supported"):
+        load_pretrained(out)
 
 
 def write_checkpoint(path, model, tokenizer):
