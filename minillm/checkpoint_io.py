@@ -1,4 +1,4 @@
-"""Crash-safe checkpoint files: write `<name>.tmp` in the checkpoint's own folder, fsync it, `os.replace` it onto
+"""Crash-safe checkpoint files: write `<name>.<pid>.tmp` in the checkpoint's own folder, fsync it, `os.replace` it onto
 `<name>`, fsync the folder. A kill at any byte leaves the previous complete file (or none) — never a truncated
 `<name>.ckpt` for `resume=auto` to pick — and a failed write (disk full) removes its `.tmp` and raises, leaving
 every existing checkpoint as it was. `remove_stale_tmp` clears the `.tmp` files a killed run left behind.
@@ -38,7 +38,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # unique per process
         try:
             with open(tmp, "wb") as f:
                 self._write(f, buffer.getbuffer())

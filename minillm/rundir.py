@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import platform
 import shutil
@@ -265,6 +266,60 @@ def _writable(folder: Path) -> bool:
             return True
     except OSError:
         return False
+
+
+LOCK = ".lock"
+_HELD: dict[Path, int] = {}  # run dir -> the open, flock'ed lock file of this process
+
+
+class RunDirBusy(ValueError):
+    """Another process is writing this run dir."""
+
+
+def launched_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun, SLURM, Lightning's ddp): 0 when alone."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """One writer per run dir: an exclusive OS lock (flock) on `<run_dir>/.lock`, which names its holder (PID,
+    host, start). The OS drops the lock when the process ends however it ends, so a lock file left by a dead
+    process never blocks. A second command on a held run dir is refused naming the holder; taking a lock this
+    process holds already is a no-op. Other ranks of a multi-process run share rank 0's lock."""
+    import fcntl
+    import socket
+
+    key = Path(run_dir).resolve()
+    if key in _HELD or launched_rank() != 0:
+        return
+    key.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 300).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirBusy(
+            f"run_dir={run_dir} is in use by {holder}: two commands must not write one run dir. Wait for it to "
+            "finish (or stop it), or give this command another run_dir="
+        ) from None
+    os.ftruncate(fd, 0)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    os.write(fd, f"PID {os.getpid()} on {socket.gethostname()} (since {started})\n".encode())
+    _HELD[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Give up this process's lock of `run_dir` (no-op when it holds none)."""
+    import fcntl
+
+    fd = _HELD.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -46,7 +46,10 @@ class Run:
 
     def fit(self) -> int:
         """Train; returns the process exit code (0, 130/143 after an interrupt, 1 after a non-finite halt)."""
-        self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
+        try:
+            self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
+        finally:
+            rundir.unlock_run_dir(self.run_dir)
         interrupt = next((c for c in self.trainer.callbacks if isinstance(c, InterruptCallback)), None)
         if interrupt is not None and interrupt.received:
             return interrupt.exit_code
@@ -85,6 +88,8 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         )
     run_dir = Path(typed.run_dir)
     rundir.check_run_dir(run_dir)
+    if not inspect:  # before anything is read from or written to it; Run.fit gives it up
+        rundir.lock_run_dir(run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
     data_dir, files = find_sources(typed.data, stage_cls.data)  # files of the data dir, Hugging Face datasets
     inputs = rundir.inputs_for(typed, stage_cls.needs_for(typed.stage), data_dir, files)
@@ -227,6 +232,7 @@ def check_before_hydra(argv: Sequence[str]) -> None:
         return
     try:
         rundir.check_run_dir(run_dir)
+        rundir.lock_run_dir(run_dir)  # before Hydra's train.log: a refused command writes nothing there
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

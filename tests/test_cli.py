@@ -147,3 +147,31 @@ def test_multirun_sweep_makes_one_directory_per_job(tmp_path, data_dir):
         lrs.add(json.loads((job / "training_config_snapshot.json").read_text())["config"]["optim"]["lr"])
     assert lrs == {1e-3, 3e-3}
     assert not (tmp_path / "outputs").exists()  # nothing escaped into the default run dir
+
+
+@pytest.mark.slow
+def test_a_second_command_on_a_run_dir_in_use_is_refused_naming_the_holder(tmp_path, data_dir):
+    """Two real processes, one run dir: the second refuses before writing anything; once the first is gone (even
+    killed, its lock file left behind) the run dir is free again."""
+    first = subprocess.Popen(
+        train_cmd(tmp_path, data_dir, "trainer.max_steps=100000", "trainer.val_check_interval=1000"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    lock = tmp_path / "run" / ".lock"
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "checkpoints" / "step-000002.ckpt").exists() and time.time() < deadline:
+            time.sleep(0.2)  # the first is training
+        assert f"PID {first.pid} " in lock.read_text()
+        log_before = (tmp_path / "run" / "train.log").read_text()
+        second = subprocess.run(train_cmd(tmp_path, data_dir, "resume=auto"), capture_output=True, text=True)
+        assert second.returncode == 2
+        assert f"is in use by PID {first.pid} on " in second.stderr and "another run_dir=" in second.stderr
+        assert (tmp_path / "run" / "train.log").read_text().startswith(log_before)  # nothing of the second in it
+    finally:
+        first.kill()
+        first.wait()
+    assert f"PID {first.pid} " in lock.read_text()  # left behind by the killed process: not a lock any more
+    third = subprocess.run(train_cmd(tmp_path, data_dir, "trainer.max_steps=2", "overwrite=true"), capture_output=True)
+    assert third.returncode == 0, third.stderr[-2000:]

@@ -336,3 +336,22 @@ def test_out_of_memory_is_one_error_line_naming_the_knobs(tmp_path, data_dir, ca
     monkeypatch.setattr(other.module, "training_step", lambda batch, batch_idx: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # not a memory error: it propagates as it is
         fit_or_explain(other)
+
+
+def test_the_run_dir_lock_is_one_writer_and_gives_way_when_released(tmp_path, data_dir):
+    import fcntl
+
+    from minillm import rundir
+
+    run = build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2"))
+    lock = tmp_path / "run" / ".lock"
+    assert lock.read_text().startswith(f"PID {os.getpid()} on ")
+    build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2"))  # the same process: its own lock, no refusal
+    with open(lock) as f:  # another holder (another open file, as another process would have) is refused
+        with pytest.raises(OSError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert run.fit() == 0  # fit gives the lock up
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(rundir.RunDirBusy, match=r"run_dir=.* is in use by PID \d+ on .*another run_dir="):
+            build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=4", "resume=auto"))

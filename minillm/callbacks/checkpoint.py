@@ -109,7 +109,7 @@ def save_resume_point(trainer: L.Trainer, path: Path) -> bool:
     trainer.save_checkpoint(path)
     if trainer.is_global_zero:
         last = path.with_name(LAST)
-        tmp = last.with_name(LAST + ".tmp")
+        tmp = last.with_name(f"{LAST}.{os.getpid()}.tmp")
         shutil.copyfile(path, tmp)
         os.replace(tmp, last)
         fsync_dir(path.parent)
