@@ -133,6 +133,8 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             f"the validation split is empty (data.val_ratio={typed.data.val_ratio}); raise "
             "data.val_ratio, or set data.val_ratio=0 to train without validation"
         )
+    if len(datamodule.val) == 0:  # no validation: checkpoints and interrupts must not wait for one that never runs
+        trainer.limit_val_batches = 0
     module = stage_cls(typed, config, inputs.tokenizer.sha256)
     module.attach(inputs, resuming=ckpt_path is not None)
     if typed.compile:

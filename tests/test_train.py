@@ -355,3 +355,37 @@ def test_the_run_dir_lock_is_one_writer_and_gives_way_when_released(tmp_path, da
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(rundir.RunDirBusy, match=r"run_dir=.* is in use by PID \d+ on .*another run_dir="):
             build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=4", "resume=auto"))
+
+
+def test_without_validation_checkpoints_and_interrupts_hold_where_validation_would_have_run(tmp_path, data_dir):
+    """data.val_ratio=0 with checkpoints and the validation schedule on the same steps (every 2): every step
+    checkpoint and last.ckpt are written, a signal at such a step saves and stops there, and a crash just before a
+    checkpoint step resumes from the one before; both resumes reproduce the uninterrupted losses."""
+    common = ["data.val_ratio=0", "trainer.max_steps=6", "trainer.val_check_interval=2"]
+    straight = build(micro_overrides(tmp_path / "a", data_dir, *common))
+    assert straight.fit() == 0
+    expected = train_losses(tmp_path / "a" / "run")
+    names = sorted(p.name for p in (tmp_path / "a" / "run" / "checkpoints").glob("*.ckpt"))
+    assert names == ["last.ckpt", "step-000002.ckpt", "step-000004.ckpt", "step-000006.ckpt"]
+
+    interrupted = build(micro_overrides(tmp_path / "b", data_dir, *common))
+    interrupted.trainer.callbacks.append(SignalAt(3))  # handled at the end of step 4, a validation step
+    assert interrupted.fit() == 128 + signal.SIGTERM
+    interrupt = next(c for c in interrupted.trainer.callbacks if isinstance(c, InterruptCallback))
+    assert interrupt.saved_to.name == "interrupt-step-000004.ckpt" and interrupt.saved_to.is_file()
+    assert build(micro_overrides(tmp_path / "b", data_dir, *common, "resume=auto")).fit() == 0
+    assert train_losses(tmp_path / "b" / "run") == expected
+
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:  # the step before checkpoint 4: step-000002 is the newest
+                raise RuntimeError("simulated crash")
+
+    crashed = build(micro_overrides(tmp_path / "c", data_dir, *common))
+    crashed.trainer.callbacks.append(Crash())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.fit()
+    resumed = build(micro_overrides(tmp_path / "c", data_dir, *common, "resume=auto"))
+    assert torch.load(resumed.ckpt_path, weights_only=True)["global_step"] == 2
+    assert resumed.fit() == 0
+    assert train_losses(tmp_path / "c" / "run") == expected
