@@ -2,7 +2,8 @@
 
 Interactive chat with history: each turn is rendered with the same chat template as training, the reply is
 streamed and stops at <|im_end|>. `/reset` clears the history, `/exit` (or end of input) quits. Keys other
-than model_path, system and device are GenerationConfig fields (defaults in minillm/conf/chat.yaml). Reading
+than model_path, system and device are GenerationConfig fields (defaults in conf/chat.yaml). Bytes that are not
+UTF-8 are replaced; a turn that fails (or Ctrl-C during a reply) leaves the conversation as it was. Reading
 from a pipe works too: `printf 'Hello\\n/exit\\n' | minillm chat model_path=...` (the input is echoed).
 """
 
@@ -14,6 +15,14 @@ from typing import Optional
 
 from minillm.cli import Command
 from minillm.generate import GenerationConfig, generation_config, load_model, stream
+
+
+def readable(text: str) -> str:
+    """`text` as valid UTF-8: bytes that were not (read back as lone surrogates) become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate no decoder wrote
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 @dataclass
@@ -33,6 +42,8 @@ def run(command: ChatCommand, stdin=sys.stdin, out=sys.stdout) -> None:
         model, tokenizer = load_model(model_path, command.device, command.dtype, command.compile)
     except Exception as e:
         raise SystemExit(f"error: {e}") from None
+    if hasattr(stdin, "reconfigure"):  # a byte that is not UTF-8 is replaced, never a crash that loses the chat
+        stdin.reconfigure(errors="surrogateescape")
     echo = not stdin.isatty()
     history: list[dict] = [{"role": "system", "content": str(system)}] if system else []
     out.write(f"chatting with {model_path} ({model.num_parameters():,} parameters); /reset, /exit\n")
@@ -43,7 +54,7 @@ def run(command: ChatCommand, stdin=sys.stdin, out=sys.stdout) -> None:
         if not line:
             out.write("\n")
             return
-        text = line.rstrip("\n")
+        text = readable(line.rstrip("\n"))
         if echo:
             out.write(text + "\n")
         if text.strip() == "/exit":
@@ -54,15 +65,21 @@ def run(command: ChatCommand, stdin=sys.stdin, out=sys.stdout) -> None:
             continue
         if not text.strip():
             continue
-        history.append({"role": "user", "content": text})
         out.write("bot> ")
         reply = ""
-        for piece in stream(model, tokenizer, history, config):
-            reply += piece
-            out.write(piece)
-            out.flush()
+        try:
+            for piece in stream(model, tokenizer, [*history, {"role": "user", "content": text}], config):
+                reply += piece
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation goes on without the turn
+            out.write(" (stopped)\n")
+            continue
+        except Exception as e:  # the turn failed: say why, keep the conversation as it was
+            out.write(f"\nerror: {type(e).__name__}: {e} (the conversation so far is kept)\n")
+            continue
         out.write("\n")
-        history.append({"role": "assistant", "content": reply})
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
 COMMAND = Command("chat", ChatCommand, run)

@@ -275,6 +275,36 @@ def test_chat_cli_keeps_history_and_resets(pretrained, monkeypatch):
     assert seen[2] == [system, {"role": "user", "content": "Again"}]  # /reset keeps only the system message
 
 
+def test_chat_survives_bytes_that_are_not_utf8_and_a_failing_turn(pretrained, monkeypatch):
+    from minillm import chat
+
+    seen, calls = [], []
+    chat_stream = chat.stream
+
+    def flaky(model, tokenizer, messages, config):
+        calls.append(1)
+        if len(calls) == 2:  # the second turn fails half way
+            yield "half"
+            raise RuntimeError("the decoder broke")
+        seen.append([dict(m) for m in messages])
+        yield from chat_stream(model, tokenizer, messages, config)
+
+    monkeypatch.setattr(chat, "stream", flaky)
+    raw = "caf\xe9 \xff\n".encode("latin-1")  # 0xE9 and 0xFF typed in a latin-1 terminal: not UTF-8
+    stdin = io.TextIOWrapper(io.BytesIO(raw + b"Hello\nStill there?\n/exit\n"), encoding="utf-8")
+    out = io.StringIO()
+    chat.main([f"model_path={pretrained}", "max_new_tokens=3", "seed=0"], stdin=stdin, out=out)
+    text = out.getvalue()
+    assert seen[0] == [{"role": "user", "content": "caf\ufffd \ufffd"}]  # replaced, not a crash
+    assert "error: RuntimeError: the decoder broke (the conversation so far is kept)" in text
+    first = text.split("bot> ")[1].split("\n")[0]
+    assert seen[1] == [  # the failed turn left no trace; the first exchange is kept
+        {"role": "user", "content": "caf\ufffd \ufffd"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "Still there?"},
+    ]
+
+
 def test_debug_shows_the_assistant_loss_mask_for_sft(tmp_path, chat_dir, pretrained, capsys):
     from minillm import debug
 
