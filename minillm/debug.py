@@ -36,22 +36,33 @@ class _FirstStep(L.Callback):
         grads = [p.grad.detach().float() for p in pl_module.parameters() if p.grad is not None]
         self.grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
+        self.metrics: dict[str, float] = {}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.loss = float(outputs["loss"])
+        if isinstance(outputs, dict) and "loss" in outputs:
+            self.loss = float(outputs["loss"])
+        elif isinstance(outputs, dict):  # RLHF: one rollout batch and its updates report metrics
+            self.metrics = dict(outputs.get("metrics", {}))
 
 
-def run(cfg: DictConfig) -> None:
-    logging.getLogger().setLevel(logging.WARNING)  # the batch and the step, not Lightning's set-up messages
-    cfg.trainer.max_steps = 1
-    cfg.trainer.limit_val_batches = 0
-    run = build(cfg=cfg, inspect=True)
-    snapshot = write_snapshot(Path(run.run_dir) / "debug", resolved_dict(run.config), best_device())
-    tok = run.datamodule.tokenizer
-    batch = next(iter(run.datamodule.train_dataloader()))
+def show_batch(batch: dict, tok, n: int) -> None:
+    """The first row of the stage's own batch: text, ids, what the loss reads."""
+    if "chosen_ids" in batch:  # preference pairs (DPO, reward model): prompt + chosen, prompt + rejected
+        print(f"== first batch: {len(batch['chosen_ids'])} pairs, chosen {tuple(batch['chosen_ids'].shape)}")
+        for side in ("chosen", "rejected"):
+            ids, labels = batch[f"{side}_ids"][0], batch[f"{side}_labels"][0]
+            ids = ids[ids != tok.pad_id]  # right padding
+            print(f"-- prompt + {side} of row 0: {tok.decode(ids.tolist())!r}")
+            print(f"-- {side} loss mask (1 = scored): {(labels[: len(ids)] != IGNORE_INDEX).int().tolist()[:n]}")
+        return
+    if "records" in batch:  # RL prompts, left-padded for generation
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        print(f"== first batch: {len(batch['records'])} prompts, input_ids {tuple(ids.shape)} (left-padded)")
+        print(f"-- prompt of row 0: {tok.decode(ids[0][mask[0].bool()].tolist())!r}")
+        print(f"-- its record: {batch['records'][0]}")
+        return
     ids = batch["input_ids"]
     targets = batch.get("labels", ids)[:, 1:]  # chat stages: -100 outside the assistant tokens
-    n = cfg.debug.show_tokens
-    print(f"== config: stage={cfg.stage.name} model={cfg.model.name} ({run.module.model.num_parameters():,} params)")
     print(
         f"== first batch: input_ids {tuple(ids.shape)} {ids.dtype}, inputs {tuple(ids[:, :-1].shape)}, "
         f"targets {tuple(targets.shape)}"
@@ -59,10 +70,30 @@ def run(cfg: DictConfig) -> None:
     print(f"-- raw text of row 0 (first {n} tokens):\n{tok.decode(ids[0, :n].tolist())!r}")
     print(f"-- token ids: {ids[0, :n].tolist()}")
     print(f"-- loss mask (1 = trained on): {(targets[0, :n] != IGNORE_INDEX).int().tolist()}")
+
+
+def run(cfg: DictConfig) -> None:
+    logging.getLogger().setLevel(logging.WARNING)  # the batch and the step, not Lightning's set-up messages
+    cfg.trainer.max_steps = 1
+    cfg.trainer.limit_val_batches = 0
+    try:
+        run = build(cfg=cfg, inspect=True)
+    except (ValueError, FileNotFoundError) as e:  # what `train` says in one line, said the same way
+        raise SystemExit(f"error: {e}") from None
+    snapshot = write_snapshot(Path(run.run_dir) / "debug", resolved_dict(run.config), best_device())
+    tok = run.datamodule.tokenizer
+    batch = next(iter(run.datamodule.train_dataloader()))
+    print(f"== config: stage={cfg.stage.name} model={cfg.model.name} ({run.module.model.num_parameters():,} params)")
+    show_batch(batch, tok, cfg.debug.show_tokens)
     step = _FirstStep()
     run.trainer.callbacks.append(step)
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    print(f"== one optimizer step: loss {step.loss:.4f}, grad norm {step.grad_norm:.4f}")
+    norm = "–" if step.grad_norm is None else f"{step.grad_norm:.4f}"
+    if step.loss is not None:
+        print(f"== one optimizer step: loss {step.loss:.4f}, grad norm {norm}")
+    else:  # RLHF: a rollout (generate, score) and its updates
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(step.metrics.items()) if not k.endswith("tokens_per_s"))
+        print(f"== one rollout and its updates: {shown}; last grad norm {norm}")
     text = generate(
         run.module.model, tok, cfg.prompt, GenerationConfig(max_new_tokens=cfg.debug.max_new_tokens, seed=0)
     )

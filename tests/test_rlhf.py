@@ -430,3 +430,31 @@ def test_short_replies_are_penalised_before_eos(tmp_path, prompt_dir, pretrained
         records=[{"prompt": [{"role": "user", "content": "x"}]}] * 3,
     )
     assert module.score(r).tolist() == expected
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward", "rlhf"])
+def test_debug_shows_each_stage_its_own_batch_and_step(stage, tmp_path, pref_dir, prompt_dir, pretrained, capsys):
+    from minillm import debug
+
+    if stage == "rlhf":
+        overrides = rlhf(tmp_path, prompt_dir, pretrained, "stage.algorithm=grpo", "stage.reward=quarter_tokens")
+    else:
+        overrides = pair_overrides(tmp_path, pref_dir, pretrained, stage=stage)
+    debug.main(overrides)
+    out = capsys.readouterr().out
+    if stage == "rlhf":
+        assert "prompts, input_ids (" in out and "-- prompt of row 0: '" in out
+        assert "-- its record: {" in out and "== one rollout and its updates: " in out and "train/reward" in out
+    else:
+        assert "pairs, chosen (" in out and "-- prompt + rejected of row 0: " in out
+        mask = json.loads(out.split("-- chosen loss mask (1 = scored): ")[1].split("\n")[0])
+        assert mask[0] == 0 and 1 in mask  # the prompt is not scored, the completion is
+        assert "== one optimizer step: loss" in out
+    assert "== generate(" in out and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_debug_says_a_bad_input_in_one_line(tmp_path, pref_dir, capsys):
+    from minillm import debug
+
+    with pytest.raises(SystemExit, match=r"^error: .*init_from"):
+        debug.main(pair_overrides(tmp_path, pref_dir, tmp_path / "no_such_model", stage="dpo"))
