@@ -7,6 +7,7 @@ described in minillm/evaluation.py. The keys under `eval.` are `EvalConfig` fiel
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,14 @@ def run(command: EvalCommand) -> dict:
     except Exception as e:  # a missing file, an unreadable model: say which
         raise SystemExit(f"error: {e}") from None
     out = output_path(model_path, config)
+    if (
+        not config.out
+        and out.is_file()
+        and json.loads(out.read_text(encoding="utf-8")).get("config") != result["config"]
+    ):
+        # the report's cache (or another run's) with other settings: kept; this result goes beside it
+        digest = hashlib.sha256(json.dumps(result["config"], sort_keys=True).encode()).hexdigest()[:8]
+        out = out.with_name(f"eval-{digest}.json")
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"{model_path} ({result['kind']})")
     for name, value in headline(result).items():

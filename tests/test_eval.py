@@ -115,6 +115,16 @@ def test_eval_json_has_every_field(tmp_path, tokenizer, eval_data, capsys):
     out = capsys.readouterr().out
     assert "bpb" in out and "exact match" in out and "eval.json" in out
 
+    # other settings never overwrite an eval.json made with these (the report's cache): they go beside it
+    before = (folder / "eval.json").read_bytes()
+    eval_cli.main([f"model_path={folder}", f"eval.data_dir={eval_data}", "eval.tasks=[bpb]", "eval.limit=7"])
+    (other,) = folder.glob("eval-*.json")
+    assert (folder / "eval.json").read_bytes() == before and f"wrote {other}" in capsys.readouterr().out
+    assert json.loads(other.read_text())["config"]["limit"] == 7
+    same = [f"model_path={folder}", f"eval.data_dir={eval_data}", "eval.pairs=[sums]", "eval.max_new_tokens=4"]
+    eval_cli.main([*same, "eval.limit=50"])  # the same settings as eval.json's: it is rewritten in place
+    assert f"wrote {folder / 'eval.json'}" in capsys.readouterr().out and len(list(folder.glob("eval*.json"))) == 2
+
     reward = save_pretrained(RewardModel(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "rm")
     eval_cli.main([f"model_path={reward}", f"eval.data_dir={eval_data}", "eval.pairs=[sums]"])
     result = json.loads((reward / "eval.json").read_text())

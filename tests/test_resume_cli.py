@@ -146,6 +146,20 @@ def test_sft_interrupted_at_a_plain_and_a_validation_step_resumes_exactly(tmp_pa
         assert_same_run(tmp_path / f"at{step}" / "run", tmp_path / "straight" / "run")
 
 
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_preference_stages_interrupted_at_a_plain_and_a_validation_step_resume_exactly(
+    stage, tmp_path, pref_dir, pretrained
+):
+    pairs = (f"init_from={pretrained}", "stage.max_prompt_length=20", "stage.max_completion_length=12")
+    straight = train(tmp_path / "straight", pref_dir, *pairs, stage=stage)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for step in (6, 5):
+        interrupt_then_resume(
+            tmp_path / f"at{step}", pref_dir, step, "SIGTERM", tmp_path / "straight" / "run", *pairs, stage=stage
+        )
+        assert_same_run(tmp_path / f"at{step}" / "run", tmp_path / "straight" / "run")
+
+
 def test_rlhf_interrupted_between_rollouts_resumes_exactly(tmp_path, prompt_dir, pretrained):
     grpo = (
         f"init_from={pretrained}",
