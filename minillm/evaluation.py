@@ -368,6 +368,12 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
         "tasks": {},
     }
     if kind == "reward":
+        asked = set(config.tasks)
+        if asked != set(EvalConfig().tasks) and "preference" not in asked:
+            raise ValueError(
+                f"{model_path} is a reward model: it is evaluated by pairwise accuracy on eval.pairs, not by "
+                f"eval.tasks={list(config.tasks)} (language-model tasks); leave eval.tasks unset or include preference"
+            )
         model, tokenizer = load_reward_model(model_path)
         result["tasks"]["reward_model"] = {
             name: pairwise_accuracy(model, tokenizer, load_family(_eval_set(data_dir, name), config.limit))

@@ -51,6 +51,11 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f32", ove
     from minillm.gguf_writer import write_gguf
 
     out = Path(out)
+    if out.suffix != ".gguf" and out.exists() and not out.is_dir():
+        raise ValueError(
+            f"out={out} is an existing file, not a .gguf path or a folder: name a new file ending in .gguf "
+            f"(out={out}.gguf) or a folder to write model-{dtype}.gguf into"
+        )
     if out.suffix != ".gguf":
         out = out / f"model-{dtype}.gguf"
     if out.exists() and not overwrite:

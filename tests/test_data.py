@@ -139,6 +139,16 @@ def test_missing_and_empty_data_list_what_was_searched(tmp_path):
         find_files(tmp_path, PRETRAIN)
 
 
+def test_a_file_of_another_type_is_named_never_skipped_in_silence(tmp_path, caplog):
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "corpus.json").write_text('[{"text": "a"}]')
+    with pytest.raises(DataError, match=r"It holds corpus.json, which are not read: rename them"):
+        find_files(tmp_path, PRETRAIN)
+    (tmp_path / "pretrain" / "b.jsonl").write_text('{"text": "b"}\n')
+    assert find_files(tmp_path, PRETRAIN) == [tmp_path / "pretrain" / "b.jsonl"]
+    assert "corpus.json not read (a pretrain source is *.jsonl or *.txt)" in caplog.text
+
+
 def test_data_dir_resolution_prefers_the_command_line_over_the_environment(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("MINIGPT_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match=r"nowhere \(from \$MINIGPT_DATA_DIR\) does not exist"):

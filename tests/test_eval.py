@@ -129,6 +129,8 @@ def test_eval_json_has_every_field(tmp_path, tokenizer, eval_data, capsys):
     eval_cli.main([f"model_path={reward}", f"eval.data_dir={eval_data}", "eval.pairs=[sums]"])
     result = json.loads((reward / "eval.json").read_text())
     assert result["kind"] == "reward" and result["tasks"]["reward_model"]["sums"]["n"] == 4
+    with pytest.raises(SystemExit, match=r"is a reward model: .* not by eval.tasks=\['verifiable'\]"):
+        eval_cli.main([f"model_path={reward}", f"eval.data_dir={eval_data}", "eval.tasks=[verifiable]"])
 
 
 def test_eval_cli_names_bad_settings(tmp_path, tokenizer, eval_data):

@@ -78,6 +78,16 @@ def test_moe_and_reward_models_are_refused_with_the_reason(tokenizer, tmp_path, 
         export_main([f"model_path={reward}", f"out={tmp_path / 'x.gguf'}", "format=gguf", "gguf.type=q4"])
 
 
+def test_gguf_into_an_existing_file_without_the_suffix_is_named(tokenizer, tmp_path, capsys):
+    model = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(SystemExit):
+        export_main([f"model_path={model}", f"out={tmp_path / 'notes'}", "format=gguf"])
+    err = capsys.readouterr().err
+    assert f"out={tmp_path / 'notes'} is an existing file, not a .gguf path or a folder" in err and "notes.gguf" in err
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 @pytest.mark.ref
 @pytest.mark.parametrize("tie", [True, False])
 def test_llama_cpp_reads_our_ids_logits_and_greedy_continuation(pretrained, tmp_path, tie):

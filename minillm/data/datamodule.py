@@ -83,11 +83,17 @@ def find_files(data_dir: Path, kind: Kind, required: bool = True) -> list[Path]:
     folder = data_dir / kind.name
     searched = [str(folder / p) for p in kind.patterns]
     files = sorted(f for p in kind.patterns for f in folder.glob(p) if f.is_file())
+    others = sorted(f.name for f in folder.glob("*") if f.is_file() and f not in files and not f.name.startswith("."))
+    if others:  # e.g. a .json beside .jsonl files: never skipped in silence
+        log.warning(
+            "%s: %s not read (a %s source is %s)", folder, ", ".join(others), kind.name, " or ".join(kind.patterns)
+        )
     if not files and required:
         for s in searched:
             log.error("no data file matches %s", s)
+        found = f" It holds {', '.join(others)}, which are not read: rename them." if others else ""
         raise DataError(
-            f"no {kind.name} data in {data_dir}: looked for {', '.join(searched)}. "
+            f"no {kind.name} data in {data_dir}: looked for {', '.join(searched)}.{found} "
             f"Put files there or set data.dir / {DATA_DIR_ENV} to a data dir with a {kind.name}/ folder"
         )
     for f in files:
