@@ -27,7 +27,7 @@ def readable(text: str) -> str:
 
 @dataclass
 class ChatCommand(GenerationConfig):
-    """`minillm chat` (minillm/conf/chat.yaml): a model, an optional system message, GenerationConfig fields."""
+    """`minillm chat` (conf/chat.yaml): a model, an optional system message, GenerationConfig fields."""
 
     model_path: str = "???"
     system: Optional[str] = None

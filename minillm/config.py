@@ -153,7 +153,7 @@ class OptimConfig:
 
 @dataclass
 class StageConfig:
-    """What every stage has. Each stage has its own schema below, pulled in by its minillm/conf/stage/<name>.yaml."""
+    """What every stage has. Each stage has its own schema below, pulled in by its conf/stage/<name>.yaml."""
 
     name: str = "pretrain"
     parent: Optional[str] = None  # the stage whose final/ init_from=auto starts from; "dpo|sft": the first found
@@ -166,12 +166,12 @@ class StageConfig:
 
 @dataclass
 class PretrainConfig(StageConfig):
-    """stage=pretrain (minillm/conf/stage/pretrain.yaml): everything it needs is in model, tokenizer, data and optim."""
+    """stage=pretrain (conf/stage/pretrain.yaml): everything it needs is in model, tokenizer, data and optim."""
 
 
 @dataclass
 class SFTConfig(StageConfig):
-    """stage=sft (minillm/conf/stage/sft.yaml): packing and lengths are data settings (data.packing, block_size)."""
+    """stage=sft (conf/stage/sft.yaml): packing and lengths are data settings (data.packing, block_size)."""
 
 
 @dataclass
@@ -186,7 +186,7 @@ class PromptLengths(StageConfig):
 
 @dataclass
 class DPOConfig(PromptLengths):
-    """stage=dpo hyper-parameters (minillm/conf/stage/dpo.yaml); names and meanings as in TRL's DPOConfig."""
+    """stage=dpo hyper-parameters (conf/stage/dpo.yaml); names and meanings as in TRL's DPOConfig."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
@@ -204,7 +204,7 @@ class DPOConfig(PromptLengths):
 
 @dataclass
 class RewardConfig(PromptLengths):
-    """stage=reward hyper-parameters (minillm/conf/stage/reward.yaml); names as in TRL's RewardConfig."""
+    """stage=reward hyper-parameters (conf/stage/reward.yaml); names as in TRL's RewardConfig."""
 
     center_rewards_coefficient: float = 0.0  # + c * mean((r_chosen + r_rejected)^2): rewards centred on 0
     # ours, not TRL's: None = the head alone; a number w = the reward adds w x the trunk's mean log-likelihood of
@@ -223,7 +223,7 @@ RLHF_ALGORITHMS = ("ppo", "grpo")
 
 @dataclass
 class RLHFConfig(PromptLengths):
-    """stage=rlhf hyper-parameters (minillm/conf/stage/rlhf.yaml); names as in TRL's PPOConfig / GRPOConfig."""
+    """stage=rlhf hyper-parameters (conf/stage/rlhf.yaml); names as in TRL's PPOConfig / GRPOConfig."""
 
     algorithm: str = "ppo"  # ppo | grpo
     reward: str = "model"  # model: a trained reward model; else a rule from minillm.reward_rules (verifiable, ...)
@@ -445,6 +445,6 @@ def resolved_dict(cfg: DictConfig) -> dict:
 
 
 def model_preset(name: str, **overrides) -> ModelConfig:
-    """The `ModelConfig` of minillm/conf/model/<name>.yaml (plus `key=value` overrides), validated."""
+    """The `ModelConfig` of conf/model/<name>.yaml (plus `key=value` overrides), validated."""
     cfg = compose([f"model={name}", *(f"model.{k}={v}" for k, v in overrides.items())])
     return OmegaConf.to_object(cfg.model)

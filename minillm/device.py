@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> None:
     print(f"config snapshot written to {path}")
 
 
-COMMAND = Command("device", None, run)  # minillm/conf/device.yaml: the train config
+COMMAND = Command("device", None, run)  # conf/device.yaml: the train config
 cli, main = COMMAND.cli, COMMAND.main  # main(argv): the same command from Python
 
 

@@ -18,7 +18,7 @@ from minillm.evaluation import EvalConfig, evaluate, headline, output_path
 
 @dataclass
 class EvalCommand:
-    """`minillm eval` (minillm/conf/eval.yaml)."""
+    """`minillm eval` (conf/eval.yaml)."""
 
     model_path: str = "???"  # a final/ folder, an export, or a training checkpoint
     eval: EvalConfig = field(default_factory=EvalConfig)

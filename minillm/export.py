@@ -82,7 +82,7 @@ class GGUFOptions:
 
 @dataclass
 class ExportCommand:
-    """`minillm export` (minillm/conf/export.yaml)."""
+    """`minillm export` (conf/export.yaml)."""
 
     model_path: str = "???"  # a final/ folder or a training checkpoint
     out: str = "???"  # a new or empty folder (format=gguf: a .gguf file, or a folder)

@@ -355,7 +355,7 @@ def chart(rows: dict[str, dict[str, float]], path: Path) -> None:
 
 @dataclass
 class ReportCommand:
-    """`minillm report` (minillm/conf/report.yaml)."""
+    """`minillm report` (conf/report.yaml)."""
 
     model_name: str = "tiny"  # whose run dirs: <out_dir>/<stage>_<model_name> (`model` is train's preset group)
     stages: list[str] = field(default_factory=lambda: list(RUNS))

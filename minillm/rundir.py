@@ -83,7 +83,7 @@ class ResumeError(ValueError):
 
 def stage_dir(stage: str, model_name: str, root: Path = Path("outputs")) -> Path:
     """<outputs>/<stage>_<model>: where `python -m minillm.train stage=<stage> model=<model>` writes by default
-    (minillm/conf/train.yaml's run_dir, `outputs` its root); its final/ is what the next stage starts from."""
+    (conf/train.yaml's run_dir, `outputs` its root); its final/ is what the next stage starts from."""
     return Path(root) / f"{stage}_{model_name}"
 
 

@@ -35,7 +35,7 @@ from minillm.generate import GenerationConfig, load_model, stream_rows
 
 @dataclass
 class ServeCommand:
-    """`minillm serve` (minillm/conf/serve.yaml)."""
+    """`minillm serve` (conf/serve.yaml)."""
 
     model_path: str = "???"  # a final/ folder, an export or a training checkpoint
     model_name: Optional[str] = None  # the id /v1/models lists; default: the folder's name

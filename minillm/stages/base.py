@@ -3,7 +3,7 @@ guard and RNG state in checkpoints. A stage subclasses it once, declares what it
 training/validation steps:
 
     class DPOModule(LMModule):
-        schema = DPOConfig            # its typed `stage` config (minillm/conf/stage/dpo.yaml holds only values)
+        schema = DPOConfig            # its typed `stage` config (conf/stage/dpo.yaml holds only values)
         data = PREFERENCE             # its data kind, named after the data folder (minillm/data/kinds.py)
         needs = Needs(reference=True) # what it starts from besides its parent's weights
 
