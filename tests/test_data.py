@@ -200,3 +200,21 @@ def test_resumable_loader_continues_where_it_stopped():
     assert head + [b.tolist() for b in second] == full
     second.sampler.set_epoch(1)
     assert [b.tolist() for b in second] != full  # a new epoch, a new order
+
+
+def test_files_of_blank_lines_and_a_split_that_holds_everything_out_say_what_to_do(tmp_path, tokenizer):
+    from minillm.data.kinds import SFT
+
+    blank = tmp_path / "sft" / "blank.jsonl"
+    blank.parent.mkdir()
+    blank.write_text("\n\n   \n")
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), batch_size=2)
+    with pytest.raises(DataError, match=r"no sft records could be read from .*blank.jsonl.*one record per line"):
+        MiniLLMDataModule(cfg, [blank], tokenizer, block_size=16, seed=0, kind=SFT).setup()
+    f = tmp_path / "p" / "a.jsonl"
+    write_jsonl(f, texts(20))
+    half = DataConfig(cache_dir=str(tmp_path / "cache"), batch_size=10_000, val_ratio=0.5)
+    with pytest.raises(DataError, match=r"holding out \d+ rows for validation; .*lower data.val_ratio"):
+        MiniLLMDataModule(half, [f], tokenizer, block_size=16, seed=0).setup()
+    with pytest.raises(DataError, match=r"are held out for validation.*lower data.val_ratio"):
+        datamodule(tmp_path, tokenizer, [f], val_ratio=0.9999)

@@ -244,14 +244,21 @@ class MiniLLMDataModule(L.LightningDataModule):
             rows = Dataset.from_generator(_rows, gen_kwargs=kwargs, cache_dir=str(cache / "records"))
         except DatasetGenerationError as e:  # datasets wraps what the reader raised: show ours as it is
             cause = e.__cause__ or e.__context__
-            raise (cause if isinstance(cause, DataError) else e) from None
+            if isinstance(cause, DataError):
+                raise cause from None
+            names = ", ".join(str(f) for f in self.files)
+            raise DataError(  # e.g. files of blank lines only: nothing to build a dataset from
+                f"no {self.kind.name} records could be read from {names} ({type(cause or e).__name__}: "
+                f"{str(cause or e).splitlines()[0][:200]}); each file needs one record per line (docs/data.md)"
+            ) from None
         splits = Counter(rows["split"])
         if splits["train"] == 0:
             raise DataError(
                 f"no training records in {', '.join(f.name for f in self.files)}: of {sum(splits.values())} records, "
                 f"{splits['bad']} are bad (skipped), {splits['unsampled']} are left out by sampling "
                 f"(data.sample_ratio, data.sources.<name>.sample_ratio / max_samples), {splits['val']} are held out "
-                "for validation. Raise the sampling ratios or caps, fix the bad records, or add data"
+                "for validation. Raise the sampling ratios or caps, lower data.val_ratio (or a source's val_ratio) "
+                "when most records are held out, fix the bad records, or add data"
             )
         packing = self.kind.packs(self.config.packing)
         fingerprint = hashlib.sha256(
@@ -291,7 +298,8 @@ class MiniLLMDataModule(L.LightningDataModule):
         if len(self.train) < self.config.batch_size:
             raise DataError(
                 f"the training split has {len(self.train)} rows (of up to {window} tokens), fewer than one batch "
-                f"(data.batch_size={self.config.batch_size}) after sampling; add data, raise data.sample_ratio or "
+                f"(data.batch_size={self.config.batch_size}) after sampling and holding out {len(self.val)} rows for "
+                "validation; add data, raise data.sample_ratio, lower data.val_ratio (or a source's val_ratio), or "
                 "lower data.batch_size / model.block_size"
             )
 
