@@ -19,6 +19,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # command -> module with a `cli()`; `python -m <module>` runs the same app
@@ -86,11 +87,40 @@ class Command:
         from minillm.config import CONF_DIR
 
         self.register()
+        check_config_dirs(sys.argv[1:])
 
         def task(cfg):
             return self.run(self.typed(cfg))
 
         return hydra.main(config_path=str(CONF_DIR), config_name=self.name, version_base="1.3")(task)()
+
+
+def config_dirs(argv: Sequence[str]) -> list[Path]:
+    """The preset folders a command line adds: `--config-dir DIR` / `-cd DIR` (or `--config-dir=DIR`)."""
+    dirs = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+    return dirs
+
+
+def check_config_dirs(argv: Sequence[str]) -> None:
+    """A YAML syntax error in a preset of the user's own is one line naming file:line:column and the problem,
+    before Hydra composes (whose report is a long traceback)."""
+    import yaml
+
+    for folder in config_dirs(argv):
+        for path in sorted(folder.rglob("*.yaml")) if folder.is_dir() else []:
+            try:
+                yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                print(f"error: {where}: {problem} (YAML syntax); fix the file and run again", file=sys.stderr)
+                sys.exit(2)
 
 
 def usage() -> str:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from minillm import rundir
 from minillm.callbacks.interrupt import CommandSignals, InterruptCallback
 from minillm.checkpoint_io import remove_stale_tmp
+from minillm.cli import check_config_dirs
 from minillm.config import CONF_DIR, Config, compose, resolved_dict, to_config
 from minillm.data.datamodule import MiniLLMDataModule, find_sources
 from minillm.device import training_precision
@@ -243,6 +244,7 @@ def check_before_hydra(argv: Sequence[str]) -> None:
 def cli() -> None:
     """`minillm train` / `python -m minillm.train`: Hydra's command line over conf/train.yaml."""
     with CommandSignals():  # Ctrl-C / kill outside the training loop (InterruptCallback's handler inside it)
+        check_config_dirs(sys.argv[1:])
         check_before_hydra(sys.argv[1:])
         main()
 

@@ -102,3 +102,17 @@ def test_a_config_dir_that_does_not_exist_is_named(tmp_path, capsys):
         cli.main(["eval", "--config-dir", str(tmp_path / "my_conf"), "model_path=x"])
     assert exit_.value.code not in (0, None)
     assert f"Additional config directory '{tmp_path / 'my_conf'}' not found" in capsys.readouterr().err
+
+
+def test_a_yaml_syntax_error_in_a_users_preset_is_one_line_with_file_line_and_column(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "pico.yaml").write_text("defaults:\n  - tiny\nname: [pico\nn_layer: 4\n")
+    (tmp_path / "model" / "fine.yaml").write_text("name: fine\n")
+    with pytest.raises(SystemExit) as stop:
+        cli.check_config_dirs(["stage=pretrain", "--config-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path / 'model' / 'pico.yaml'}:4:") and "(YAML syntax)" in err
+    (tmp_path / "model" / "pico.yaml").write_text("name: pico\n")
+    cli.check_config_dirs(["-cd", str(tmp_path)])  # valid presets: nothing said
+    assert capsys.readouterr().err == ""
