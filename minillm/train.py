@@ -87,6 +87,8 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             "data.streaming=true with an integer trainer.limit_train_batches would cut passes short of the stream "
             "(and resume could not count them): leave trainer.limit_train_batches unset"
         )
+    if typed.compile:
+        check_compiler()
     run_dir = Path(typed.run_dir)
     rundir.check_run_dir(run_dir)
     if not inspect:  # before anything is read from or written to it; Run.fit gives it up
@@ -144,6 +146,19 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
         datamodule.write_stats(run_dir / "dataset_stats.json")
     return Run(cfg, datamodule, module, trainer, ckpt_path, run_dir)
+
+
+def check_compiler() -> None:
+    """compile=true: torch.compile's inductor builds C++, so a working compiler must be there; said before the
+    data set-up (the alternative is a long InductorError traceback at the first step)."""
+    import shutil
+
+    candidates = [c for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c]
+    if not any(shutil.which(c) for c in candidates):
+        raise ValueError(
+            f"compile=true needs a C++ compiler (torch.compile builds C++ code) and none was found "
+            f"({', '.join(candidates)}): install one (e.g. apt-get install g++) or set compile=false"
+        )
 
 
 def compile_backbones(module: LMModule) -> None:

@@ -389,3 +389,11 @@ def test_without_validation_checkpoints_and_interrupts_hold_where_validation_wou
     assert torch.load(resumed.ckpt_path, weights_only=True)["global_step"] == 2
     assert resumed.fit() == 0
     assert train_losses(tmp_path / "c" / "run") == expected
+
+
+def test_compile_without_a_compiler_is_refused_before_the_data_set_up(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ValueError, match=r"compile=true needs a C\+\+ compiler .* or set compile=false"):
+        build(micro_overrides(tmp_path, data_dir, "compile=true"))
+    assert not (tmp_path / "datasets").exists()  # refused before the data was read
