@@ -420,6 +420,17 @@ def check_resume(path: Path, config: dict, tokenizer_sha256: str, allow_changes:
         raise ResumeError(f"{path} carries no minillm config: it was not written by minillm.train")
     a, b = shape(old["model"]), shape(config["model"])
     changed = [f"model.{k}: {a[k]!r} -> {b[k]!r}" for k in SHAPE_KEYS if a[k] != b[k]]
+    if changed == [f"model.vocab_size: {a['vocab_size']!r} -> {b['vocab_size']!r}"]:  # the tokenizer, not the preset
+        was, now = old.get("init_from"), config.get("init_from")
+        source = (
+            f"init_from={now} brings its own tokenizer (the checkpoint's run started from init_from={was})"
+            if now not in (None, "auto") or was not in (None, "auto")
+            else f"tokenizer.vocab_size={config.get('tokenizer', {}).get('vocab_size')} builds another tokenizer"
+        )
+        raise ResumeError(
+            f"{path} was trained with a vocabulary of {a['vocab_size']} tokens, this run's is {b['vocab_size']}: "
+            f"{source}. Resume with the settings the run started with, or start a new run_dir"
+        )
     if changed:
         raise ResumeError(
             f"{path} is a checkpoint of a different model shape ({'; '.join(changed)}); resume it with "

@@ -58,9 +58,16 @@ class Tokenizer:
         try:
             self._load(self.path.read_bytes())
         except RuntimeError as e:  # sentencepiece's parse error
+            folder = self.path.parent
+            in_model = (folder / "minillm.json").is_file() or (folder / "model.safetensors").is_file()
+            todo = (  # a model's own tokenizer cannot be retrained: its weights were trained on those ids
+                "copy it back from the run that trained the model (<run_dir>/checkpoints/tokenizer.model) or export "
+                "the model again"
+                if in_model
+                else "restore it from the run it came with, or retrain the tokenizer (tokenizer.retrain=true)"
+            )
             raise ValueError(
-                f"{self.path} is not a valid sentencepiece model ({str(e).splitlines()[0][:120]}); restore it from "
-                "the run it came with, or retrain the tokenizer (tokenizer.retrain=true)"
+                f"{self.path} is not a valid sentencepiece model ({str(e).splitlines()[0][:120]}); {todo}"
             ) from None
 
     def _load(self, proto: bytes) -> None:

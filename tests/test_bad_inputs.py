@@ -23,6 +23,7 @@ from minillm.callbacks.interrupt import CommandSignals
 from minillm.data.records import DataError
 from minillm.generate import load_model
 from minillm.rundir import ResumeError
+from minillm.tokenizer import Tokenizer
 from minillm.train import build
 from tests.conftest import micro_overrides
 
@@ -141,8 +142,13 @@ def test_vocab_size_mismatch_between_tokenizer_and_checkpoint(tmp_path, data_dir
 def test_a_corrupt_tokenizer_model_file(tmp_path, finished):
     shutil.copytree(finished / "run" / "final", tmp_path / "final")
     (tmp_path / "final" / "tokenizer.model").write_bytes(b"\x00garbage, not a sentencepiece model")
-    with pytest.raises(ValueError, match=r"tokenizer\.model is not a valid sentencepiece model"):
+    with pytest.raises(ValueError, match=r"tokenizer\.model is not a valid sentencepiece model") as refused:
         load_model(str(tmp_path / "final"))
+    assert "checkpoints/tokenizer.model" in str(refused.value) and "retrain" not in str(refused.value)
+    (tmp_path / "cached").mkdir()  # a tokenizer on its own (the cache): retraining it is the remedy
+    (tmp_path / "cached" / "tokenizer.model").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match=r"retrain the tokenizer \(tokenizer.retrain=true\)"):
+        Tokenizer(tmp_path / "cached")
 
 
 def test_a_truncated_checkpoint(tmp_path, finished, data_dir):

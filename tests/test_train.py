@@ -246,6 +246,13 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, data_dir):
         )
 
 
+def test_resume_with_another_vocabulary_names_its_cause_not_the_preset(tmp_path, data_dir):
+    assert build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2")).fit() == 0
+    with pytest.raises(ValueError, match=r"vocabulary of 512 tokens, this run's is 600: tokenizer.vocab_size=600") as e:
+        build(micro_overrides(tmp_path, data_dir, "resume=auto", "tokenizer.vocab_size=600"))
+    assert "model preset" not in str(e.value)
+
+
 def test_grad_monitor_warns_on_a_spike_naming_the_step(caplog):
     from types import SimpleNamespace
 
