@@ -343,6 +343,19 @@ def check_run_dir(run_dir: Path) -> None:
         )
 
 
+def check_cache_dir(folder: Path, key: str) -> None:
+    """A cache folder (`key`: the config key that names it) must be writable, or creatable under a writable
+    folder; else an error naming the key (a read-only working folder, where the default data/ caches go)."""
+    for part in [folder, *folder.parents]:
+        if part.exists():
+            if part.is_dir() and _writable(part):
+                return
+            raise ValueError(
+                f"{key}={folder}: {part} is not writable (a read-only folder or disk; relative paths are under "
+                f"{Path.cwd()}); run from a writable folder or set {key}= to a writable place"
+            )
+
+
 def _read_only(run_dir: Path, folder: Path) -> str:
     return (
         f"run_dir={run_dir}: {folder} is not writable (a read-only disk or folder). To continue this run, copy the "

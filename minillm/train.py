@@ -91,6 +91,8 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         check_compiler()
     run_dir = Path(typed.run_dir)
     rundir.check_run_dir(run_dir)
+    for key, folder in (("tokenizer.cache_dir", typed.tokenizer.cache_dir), ("data.cache_dir", typed.data.cache_dir)):
+        rundir.check_cache_dir(Path(folder), key)
     if not inspect:  # before anything is read from or written to it; Run.fit gives it up
         rundir.lock_run_dir(run_dir)
     ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)

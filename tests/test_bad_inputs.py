@@ -343,6 +343,13 @@ def test_a_run_dir_on_a_read_only_disk(tmp_path, data_dir):
         build(micro_overrides(tmp_path, data_dir, "run_dir=/sys/minillm-run"))
 
 
+@pytest.mark.parametrize("key", ["tokenizer.cache_dir", "data.cache_dir"])
+def test_a_cache_in_a_read_only_folder_names_its_key(tmp_path, data_dir, key):
+    with pytest.raises(ValueError, match=rf"{key}=/sys/minillm-cache: /sys is not writable .* set {key}= to a"):
+        build(micro_overrides(tmp_path, data_dir, f"{key}=/sys/minillm-cache"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_a_read_only_run_dir_says_to_resume_a_copy(tmp_path, data_dir, finished, monkeypatch):
     from minillm import rundir
 
