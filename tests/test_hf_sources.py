@@ -188,3 +188,26 @@ def test_a_hub_id_opens_from_the_local_cache_when_offline(tmp_path, tokenizer):
     assert dm.stats["sources"]["stories"]["raw_records"] == len(STORIES)
     write_jsonl(tmp_path / "data" / "stories.jsonl", [{"text": t} for t in STORIES])
     assert rows(dm) == rows(setup(tmp_path / "j", tokenizer, [tmp_path / "data" / "stories.jsonl"]))
+
+
+def test_empty_corrupt_and_unmatched_parquet_files_are_named(tmp_path):
+    good = tmp_path / "good.parquet"
+    datasets.Dataset.from_dict({"story": STORIES}).to_parquet(str(good))
+    empty = tmp_path / "empty.parquet"
+    datasets.Dataset.from_dict({"story": []}).to_parquet(str(empty))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(good.read_bytes()[:100])  # a truncated copy
+    cases = [
+        (SourceConfig(hf=str(empty), columns={"text": "story"}), rf"{empty} has no rows \(an empty split\)"),
+        (
+            SourceConfig(hf="parquet", data_files=[str(good), str(broken)], columns={"text": "story"}),
+            rf"{broken} is not a readable parquet file",
+        ),
+        (
+            SourceConfig(hf="parquet", data_files=str(tmp_path / "shards" / "*.parquet"), columns={"text": "story"}),
+            r"data.sources.s.data_files: .*shards/\*\.parquet matches no file",
+        ),
+    ]
+    for config, message in cases:
+        with pytest.raises(DataError, match=message):
+            HFSource("s", config).open()

@@ -134,12 +134,44 @@ def _offline() -> bool:
     ).lower() in ("1", "true", "yes")
 
 
+def local_files(source: HFSource) -> list[Path]:
+    """The local data files a source names (its `hf` path, or its `data_files` with globs expanded), each checked:
+    a pattern that matches nothing, an empty or unreadable parquet file is an error naming it."""
+    import glob
+
+    c, where = source.config, f"data.sources.{source.name}"
+    local = Path(c.hf).expanduser()
+    if local.is_file():
+        files = [local]
+    elif c.hf in BUILDERS:
+        files = []
+        for pattern in _paths(c.data_files):
+            matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+            if not matched:
+                raise DataError(f"{where}.data_files: {pattern} matches no file; check the path or the pattern")
+            files += [Path(m) for m in matched]
+    else:
+        return []
+    for path in files:
+        if path.suffix == ".parquet" or c.hf == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except Exception as e:  # truncated, not parquet at all
+                raise DataError(f"{where}: {path} is not a readable parquet file ({e}); replace or remove it") from None
+            if rows == 0:
+                raise DataError(f"{where}: {path} has no rows (an empty split); remove it or fill it")
+    return files
+
+
 def load_parts(source: HFSource):
     import datasets
 
     c, where = source.config, f"data.sources.{source.name}"
     local = Path(c.hf).expanduser()
     stream = {"streaming": True} if source.streaming else {}
+    local_files(source)  # named errors for what datasets would report vaguely
     try:
         if local.is_dir() and ((local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()):
             dataset = datasets.load_from_disk(str(local))
