@@ -225,7 +225,10 @@ class MiniLLMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        enable_progress_bars() if progress_shown() else disable_progress_bars()  # tokenize / pack bars on a terminal
+        if progress_shown():  # datasets' tokenize / pack bars on a terminal, none in logs
+            enable_progress_bars()
+        else:
+            disable_progress_bars()
         if self.config.streaming:
             self._setup_stream()
             return
