@@ -284,17 +284,18 @@ def launched_rank() -> int:
     return 0
 
 
-def lock_run_dir(run_dir: Path) -> None:
+def lock_run_dir(run_dir: Path) -> bool:
     """One writer per run dir: an exclusive OS lock (flock) on `<run_dir>/.lock`, which names its holder (PID,
     host, start). The OS drops the lock when the process ends however it ends, so a lock file left by a dead
     process never blocks. A second command on a held run dir is refused naming the holder; taking a lock this
-    process holds already is a no-op. Other ranks of a multi-process run share rank 0's lock."""
+    process holds already is a no-op. Other ranks of a multi-process run share rank 0's lock. Returns whether this
+    call took the lock."""
     import fcntl
     import socket
 
     key = Path(run_dir).resolve()
     if key in _HELD or launched_rank() != 0:
-        return
+        return False
     key.mkdir(parents=True, exist_ok=True)
     fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -310,6 +311,7 @@ def lock_run_dir(run_dir: Path) -> None:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     os.write(fd, f"PID {os.getpid()} on {socket.gethostname()} (since {started})\n".encode())
     _HELD[key] = fd
+    return True
 
 
 def unlock_run_dir(run_dir: Path) -> None:

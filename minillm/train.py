@@ -93,60 +93,70 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     rundir.check_run_dir(run_dir)
     for key, folder in (("tokenizer.cache_dir", typed.tokenizer.cache_dir), ("data.cache_dir", typed.data.cache_dir)):
         rundir.check_cache_dir(Path(folder), key)
-    if not inspect:  # before anything is read from or written to it; Run.fit gives it up
-        rundir.lock_run_dir(run_dir)
-    ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
-    data_dir, files = find_sources(typed.data, stage_cls.data)  # files of the data dir, Hugging Face datasets
-    inputs = rundir.inputs_for(typed, stage_cls.needs_for(typed.stage), data_dir, files)
-    for key, value in inputs.settings.items():  # what the inputs decide is recorded in the run config
-        OmegaConf.update(cfg, key, value)
-    typed, config = to_config(cfg), resolved_dict(cfg)
-    if ckpt_path is not None:  # first: a resume with other init weights is named as such
-        rundir.check_resume(ckpt_path, config, inputs.tokenizer.sha256, typed.resume_allow_changes)
-    inputs.check_shape(config["model"])
+    took_lock = not inspect and rundir.lock_run_dir(run_dir)  # before anything is read or written; fit gives it up
+    try:
+        ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
+        data_dir, files = find_sources(typed.data, stage_cls.data)  # files of the data dir, Hugging Face datasets
+        inputs = rundir.inputs_for(typed, stage_cls.needs_for(typed.stage), data_dir, files)
+        for key, value in inputs.settings.items():  # what the inputs decide is recorded in the run config
+            OmegaConf.update(cfg, key, value)
+        typed, config = to_config(cfg), resolved_dict(cfg)
+        if ckpt_path is not None:  # first: a resume with other init weights is named as such
+            rundir.check_resume(ckpt_path, config, inputs.tokenizer.sha256, typed.resume_allow_changes)
+        inputs.check_shape(config["model"])
 
-    updates = stage_cls.updates_per_batch(typed.stage)  # RLHF: several optimizer steps per rollout batch
-    callbacks, loggers = ([], []) if inspect else _callbacks_and_loggers(cfg, typed, updates)
-    trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False, "default_root_dir": str(run_dir)}
-    trainer_kwargs |= _per_update(cfg.trainer, "max_steps", updates)
-    precision, why = training_precision(cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto"))
-    if why:
-        log.warning(why)
-        trainer_kwargs["precision"] = precision
-    if inspect:
-        trainer_kwargs |= {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, **trainer_kwargs)
-
-    if not inspect and ckpt_path is None and typed.overwrite:
-        rundir.clear_for_overwrite(run_dir)
-    if not inspect:
-        remove_stale_tmp(run_dir / "checkpoints")
-    L.seed_everything(typed.seed, workers=True, verbose=False)
-    datamodule = MiniLLMDataModule(
-        typed.data,
-        files,
-        inputs.tokenizer,
-        typed.model.block_size,
-        typed.seed,
-        kind=stage_cls.data,
-        accumulate=int(cfg.trainer.accumulate_grad_batches),
-        lengths=typed.stage.lengths,
-    )
-    datamodule.setup("fit")
-    if typed.data.val_ratio > 0 and len(datamodule.val) == 0:
-        raise ValueError(
-            f"the validation split is empty (data.val_ratio={typed.data.val_ratio}); raise "
-            "data.val_ratio, or set data.val_ratio=0 to train without validation"
+        updates = stage_cls.updates_per_batch(typed.stage)  # RLHF: several optimizer steps per rollout batch
+        callbacks, loggers = ([], []) if inspect else _callbacks_and_loggers(cfg, typed, updates)
+        trainer_kwargs = {"callbacks": callbacks, "logger": loggers or False, "default_root_dir": str(run_dir)}
+        trainer_kwargs |= _per_update(cfg.trainer, "max_steps", updates)
+        precision, why = training_precision(
+            cfg.trainer.get("precision", "32-true"), cfg.trainer.get("accelerator", "auto")
         )
-    if len(datamodule.val) == 0:  # no validation: checkpoints and interrupts must not wait for one that never runs
-        trainer.limit_val_batches = 0
-    module = stage_cls(typed, config, inputs.tokenizer.sha256)
-    module.attach(inputs, resuming=ckpt_path is not None)
-    if typed.compile:
-        compile_backbones(module)
-    if not inspect and trainer.is_global_zero:
-        rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
-        datamodule.write_stats(run_dir / "dataset_stats.json")
+        if why:
+            log.warning(why)
+            trainer_kwargs["precision"] = precision
+        if inspect:
+            trainer_kwargs |= {
+                "enable_checkpointing": False,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+            }
+        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, **trainer_kwargs)
+
+        if not inspect and ckpt_path is None and typed.overwrite:
+            rundir.clear_for_overwrite(run_dir)
+        if not inspect:
+            remove_stale_tmp(run_dir / "checkpoints")
+        L.seed_everything(typed.seed, workers=True, verbose=False)
+        datamodule = MiniLLMDataModule(
+            typed.data,
+            files,
+            inputs.tokenizer,
+            typed.model.block_size,
+            typed.seed,
+            kind=stage_cls.data,
+            accumulate=int(cfg.trainer.accumulate_grad_batches),
+            lengths=typed.stage.lengths,
+        )
+        datamodule.setup("fit")
+        if typed.data.val_ratio > 0 and len(datamodule.val) == 0:
+            raise ValueError(
+                f"the validation split is empty (data.val_ratio={typed.data.val_ratio}); raise "
+                "data.val_ratio, or set data.val_ratio=0 to train without validation"
+            )
+        if len(datamodule.val) == 0:  # no validation: checkpoints and interrupts must not wait for one that never runs
+            trainer.limit_val_batches = 0
+        module = stage_cls(typed, config, inputs.tokenizer.sha256)
+        module.attach(inputs, resuming=ckpt_path is not None)
+        if typed.compile:
+            compile_backbones(module)
+        if not inspect and trainer.is_global_zero:
+            rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
+            datamodule.write_stats(run_dir / "dataset_stats.json")
+    except BaseException:  # a refused build leaves the run dir free for the next command
+        if took_lock:
+            rundir.unlock_run_dir(run_dir)
+        raise
     return Run(cfg, datamodule, module, trainer, ckpt_path, run_dir)
 
 

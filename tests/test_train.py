@@ -404,3 +404,11 @@ def test_compile_without_a_compiler_is_refused_before_the_data_set_up(tmp_path, 
     with pytest.raises(ValueError, match=r"compile=true needs a C\+\+ compiler .* or set compile=false"):
         build(micro_overrides(tmp_path, data_dir, "compile=true"))
     assert not (tmp_path / "datasets").exists()  # refused before the data was read
+
+
+def test_a_refused_build_leaves_the_run_dir_free(tmp_path, data_dir):
+    from minillm import rundir
+
+    with pytest.raises(FileNotFoundError, match="init_from=.*nowhere: no such folder"):  # after the lock was taken
+        build(micro_overrides(tmp_path, data_dir, "init_from=" + str(tmp_path / "nowhere")))
+    assert (tmp_path / "run" / ".lock").is_file() and (tmp_path / "run").resolve() not in rundir._HELD
