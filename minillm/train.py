@@ -257,7 +257,10 @@ def check_before_hydra(argv: Sequence[str]) -> None:
     if any(a.startswith("-") for a in argv):  # --help, --cfg, -m (a sweep has a run dir per job): Hydra's own
         return
     try:
-        run_dir = Path(compose(argv).run_dir)
+        run_dir = Path(to_config(compose(argv)).run_dir)  # a bad value is refused before the run dir is touched
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except Exception:  # a bad override: Hydra reports it with its own message
         return
     try:
