@@ -93,7 +93,7 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     rundir.check_run_dir(run_dir)
     for key, folder in (("tokenizer.cache_dir", typed.tokenizer.cache_dir), ("data.cache_dir", typed.data.cache_dir)):
         rundir.check_cache_dir(Path(folder), key)
-    took_lock = not inspect and rundir.lock_run_dir(run_dir)  # before anything is read or written; fit gives it up
+    took_lock = False
     try:
         ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
         data_dir, files = find_sources(typed.data, stage_cls.data)  # files of the data dir, Hugging Face datasets
@@ -123,10 +123,6 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             }
         trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, **trainer_kwargs)
 
-        if not inspect and ckpt_path is None and typed.overwrite:
-            rundir.clear_for_overwrite(run_dir)
-        if not inspect:
-            remove_stale_tmp(run_dir / "checkpoints")
         L.seed_everything(typed.seed, workers=True, verbose=False)
         datamodule = MiniLLMDataModule(
             typed.data,
@@ -146,6 +142,13 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             )
         if len(datamodule.val) == 0:  # no validation: checkpoints and interrupts must not wait for one that never runs
             trainer.limit_val_batches = 0
+        # one writer from here on, before the first write to the run dir (Run.fit gives it up); an input refused
+        # above leaves no run dir behind
+        took_lock = not inspect and rundir.lock_run_dir(run_dir)
+        if not inspect and ckpt_path is None and typed.overwrite:
+            rundir.clear_for_overwrite(run_dir)
+        if not inspect:
+            remove_stale_tmp(run_dir / "checkpoints")
         module = stage_cls(typed, config, inputs.tokenizer.sha256)
         module.attach(inputs, resuming=ckpt_path is not None)
         if typed.compile:

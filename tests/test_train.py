@@ -361,7 +361,7 @@ def test_the_run_dir_lock_is_one_writer_and_gives_way_when_released(tmp_path, da
     with open(lock) as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(rundir.RunDirBusy, match=r"run_dir=.* is in use by PID \d+ on .*another run_dir="):
-            build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=4", "resume=auto"))
+            build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2", "overwrite=true"))
 
 
 def test_without_validation_checkpoints_and_interrupts_hold_where_validation_would_have_run(tmp_path, data_dir):
@@ -406,9 +406,17 @@ def test_compile_without_a_compiler_is_refused_before_the_data_set_up(tmp_path, 
     assert not (tmp_path / "datasets").exists()  # refused before the data was read
 
 
-def test_a_refused_build_leaves_the_run_dir_free(tmp_path, data_dir):
+def test_a_refused_build_leaves_the_run_dir_free(tmp_path, data_dir, monkeypatch):
     from minillm import rundir
 
-    with pytest.raises(FileNotFoundError, match="init_from=.*nowhere: no such folder"):  # after the lock was taken
+    with pytest.raises(FileNotFoundError, match="init_from=.*nowhere: no such folder"):  # before the lock: no run dir
         build(micro_overrides(tmp_path, data_dir, "init_from=" + str(tmp_path / "nowhere")))
+    assert not (tmp_path / "run").exists()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rundir, "write_snapshot", full_disk)  # a failure after the lock was taken
+    with pytest.raises(OSError, match="No space left"):
+        build(micro_overrides(tmp_path, data_dir))
     assert (tmp_path / "run" / ".lock").is_file() and (tmp_path / "run").resolve() not in rundir._HELD

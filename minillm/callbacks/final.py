@@ -48,7 +48,7 @@ class FinalCallback(L.Callback):
         if pl_module.stop_reason is not None:
             log.info("training stopped early (%s): no final/ export", pl_module.stop_reason)
             return
-        if not weights_finite(pl_module):  # e.g. a step that overflowed: never exported, and the run fails
+        if not weights_finite(pl_module.exported_model()):  # a step that overflowed: not exported, the run fails
             pl_module.stop_reason = "nonfinite"
             last = self.run_dir / "checkpoints" / "last.ckpt"
             log.error(
