@@ -90,9 +90,7 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    dir: Optional[str] = (
-        None  # None: $MINILLM_DATA_DIR (or $MINIGPT_DATA_DIR) when set, else the built-in corpus (data/builtin)
-    )
+    dir: Optional[str] = None  # None: $MINILLM_DATA_DIR (or $MINIGPT_DATA_DIR), else data/builtin
     batch_size: int = 16
     val_ratio: float = 0.01  # held out by a hash of each record: adding data never reshuffles validation
     sample_ratio: float = 1.0  # global, multiplies each source's sample_ratio

@@ -47,7 +47,15 @@ def refuse_nonfinite(trainer: L.Trainer, path: Path | str) -> bool:
     return True
 
 
-class StepCheckpoint(ModelCheckpoint):
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's checkpoint (`best.ckpt`: the best by a metric), never of weights that are not finite."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if not refuse_nonfinite(trainer, filepath):
+            super()._save_checkpoint(trainer, filepath)
+
+
+class StepCheckpoint(BestCheckpoint):  # the same guard, on a step schedule
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
@@ -75,18 +83,6 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # Lightning would write last.ckpt here, after the loader has moved on: a resume point that is not exact
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        if not refuse_nonfinite(trainer, filepath):
-            super()._save_checkpoint(trainer, filepath)
-
-
-class BestCheckpoint(ModelCheckpoint):
-    """Lightning's best-by-metric checkpoint (`best.ckpt`), never of weights that are not finite."""
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        if not refuse_nonfinite(trainer, filepath):
-            super()._save_checkpoint(trainer, filepath)
 
 
 def validation_follows(trainer: L.Trainer) -> bool:
