@@ -10,7 +10,6 @@ bytes of checkpoint data have been written by this process (counted across check
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -20,6 +19,8 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from minillm.files import fsync_dir
 
 log = logging.getLogger(__name__)
 KILL_ENV = "MINILLM_FAULT_KILL_AFTER_BYTES"
@@ -63,19 +64,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             cls.written += len(chunk)
 
 
-def fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def remove_stale_tmp(folder: Path) -> list[Path]:
     """Delete the `.tmp` files an interrupted save left in `folder`; returns them."""
     stale = sorted(Path(folder).glob("*.tmp")) if Path(folder).is_dir() else []
@@ -83,12 +71,3 @@ def remove_stale_tmp(folder: Path) -> list[Path]:
         log.warning("removing %s: a checkpoint write that never finished (the process was killed)", tmp)
         tmp.unlink(missing_ok=True)
     return stale
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks (weights, downloaded archives)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from minillm.callbacks.loss_plot import PLOTS_HINT, have_matplotlib
 from minillm.cli import Command
 from minillm.config import run_names
 from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
+from minillm.plots import PLOTS_HINT, have_matplotlib
 from minillm.progress import phase, progress
 from minillm.rundir import final_dir, stage_dir
 

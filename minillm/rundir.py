@@ -2,6 +2,7 @@
 
 <run_dir>/checkpoints/   step-000400.ckpt, last.ckpt, best.ckpt, minillm.json, tokenizer.model
 <run_dir>/final/         the exported model (a completed fit only)
+<run_dir>/finished.json  what final/ was trained with (a later resume=auto with the same settings does nothing)
 <run_dir>/logs/          metrics.csv (CSV logger), tb/ (TensorBoard)
 <run_dir>/training_config_snapshot.json  dataset_stats.json  loss.png  train.log
 """
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from minillm.checkpoint_io import file_sha256
+from minillm.files import file_sha256
 
 if TYPE_CHECKING:
     from minillm.model import MiniGPT, RewardModel
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SNAPSHOT = "training_config_snapshot.json"
+FINISHED = "finished.json"
 # Keys that may change between an interrupted run and its resume without changing what is trained.
 RESUME_FREE_KEYS = (
     "resume",
@@ -390,6 +392,7 @@ def resolve_resume(run_dir: Path, resume: str | None, overwrite: bool) -> Path |
 def clear_for_overwrite(run_dir: Path) -> None:
     for name in ("checkpoints", "final", "logs"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
+    (run_dir / FINISHED).unlink(missing_ok=True)
     log.warning("overwrite=true: removed the previous checkpoints, logs and final/ of %s", run_dir)
 
 
@@ -512,6 +515,39 @@ def _git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def record_finished(run_dir: Path, config: dict, step: int, weights: str, metric: float | None) -> Path:
+    """After final/ is written: the resolved config it was trained with (inputs' sha256 included), the step, which
+    weights it holds and the sha256 of its weights file. `finished_run` reads it back."""
+    record = {
+        "config": config,
+        "global_step": step,
+        "final_weights": weights,
+        "weights_sha256": weights_sha256(run_dir / "final"),
+        "metric": metric,
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = run_dir / FINISHED
+    tmp = path.with_name(f"{FINISHED}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def finished_run(run_dir: Path, config: dict, weights: str) -> dict | None:
+    """The record of a completed fit of this very run (same trained-on settings, same inputs, final/ holding the
+    `weights` it recorded, untouched since), or None: then resume=auto continues or restarts as usual."""
+    path = run_dir / FINISHED
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record["final_weights"] != weights or config_differences(record["config"], config):
+            return None
+        if weights_sha256(run_dir / "final") != record["weights_sha256"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):  # no record, an unreadable one, or no final/ any more
+        return None
+    return record
 
 
 def write_snapshot(run_dir: Path, config: dict, device: str) -> Path:

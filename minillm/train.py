@@ -36,17 +36,28 @@ log = logging.getLogger("minillm")
 
 @dataclass
 class Run:
-    """Everything `fit` needs, built exactly as the command line builds it."""
+    """Everything `fit` needs, built exactly as the command line builds it. A run that `resume=auto` finds
+    finished (`finished`: its record, rundir.finished_run) has no data, module or trainer: `fit` does nothing."""
 
     config: DictConfig
-    datamodule: MiniLLMDataModule
-    module: LMModule
-    trainer: L.Trainer
+    datamodule: MiniLLMDataModule | None
+    module: LMModule | None
+    trainer: L.Trainer | None
     ckpt_path: Path | None
     run_dir: Path
+    finished: dict | None = None
 
     def fit(self) -> int:
         """Train; returns the process exit code (0, 130/143 after an interrupt, 1 after a non-finite halt)."""
+        if self.finished is not None:
+            rundir.unlock_run_dir(self.run_dir)
+            log.info(
+                "%s is finished (step %d, final/ unchanged since): nothing to do. overwrite=true trains it again; "
+                "other settings (trainer.max_steps, final.weights, ...) continue it",
+                self.run_dir,
+                self.finished["global_step"],
+            )
+            return 0
         try:
             self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
         finally:
@@ -58,6 +69,8 @@ class Run:
 
     @property
     def metric(self) -> float | None:
+        if self.finished is not None:
+            return self.finished.get("metric")
         value = self.trainer.callback_metrics.get(self.config.optimized_metric)
         return None if value is None else float(value)
 
@@ -101,6 +114,12 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         for key, value in inputs.settings.items():  # what the inputs decide is recorded in the run config
             OmegaConf.update(cfg, key, value)
         typed, config = to_config(cfg), resolved_dict(cfg)
+        finished = (
+            None if inspect or typed.resume != "auto" else rundir.finished_run(run_dir, config, typed.final.weights)
+        )
+        if finished is not None:  # the same settings and inputs as the fit that wrote final/: nothing to redo
+            took_lock = rundir.lock_run_dir(run_dir)
+            return Run(cfg, None, None, None, ckpt_path, run_dir, finished)
         if ckpt_path is not None:  # first: a resume with other init weights is named as such
             rundir.check_resume(ckpt_path, config, inputs.tokenizer.sha256, typed.resume_allow_changes)
         inputs.check_shape(config["model"])

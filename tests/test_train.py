@@ -151,8 +151,31 @@ def test_resume_with_changed_hyperparameters_names_them(tmp_path, data_dir):
         build(micro_overrides(tmp_path, data_dir, "resume=auto", "model.n_layer=3", "resume_allow_changes=true"))
 
 
+def test_a_finished_run_is_not_redone_until_a_setting_or_its_final_weights_change(tmp_path, data_dir, caplog):
+    caplog.set_level("INFO")
+    assert build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2")).fit() == 0
+    final = tmp_path / "run" / "final" / "model.safetensors"
+    stamp = final.stat().st_mtime_ns
+    again = build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2", "resume=auto"))
+    assert again.finished is not None and again.trainer is None
+    assert again.fit() == 0 and "is finished (step 2" in caplog.text
+    assert final.stat().st_mtime_ns == stamp  # final/ is not rewritten: the next stage's inputs stay the same
+    # what final/ holds is asked to change: the run resumes (nothing to train) and exports again
+    best = build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=2", "resume=auto", "final.weights=best"))
+    assert best.finished is None and best.fit() == 0 and final.stat().st_mtime_ns != stamp
+    # more steps: it continues from its checkpoint
+    longer = micro_overrides(tmp_path, data_dir, "trainer.max_steps=3", "resume=auto", "resume_allow_changes=true")
+    run = build(longer)
+    assert run.finished is None and run.fit() == 0 and run.trainer.global_step == 3
+    assert build(longer).finished["global_step"] == 3
+    # final/ replaced by hand: not the weights the record names, so the run is not taken as done
+    final.write_bytes(final.read_bytes()[:-8] + bytes(8))
+    assert build(longer).finished is None
+
+
 def test_resume_auto_skips_a_truncated_newest_checkpoint(tmp_path, data_dir, caplog):
     assert build(micro_overrides(tmp_path, data_dir, "trainer.max_steps=4")).fit() == 0
+    (tmp_path / "run" / "finished.json").unlink()  # as if killed before its export
     ckpts = tmp_path / "run" / "checkpoints"
     (ckpts / "last.ckpt").unlink()
     (ckpts / "best.ckpt").unlink()

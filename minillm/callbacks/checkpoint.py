@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from minillm.checkpoint_io import fsync_dir
+from minillm.files import fsync_dir
 
 LAST = "last.ckpt"
 log = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """Beside the checkpoints: the model config and tokenizer (so a .ckpt opens with `load_model`); at the end of a
 completed fit: `<run_dir>/final/`, the trained model folder. Never after an interrupt or a halt. A LoRA run
 (`model.lora.r > 0`) exports its adapters merged into the weights, and the adapters alone in `final/adapter/`
-(PEFT's files, minillm/lora.py).
+(PEFT's files, minillm/lora.py). Then `<run_dir>/finished.json` records what final/ was trained with, so a later
+`resume=auto` with the same settings and inputs finds the stage done (train.build).
 
 `final.weights`: `last` (the weights at the end) or `best` (best.ckpt, the lowest val/loss). The closing log
 line says which weights final/ holds and their val/loss, and warns when validation loss ended well above its
@@ -16,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from minillm import lora
+from minillm import lora, rundir
 from minillm.callbacks.checkpoint import weights_finite
 from minillm.pretrained import save_pretrained
 
@@ -91,6 +92,11 @@ class FinalCallback(L.Callback):
             lora.save_adapter(model, pl_module.lora, self.run_dir / "final" / lora.ADAPTER_DIR, base=base)
             model = lora.merged(model)
         out = save_pretrained(model, pl_module.tokenizer, self.run_dir / "final")
+        config = pl_module.hparams["config"]
+        metric = trainer.callback_metrics.get(config.get("optimized_metric", "val/loss"))
+        rundir.record_finished(
+            self.run_dir, config, trainer.global_step, self.weights, None if metric is None else float(metric)
+        )
         log.info("final/ holds %s: %s", which, out)
         if self.weights == "last" and None not in (last_loss, best_loss) and last_loss > best_loss * OVERFIT_WARNING:
             log.warning(

@@ -36,7 +36,7 @@ import yaml
 
 from minillm.progress import progress
 from minillm.data.records import chunk_paragraphs, is_held_out
-from minillm.checkpoint_io import file_sha256
+from minillm.files import file_sha256
 
 log = logging.getLogger(__name__)
 
