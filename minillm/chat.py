@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from minillm.cli import Command
-from minillm.generate import GenerationConfig, generation_config, load_model, stream
+from minillm.schemas import GenerationConfig, generation_config
 
 
 def readable(text: str) -> str:
@@ -37,6 +37,8 @@ class ChatCommand(GenerationConfig):
 
 
 def run(command: ChatCommand, stdin=sys.stdin, out=sys.stdout) -> None:
+    from minillm.generate import load_model, stream
+
     config, system, model_path = generation_config(command), command.system, command.model_path
     try:
         model, tokenizer = load_model(model_path, command.device, command.dtype, command.compile)

@@ -16,6 +16,7 @@ as `SystemExit("error: ...")`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class Command:
 
         self.register()
         check_config_dirs(sys.argv[1:])
+        show_help(self.name, sys.argv[1:])
 
         def task(cfg):
             return self.run(self.typed(cfg))
@@ -121,6 +123,51 @@ def check_config_dirs(argv: Sequence[str]) -> None:
                 problem = getattr(e, "problem", None) or str(e).splitlines()[0]
                 print(f"error: {where}: {problem} (YAML syntax); fix the file and run again", file=sys.stderr)
                 sys.exit(2)
+
+
+HELP_FLAGS = ("--help", "-h")
+TRAIN_CONFIG = ("train", "debug", "device")  # the commands over the train config and its groups
+
+
+def show_help(name: str, argv: Sequence[str]) -> None:
+    """`--help`: what the command does, the config groups to pick from (the train config's), and the config
+    composed with the other arguments; then exit 0. Our own page rather than Hydra's, which lists every group
+    of the search path by deep-copying the config repository for each (seconds); with `--config-dir` (presets of
+    your own) Hydra's page answers, since it knows that search path."""
+    if not any(a in HELP_FLAGS for a in argv) or config_dirs(argv):
+        return
+    from omegaconf import OmegaConf
+
+    from minillm.config import CONF_DIR, compose
+
+    overrides = [a for a in argv if a not in HELP_FLAGS]
+    try:
+        cfg = compose(overrides, config_name=name)
+    except Exception as e:  # Hydra: an unknown key, a wrong type, a bad override
+        raise SystemExit(f"error: {e}") from None
+    module, what = COMMANDS[name]
+    if name in TRAIN_CONFIG:
+        lines = [
+            f"minillm {name} stage=<stage> model=<preset> [group=option ...] [key=value ...]  (python -m {module}): "
+            f"{what}.",
+            "Pick an option of each group below, override any key of the config; --cfg job prints the composed config.",
+            "",
+            "== Configuration groups ==",
+        ]
+        for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")):
+            lines.append(f"{group.name}: {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}")
+    else:
+        lines = [
+            f"minillm {name} [key=value ...]: {what}. Override any key of the config below on the command line",
+            f"(python -m {module.removesuffix('.__main__')} takes the same arguments); --cfg job prints the composed "
+            "config.",
+        ]
+    text = "\n".join([*lines, "", "== Config ==", OmegaConf.to_yaml(cfg).rstrip(), "", "Docs: README.md and docs/."])
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `minillm train --help | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
 
 
 def usage() -> str:

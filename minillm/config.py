@@ -22,7 +22,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from minillm.model import ModelConfig
+from minillm.schemas import ModelConfig
 from minillm.tokenizer import TokenizerConfig
 
 

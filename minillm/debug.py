@@ -12,40 +12,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
-import torch
 from omegaconf import DictConfig
 
 from minillm.cli import Command
 from minillm.config import resolved_dict
 from minillm.device import best_device
-from minillm.generate import GenerationConfig, generate
-from minillm.losses import IGNORE_INDEX
 from minillm.rundir import write_snapshot
+from minillm.schemas import GenerationConfig
 from minillm.train import build
-
-
-class _FirstStep(L.Callback):
-    """Records the loss (or RLHF's metrics) and the gradient norm of the one debug step."""
-
-    def __init__(self) -> None:
-        self.loss: float | None = None
-        self.grad_norm: float | None = None
-        self.metrics: dict[str, float] = {}  # RLHF's: a rollout and its updates
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad.detach().float() for p in pl_module.parameters() if p.grad is not None]
-        self.grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(outputs, dict) and "loss" in outputs:
-            self.loss = float(outputs["loss"])
-        elif isinstance(outputs, dict):  # RLHF: one rollout batch and its updates report metrics
-            self.metrics = dict(outputs.get("metrics", {}))
 
 
 def show_batch(batch: dict, tok, n: int) -> None:
     """The first row of the stage's own batch: text, ids, what the loss reads."""
+    from minillm.losses import IGNORE_INDEX
+
     if "chosen_ids" in batch:  # preference pairs (DPO, reward model): prompt + chosen, prompt + rejected
         print(f"== first batch: {len(batch['chosen_ids'])} pairs, chosen {tuple(batch['chosen_ids'].shape)}")
         for side in ("chosen", "rejected"):
@@ -72,6 +52,9 @@ def show_batch(batch: dict, tok, n: int) -> None:
 
 
 def run(cfg: DictConfig) -> None:
+    from minillm.callbacks.first_step import FirstStep
+    from minillm.generate import generate
+
     logging.getLogger().setLevel(logging.WARNING)  # the batch and the step, not Lightning's set-up messages
     cfg.trainer.max_steps = 1
     cfg.trainer.limit_val_batches = 0
@@ -84,7 +67,7 @@ def run(cfg: DictConfig) -> None:
     batch = next(iter(run.datamodule.train_dataloader()))
     print(f"== config: stage={cfg.stage.name} model={cfg.model.name} ({run.module.model.num_parameters():,} params)")
     show_batch(batch, tok, cfg.debug.show_tokens)
-    step = _FirstStep()
+    step = FirstStep()
     run.trainer.callbacks.append(step)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     norm = "–" if step.grad_norm is None else f"{step.grad_norm:.4f}"

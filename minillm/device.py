@@ -5,7 +5,6 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 from minillm.cli import Command
@@ -14,6 +13,8 @@ from minillm.rundir import write_snapshot
 
 
 def best_device() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -27,6 +28,8 @@ def cpu_has_fast_bf16() -> bool:
     211 fp32 on a Zen 4 EPYC. AVX-512 alone is not enough: an Intel Xeon with AVX-512 but no AVX512_BF16
     measured 63 GFLOP/s bf16 against 347 fp32, and an AVX2-only EPYC 1.0 against 18.9 (`make demo`'s bf16
     pretraining ran at 62 tokens/s instead of thousands)."""
+    import torch
+
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True  # not measured here: the user's setting stands
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -45,6 +48,8 @@ def training_precision(precision: str, accelerator: str) -> tuple[str, str | Non
 
 
 def run(cfg: DictConfig) -> None:
+    import torch
+
     device = best_device()
     detail = f" ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} visible)" if device == "cuda" else ""
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported() or device == "cpu" and cpu_has_fast_bf16()

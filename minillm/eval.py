@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.cli import Command
-from minillm.evaluation import EvalConfig, evaluate, headline, output_path
+from minillm.schemas import EvalConfig
 
 
 @dataclass
@@ -25,6 +25,8 @@ class EvalCommand:
 
 
 def run(command: EvalCommand) -> dict:
+    from minillm.evaluation import evaluate, headline, output_path
+
     model_path, config = Path(command.model_path), command.eval
     try:
         result = evaluate(model_path, config)

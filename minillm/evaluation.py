@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -33,36 +32,10 @@ from minillm import reward_rules
 from minillm.generate import GenerationConfig, generate, generate_ids, load_model
 from minillm.model import MiniGPT, RewardModel
 from minillm.progress import batch_starts, progress
+from minillm.schemas import EVAL_VERSION, TASKS, EvalConfig, headline, output_path  # noqa: F401 (re-exported)
 from minillm.tokenizer import Tokenizer, apply_chat_template
 
-TASKS = ("bpb", "verifiable", "preference", "reward", "kl", "samples")
-EVAL_VERSION = 2  # in eval.json; bump when a task's meaning or layout changes (the report recomputes then)
 SAMPLE_PROMPTS = ["To be, or not to be", "In the beginning", "中共中央", "What is 12 + 7?", "写一条好评。"]
-
-
-@dataclass
-class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    data_dir: str = "data/builtin"
-    text: Optional[str] = None  # bpb text (.txt / .jsonl); None: held-out pretraining records of data_dir
-    family: str = "verifiable"  # eval/<family>.jsonl for exact match
-    pairs: list[str] = field(
-        default_factory=lambda: ["reviews_zh", "chatterbot_pairs", "kjv_pairs", "verifiable_pairs"]
-    )
-    reference: Optional[str] = None  # DPO's reward accuracy and the KL are relative to this model
-    prompts: Optional[str] = None  # reward task prompts; None: eval/<family>.jsonl
-    reward: str = "verifiable"  # rule from minillm.reward_rules
-    reward_model: Optional[str] = None  # also score with this reward model
-    limit: int = 200  # records per task (and per pairs file)
-    max_new_tokens: int = 48
-    batch_size: int = 16
-    seed: int = 0
-    out: Optional[str] = None  # eval.json path; None: next to the model
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.tasks) - set(TASKS))
-        if unknown:
-            raise ValueError(f"eval.tasks: unknown {unknown}; known: {list(TASKS)}")
 
 
 def load_family(path: Path, limit: int | None = None) -> list[dict]:
@@ -445,32 +418,3 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
             "samples": [{"prompt": p, "text": t} for p, t in zip(SAMPLE_PROMPTS, texts)],
         }
     return result
-
-
-def headline(result: dict) -> dict[str, float]:
-    """The numbers of a result that go in tables: bpb, task accuracy, preference accuracy, reward, distinct-2."""
-    t = result["tasks"]
-    reward = t.get("reward", {})
-    rows = {
-        "bpb": t.get("bpb", {}).get("bpb"),
-        "val loss (per token)": t.get("bpb", {}).get("loss"),
-        "exact match": t.get("verifiable", {}).get("exact_match"),
-        "preference accuracy": t.get("preference", {}).get("accuracy"),
-        "reward accuracy": t.get("preference", {}).get("reward_accuracy"),
-        "mean reward": reward.get("mean_reward") if reward.get("n") else None,  # None: the rule scored no reply
-        "reward-model score": reward.get("reward_model_score"),
-        "median length": reward.get("median_length"),
-        "KL": t.get("kl", {}).get("kl"),
-        "distinct-2": t.get("samples", {}).get("distinct_2"),
-    }
-    for task, v in t.get("verifiable", {}).get("tasks", {}).items():
-        rows[f"exact match {task}"] = v["exact_match"]
-    for name, v in t.get("reward_model", {}).items():
-        rows[f"pairwise accuracy {name}"] = v["accuracy"]
-    return {k: v for k, v in rows.items() if v is not None}
-
-
-def output_path(model_path: Path, config: EvalConfig) -> Path:
-    if config.out:
-        return Path(config.out)
-    return (model_path.parent if model_path.is_file() else model_path) / "eval.json"

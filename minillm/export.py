@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.cli import Command
-from minillm.pretrained import load_parts, save_pretrained
 from minillm.progress import phase
+from minillm.schemas import GGUF_TYPES
 
 
 def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     from minillm.model import RewardModel
+    from minillm.pretrained import load_parts, save_pretrained
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -49,6 +50,7 @@ def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> 
 
 def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f32", overwrite: bool = False) -> Path:
     from minillm.gguf_writer import write_gguf
+    from minillm.pretrained import load_parts
 
     out = Path(out)
     if out.suffix != ".gguf" and out.exists() and not out.is_dir():
@@ -74,10 +76,8 @@ class GGUFOptions:
     type: str = "f32"  # f32 | f16 | bf16 | q8_0
 
     def __post_init__(self) -> None:
-        from minillm.gguf_writer import TYPES
-
-        if self.type not in TYPES:
-            raise ValueError(f"gguf.type must be one of {', '.join(TYPES)}, got {self.type!r}")
+        if self.type not in GGUF_TYPES:
+            raise ValueError(f"gguf.type must be one of {', '.join(GGUF_TYPES)}, got {self.type!r}")
 
 
 @dataclass

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from minillm.model import MiniGPT
+from minillm.schemas import GGUF_TYPES as TYPES
 from minillm.tokenizer import CHAT_TEMPLATE, Tokenizer
 
-TYPES = ("f32", "f16", "bf16", "q8_0")
 LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",

@@ -28,13 +28,15 @@ V vocabulary, E experts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from minillm.schemas import LORA_TARGETS, MAX_BLOCK_SIZE, LoRAConfig, ModelConfig  # noqa: F401 (re-exported)
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -43,117 +45,7 @@ try:
 except ImportError:  # torch < 2.5
     BlockMask, FLEX_ATTENTION = type(None), False
 
-MAX_BLOCK_SIZE = 65536
 SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa=: no K/V copies
-
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # our (= Llama's) names
-
-
-@dataclass
-class LoRAConfig:
-    """`model.lora`: r = 0 trains every weight (no adapters)."""
-
-    r: int = 0
-    alpha: float = 16.0  # the update is scaled by alpha / r
-    dropout: float = 0.0  # on the adapter's input
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-
-    def __post_init__(self) -> None:
-        if self.r < 0:
-            raise ValueError(f"invalid model config: lora.r must be >= 0 (0 = no adapters), got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"invalid model config: lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"invalid model config: lora.dropout must be in [0, 1), got {self.dropout}")
-        unknown = [name for name in self.target_modules if name not in LORA_TARGETS]
-        if unknown or not self.target_modules:
-            raise ValueError(
-                f"invalid model config: lora.target_modules {list(self.target_modules)} names no layer of this "
-                f"model ({', '.join(unknown) or 'empty'}); the valid names are {', '.join(LORA_TARGETS)}"
-            )
-
-    @property
-    def enabled(self) -> bool:
-        return self.r > 0
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
-
-
-@dataclass
-class ModelConfig:
-    """Shape of a MiniGPT. Also the Hydra schema of the `model` group and the `minillm.json` saved with weights."""
-
-    name: str = "custom"  # the preset's name; names the run directory
-    vocab_size: int = 0  # 0 = take it from the tokenizer when the model is built
-    block_size: int = 256  # longest sequence the model is trained on
-    n_layer: int = 6
-    n_embd: int = 256
-    n_head: int = 8
-    n_kv_head: int = 4  # must divide n_head; == n_head is plain multi-head attention
-    intermediate_size: int = 0  # SwiGLU width (per expert); 0 = 8/3 * n_embd rounded up to a multiple of 64
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    gradient_checkpointing: bool = False  # training: recompute each block's activations in the backward
-    # mixture of experts (n_experts = 0: dense MLP)
-    n_experts: int = 0
-    n_experts_per_tok: int = 2
-    n_shared_experts: int = 0  # width of the shared expert, in units of intermediate_size
-    aux_loss_coef: float = 0.01
-    # LoRA fine-tuning (r > 0): the stage adds adapters to these layers and trains only them (minillm/lora.py);
-    # not part of the architecture: exported weights are merged and say r = 0
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):  # read back from minillm.json or a checkpoint's plain config
-            self.lora = LoRAConfig(**self.lora)
-        checks = [
-            (self.n_layer > 0, f"n_layer must be > 0, got {self.n_layer}"),
-            (
-                self.n_head > 0 and self.n_embd % self.n_head == 0,
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
-            ),
-            (
-                self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
-                f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})",
-            ),
-            (
-                self.n_head > 0 and (self.n_embd // self.n_head) % 2 == 0,
-                f"head size n_embd / n_head = {self.n_embd // max(self.n_head, 1)} must be even for RoPE",
-            ),
-            (
-                0 < self.block_size <= MAX_BLOCK_SIZE,
-                f"block_size must be in 1..{MAX_BLOCK_SIZE} (the largest context the KV cache and RoPE tables are "
-                f"built for), got {self.block_size}",
-            ),
-            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
-            (self.n_experts >= 0, f"n_experts must be >= 0, got {self.n_experts}"),
-            (
-                self.n_experts == 0 or 0 < self.n_experts_per_tok <= self.n_experts,
-                f"n_experts_per_tok ({self.n_experts_per_tok}) must be in 1..n_experts ({self.n_experts})",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid model config: {message}")
-
-    @property
-    def ffn_dim(self) -> int:
-        """SwiGLU hidden width: intermediate_size, or 8/3 * n_embd rounded up to a multiple of 64."""
-        return self.intermediate_size if self.intermediate_size > 0 else 64 * math.ceil(8 * self.n_embd / 3 / 64)
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def is_moe(self) -> bool:
-        return self.n_experts > 0
 
 
 @dataclass

@@ -14,9 +14,6 @@ from pathlib import Path
 from typing import Optional
 
 from minillm.cli import Command
-from minillm.data.pairs import onpolicy_pairs
-from minillm.evaluation import load_family
-from minillm.generate import load_model
 
 
 @dataclass
@@ -33,6 +30,10 @@ class PairsCommand:
 
 
 def run(command: PairsCommand) -> None:
+    from minillm.data.pairs import onpolicy_pairs
+    from minillm.evaluation import load_family
+    from minillm.generate import load_model
+
     model_path, data_dir, family = Path(command.model_path), Path(command.data_dir), command.family
     limit, max_new_tokens, batch_size = command.limit, command.max_new_tokens, command.batch_size
     out = Path(command.out) if command.out else data_dir / "preference" / f"{family}_onpolicy.jsonl"

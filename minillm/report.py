@@ -32,10 +32,10 @@ from typing import Optional
 
 from minillm.cli import Command
 from minillm.config import run_names
-from minillm.evaluation import EVAL_VERSION, EvalConfig, evaluate, headline, output_path
 from minillm.plots import PLOTS_HINT, have_matplotlib
 from minillm.progress import phase, progress
 from minillm.rundir import final_dir, stage_dir
+from minillm.schemas import EVAL_VERSION, EvalConfig, headline, output_path
 
 RUNS = tuple(run_names())  # the runs a card can show, in chain order
 COLUMNS = (
@@ -76,7 +76,10 @@ def targets_preset(name: str) -> Targets:
 
 
 def stage_result(folder: Path, config: EvalConfig) -> dict:
-    """eval.json of a model folder, computed when missing, older than the weights or made with other settings."""
+    """eval.json of a model folder, computed when missing, older than the weights or made with other settings
+    (torch is loaded only then)."""
+    from minillm.evaluation import evaluate
+
     out = output_path(folder, config)
     weights = folder / "model.safetensors"
     if out.is_file() and out.stat().st_mtime >= weights.stat().st_mtime:

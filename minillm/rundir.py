@@ -23,8 +23,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from minillm.files import file_sha256
 
 if TYPE_CHECKING:
@@ -222,6 +220,8 @@ def read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise ResumeError(f"resume: no checkpoint at {path}; use resume=auto or an existing .ckpt file")
     try:
+        import torch
+
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:  # objects that only unpickling (running code) would rebuild
         raise ResumeError(
@@ -552,6 +552,7 @@ def finished_run(run_dir: Path, config: dict, weights: str) -> dict | None:
 
 def write_snapshot(run_dir: Path, config: dict, device: str) -> Path:
     import lightning
+    import torch
 
     from minillm import __version__
 

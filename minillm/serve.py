@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from minillm.cli import Command
-from minillm.generate import GenerationConfig, load_model, stream_rows
+from minillm.schemas import GenerationConfig
 
 
 @dataclass
@@ -218,6 +218,8 @@ class Batcher:
         owners = [(job, choice) for job in batch for choice in range(job.n)]  # row -> (request, choice index)
         self.batches.append(len(owners))
         prompts = [job.prompt for job, _ in owners]
+        from minillm.generate import stream_rows
+
         events = stream_rows(self.model, self.tokenizer, prompts, batch[0].config)
         for row, piece, finish, tokens in events:
             job, choice = owners[row]
@@ -399,6 +401,8 @@ def run(command: ServeCommand) -> None:
         raise SystemExit(f"error: max_batch must be >= 1, got {command.max_batch}")
     check_port(command.host, command.port)
     try:
+        from minillm.generate import load_model
+
         model, tokenizer = load_model(command.model_path, command.device, command.dtype, command.compile)
     except Exception as e:
         raise SystemExit(f"error: {e}") from None

@@ -13,23 +13,21 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from minillm import rundir
-from minillm.callbacks.interrupt import CommandSignals, InterruptCallback
-from minillm.checkpoint_io import remove_stale_tmp
-from minillm.cli import check_config_dirs
+from minillm.cli import check_config_dirs, show_help
 from minillm.config import CONF_DIR, Config, compose, resolved_dict, to_config
-from minillm.data.datamodule import MiniLLMDataModule, find_sources
-from minillm.device import training_precision
-from minillm.model import MiniGPT
-from minillm.stages import LMModule, stage_module
+from minillm.signals import CommandSignals
+
+if TYPE_CHECKING:  # torch and Lightning load when a run is built, not for `--help` or a refused override
+    import lightning as L
+
+    from minillm.data.datamodule import MiniLLMDataModule
+    from minillm.stages import LMModule
 
 log = logging.getLogger("minillm")
 
@@ -62,6 +60,8 @@ class Run:
             self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
         finally:
             rundir.unlock_run_dir(self.run_dir)
+        from minillm.callbacks.interrupt import InterruptCallback
+
         interrupt = next((c for c in self.trainer.callbacks if isinstance(c, InterruptCallback)), None)
         if interrupt is not None and interrupt.received:
             return interrupt.exit_code
@@ -81,6 +81,15 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
 
     `inspect=True` (debug, notebooks): no run-dir checks, no files written, no loggers or callbacks.
     """
+    import lightning as L
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from minillm.checkpoint_io import remove_stale_tmp
+    from minillm.data.datamodule import MiniLLMDataModule, find_sources
+    from minillm.device import training_precision
+    from minillm.stages import stage_module
+
     cfg = compose(overrides) if cfg is None else cfg
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one directory per sweep job
@@ -200,6 +209,8 @@ def compile_backbones(module: LMModule) -> None:
     KV cache, and its decode step (RLHF rollouts, evaluation callbacks), through torch.compile. The compiled code
     is cached under data/cache/torchinductor (or $TORCHINDUCTOR_CACHE_DIR), so a second run starts fast."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path("data/cache/torchinductor").resolve()))
+    from minillm.model import MiniGPT
+
     for model in module.modules():
         if isinstance(model, MiniGPT):
             model.compile_layers()
@@ -248,6 +259,8 @@ OUT_OF_MEMORY_HINT = (
 
 def is_out_of_memory(error: BaseException) -> bool:
     """A CUDA/MPS allocator failure, or a CPU allocation torch could not make."""
+    import torch
+
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(error)
@@ -297,6 +310,7 @@ def cli() -> None:
     """`minillm train` / `python -m minillm.train`: Hydra's command line over conf/train.yaml."""
     with CommandSignals():  # Ctrl-C / kill outside the training loop (InterruptCallback's handler inside it)
         check_config_dirs(sys.argv[1:])
+        show_help("train", sys.argv[1:])
         check_before_hydra(sys.argv[1:])
         main()
 

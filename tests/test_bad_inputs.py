@@ -19,10 +19,10 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from minillm.callbacks.interrupt import CommandSignals
 from minillm.data.records import DataError
 from minillm.generate import load_model
 from minillm.rundir import ResumeError
+from minillm.signals import CommandSignals
 from minillm.tokenizer import Tokenizer
 from minillm.train import build
 from tests.conftest import micro_overrides

@@ -1,6 +1,7 @@
 """The one command line (minillm/cli.py): every command is a Hydra app over the package's config tree."""
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -39,7 +40,6 @@ def test_every_command_is_listed_and_documented():
     assert set(SCHEMA_KEY) == set(cli.COMMANDS)
 
 
-@pytest.mark.slow  # Hydra's --help lists every config group: ~3 s a command
 @pytest.mark.parametrize("name", sorted(SCHEMA_KEY))
 def test_help_shows_the_keys_of_the_command(name, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -47,6 +47,31 @@ def test_help_shows_the_keys_of_the_command(name, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert f"minillm {name}" in out and f"{SCHEMA_KEY[name]}:" in out
+
+
+def test_help_and_the_commands_that_do_not_train_load_neither_torch_nor_lightning(tmp_path, tokenizer):
+    """`--help` of every command without torch; generate, eval, report and export run without Lightning."""
+    folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
+    script = f"""
+import contextlib, io, sys
+from minillm import cli
+for name in cli.COMMANDS:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            cli.main([name, "--help"])
+        except SystemExit as e:
+            assert e.code == 0 and f"minillm {{name}}" in out.getvalue(), (name, e.code)
+assert "torch" not in sys.modules and "lightning" not in sys.modules, "--help loaded torch"
+with contextlib.redirect_stdout(io.StringIO()):
+    cli.main(["generate", "model_path={folder}", "prompt=Hi", "max_new_tokens=2"])
+    cli.main(["eval", "model_path={folder}", "eval.tasks=[samples]", "eval.limit=1", "eval.max_new_tokens=2"])
+    cli.main(["export", "model_path={folder}", "out={tmp_path / "hf"}"])
+assert "torch" in sys.modules, "the commands ran"
+print(sorted(m for m in sys.modules if m.split(".")[0] == "lightning"))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMA_KEY))

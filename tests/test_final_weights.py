@@ -1,6 +1,7 @@
 """Which weights become final/ (final.weights=last|best, named in the closing log line, with an overfit warning),
 and the Lightning conveniences that decide when training ends or what it logs (callbacks presets)."""
 
+import json
 import logging
 from types import SimpleNamespace
 
@@ -39,7 +40,13 @@ def fake_fit(tokenizer, weights, last_loss, best_loss, best_path=""):
         callback_metrics={"val/loss": torch.tensor(last_loss)},
         global_step=900,
     )
-    module = SimpleNamespace(stop_reason=None, exported_model=lambda: model, tokenizer=tokenizer, lora=LoRAConfig())
+    module = SimpleNamespace(
+        stop_reason=None,
+        exported_model=lambda: model,
+        tokenizer=tokenizer,
+        lora=LoRAConfig(),
+        hparams={"config": {"optimized_metric": "val/loss"}},
+    )
     return trainer, module
 
 
@@ -53,6 +60,8 @@ def test_the_closing_line_names_the_weights_and_warns_when_val_loss_ended_well_a
     assert f"final/ holds the last weights (step 900, val/loss {last_loss:.4f})" in caplog.text
     assert ("well above its best 2.2000 (best.ckpt)" in caplog.text) == warned
     assert (tmp_path / "final" / "model.safetensors").is_file()
+    record = json.loads((tmp_path / "finished.json").read_text())
+    assert record["global_step"] == 900 and record["metric"] == pytest.approx(last_loss)
 
 
 def test_export_weights_is_checked(tmp_path, data_dir):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minillm import chat
+from minillm import generate as generate_api
 from minillm.data.kinds import SFT, encode_chat
 from minillm.data.records import DataError, to_messages
 from minillm.generate import load_model
@@ -256,8 +257,8 @@ def test_chat_cli_keeps_history_and_resets(pretrained, monkeypatch):
         seen.append([dict(m) for m in messages])
         yield from chat_stream(model, tokenizer, messages, config)
 
-    chat_stream = chat.stream
-    monkeypatch.setattr(chat, "stream", spy)
+    chat_stream = generate_api.stream
+    monkeypatch.setattr(generate_api, "stream", spy)  # chat.run takes it from minillm.generate
     stdin = io.StringIO("Hello\nWhat did I say?\n/reset\nAgain\n/exit\n")
     out = io.StringIO()
     chat.main([f"model_path={pretrained}", "max_new_tokens=4", "seed=0", 'system="Be brief."'], stdin=stdin, out=out)
@@ -279,7 +280,7 @@ def test_chat_survives_bytes_that_are_not_utf8_and_a_failing_turn(pretrained, mo
     from minillm import chat
 
     seen, calls = [], []
-    chat_stream = chat.stream
+    chat_stream = generate_api.stream
 
     def flaky(model, tokenizer, messages, config):
         calls.append(1)
@@ -289,7 +290,7 @@ def test_chat_survives_bytes_that_are_not_utf8_and_a_failing_turn(pretrained, mo
         seen.append([dict(m) for m in messages])
         yield from chat_stream(model, tokenizer, messages, config)
 
-    monkeypatch.setattr(chat, "stream", flaky)
+    monkeypatch.setattr(generate_api, "stream", flaky)
     raw = "caf\xe9 \xff\n".encode("latin-1")  # 0xE9 and 0xFF typed in a latin-1 terminal: not UTF-8
     stdin = io.TextIOWrapper(io.BytesIO(raw + b"Hello\nStill there?\n/exit\n"), encoding="utf-8")
     out = io.StringIO()

@@ -6,10 +6,7 @@ races ours) and restored at teardown, so several runs in one process (multirun) 
 SIGINT exits at once. The entry point exits with 130 (SIGINT) or 143 (SIGTERM) after the save.
 
 Outside the training loop (start-up: config, tokenizer, dataset, Lightning's set-up; the export after it) the
-command line's `CommandSignals` takes the signals: the first stops the command at once, and whatever the
-interrupted library code turns the KeyboardInterrupt into (OmegaConf wraps it in a ValueError, Lightning exits
-1, Hydra reports an error) the command exits 128 + N with one line saying what happened, never a traceback or a
-"bad input" exit code.
+command line's `CommandSignals` (minillm/signals.py) takes the signals.
 
 Fault injection for tests: MINILLM_FAULT_SIGNAL_AT_STEP=N (with MINILLM_FAULT_SIGNAL=SIGINT|SIGTERM, default
 SIGTERM) makes the process send itself that signal when optimizer step N + 1 starts, as `kill` from another
@@ -21,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -29,9 +25,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
 from minillm.callbacks.checkpoint import save_resume_point, validation_follows
+from minillm.signals import SIGNALS, CommandSignals
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
 FAULT_STEP_ENV, FAULT_SIGNAL_ENV = "MINILLM_FAULT_SIGNAL_AT_STEP", "MINILLM_FAULT_SIGNAL"
 
 
@@ -101,55 +97,3 @@ class InterruptCallback(Checkpoint):  # a Checkpoint: Lightning runs it after th
         else:  # the weights are not finite: the last checkpoint on disk is the state to go back to
             self.saved_to = None
             log.warning("received interrupt signal — nothing saved (the weights are not finite)")
-
-
-class CommandSignals:
-    """SIGINT/SIGTERM for a whole command, outside the training loop (which `InterruptCallback` takes over).
-
-    with CommandSignals():
-        main()
-    The first signal raises KeyboardInterrupt where the program is; on the way out, any exception or exit that
-    follows a signal is reported as the interruption (exit code 128 + N) instead of as what the interrupted code
-    turned it into. After the block the command is done and the process is only shutting down (library
-    finalizers, threads): a signal then ends it at once, without a traceback from whatever finalizer it hit.
-    A SIGINT inherited as ignored (a job started with `nohup` or `&`) stays ignored.
-    """
-
-    training_started = False  # set by InterruptCallback: the message after an interrupt depends on it
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._installed: list[int] = []
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.received is None:
-            self.received = signum
-            raise KeyboardInterrupt
-        os.write(2, b"\nsecond signal: exiting now\n")  # the first one's unwinding hangs (a worker, a lock)
-        os._exit(128 + signum)
-
-    def __enter__(self) -> CommandSignals:
-        CommandSignals.training_started = False
-        for sig in SIGNALS:
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, self._handle)
-                self._installed.append(sig)
-        return self
-
-    @staticmethod
-    def _exit_now(signum: int, frame) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + signum)
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        for sig in self._installed:
-            signal.signal(sig, self._exit_now)
-        if self.received is None:
-            return False  # no signal: exceptions and exit codes are the command's own
-        if CommandSignals.training_started:
-            what = "interrupted after training started; the checkpoints on disk are intact (rerun with resume=auto)"
-        else:
-            what = "interrupted before training started; no checkpoint was written"
-        print(f"\n{signal.Signals(self.received).name}: {what}", file=sys.stderr)
-        raise SystemExit(128 + self.received)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from minillm.cli import Command
-from minillm.generate import GenerationConfig, generate, generation_config, load_model
 from minillm.progress import batch_starts
+from minillm.schemas import GenerationConfig, generation_config
 
 
 @dataclass
@@ -37,6 +37,8 @@ class GenerateCommand(GenerationConfig):
 
 
 def run(command: GenerateCommand) -> None:
+    from minillm.generate import generate, load_model
+
     prompt = command.prompt
     if command.prompt_file is not None:  # one prompt per line
         with open(command.prompt_file, encoding="utf-8") as f:
