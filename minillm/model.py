@@ -409,6 +409,15 @@ class MiniGPT(nn.Module):
         """`step`, or its compiled form after `compile_decoding()`."""
         return self._compiled("step", "_compile_step") or self.step
 
+    def decode_rows(self, rows: int) -> int:
+        """The batch rows a decode step runs for `rows` prompts: with a compiled step, the largest batch it has run
+        (its graph serves every smaller one, filled up), so a last partial batch compiles nothing; else `rows`."""
+        if not self.decoding_compiled:
+            return rows
+        widest = max(self.__dict__.get("_decode_rows", 0), rows)
+        self.__dict__["_decode_rows"] = widest
+        return widest
+
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_compiled_fns"}
 

@@ -210,6 +210,33 @@ def test_compiled_decoding_gives_the_same_tokens(tokenizer):
     assert compiled == eager and all(len(r) == 20 for r in compiled)
 
 
+@pytest.mark.slow
+def test_one_compiled_step_serves_smaller_batches_and_sees_weights_updated_in_place(tokenizer):
+    """RLHF decodes its rollouts through the compiled step between optimizer steps; eval's last batch is smaller."""
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(tokenizer.vocab_size)).eval()
+    eager = copy.deepcopy(model)
+    model.compile_decoding(dynamic=False)
+    ids = torch.randint(6, 200, (4, 5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    config = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_ids=[])
+    before = generate_ids(model, tokenizer, ids, mask, config)
+    assert before == generate_ids(eager, tokenizer, ids, mask, config)
+    compiled = torch._dynamo.utils.counters["frames"]["ok"]
+    assert generate_ids(model, tokenizer, ids[1:], mask[1:], config) == before[1:]
+    assert torch._dynamo.utils.counters["frames"]["ok"] == compiled  # 3 rows ran in the 4-row graph
+    with torch.no_grad():  # what an optimizer step does between two rollouts: weights changed in place
+        for p, q in zip(model.parameters(), eager.parameters()):
+            change = 0.5 * p.std() * torch.randn_like(p)
+            p.add_(change)
+            q.add_(change)
+        model.norm.weight.neg_()  # a random micro model repeats its input: flip the logits so greedy changes
+        eager.norm.weight.neg_()
+    after = generate_ids(model, tokenizer, ids, mask, config)
+    assert after != before and after == generate_ids(eager, tokenizer, ids, mask, config)
+
+
 def losses(run_dir):
     with open(run_dir / "logs" / "metrics.csv", newline="") as f:
         return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]

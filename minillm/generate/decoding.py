@@ -98,15 +98,23 @@ def _seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_si
 class _Decoder:
     """The prompt through the model into a KV cache (prefill), then one fixed-shape step per new token
     (`MiniGPT.step`, or its compiled form after `compile_decoding`). Holds the cache, the mask of cache slots
-    each row attends to (left padding off) and each row's next RoPE position."""
+    each row attends to (left padding off) and each row's next RoPE position. A compiled step runs as many rows as
+    `MiniGPT.decode_rows` says: a smaller batch gets filler rows (one token each, never read), so a last partial
+    batch reuses the compiled graph instead of compiling another."""
 
     def __init__(self, model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new: int) -> None:
         B, P = input_ids.shape
         compiled = model.decoding_compiled
         max_len = model.config.block_size if compiled else P + max_new  # compiled: one shape for every call
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P), left padding -> start at 0
+        self.rows, width = B, model.decode_rows(B)
+        if width > B:
+            filler = torch.zeros(width - B, P, dtype=attention_mask.dtype, device=attention_mask.device)
+            filler[:, -1] = 1
+            input_ids = torch.cat([input_ids, torch.zeros_like(filler, dtype=input_ids.dtype)])
+            attention_mask = torch.cat([attention_mask, filler])
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (width, P), left padding -> start at 0
         padded = not bool(attention_mask.all())
-        self.model, self.cache = model, model.new_cache(B, max_len)
+        self.model, self.cache = model, model.new_cache(width, max_len)
         out = model(
             input_ids,
             position_ids=positions,
@@ -114,23 +122,28 @@ class _Decoder:
             cache=self.cache,
             last_only=True,
         )
-        self.logits = out.logits[:, -1]  # (B, V) scores of the first new token
-        self.key_mask = torch.zeros(B, max_len, dtype=torch.bool, device=input_ids.device)
+        self.logits = out.logits[:B, -1]  # (B, V) scores of the first new token
+        self.key_mask = torch.zeros(width, max_len, dtype=torch.bool, device=input_ids.device)
         self.key_mask[:, :P] = attention_mask.bool()
-        self.positions = positions[:, -1:] + 1  # (B, 1)
+        self.positions = positions[:, -1:] + 1  # (width, 1)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one token per row, (B,); returns the next (B, V) logits."""
         slot = self.cache.length
         self.key_mask[:, slot] = True
         slot_tensor = torch.tensor([slot], device=token.device)
-        self.logits = self.model.decode_step(token[:, None], self.positions, self.cache, slot_tensor, self.key_mask)
+        if len(self.positions) > self.rows:
+            token = torch.cat([token, token.new_zeros(len(self.positions) - self.rows)])
+        logits = self.model.decode_step(token[:, None], self.positions, self.cache, slot_tensor, self.key_mask)
+        self.logits = logits[: self.rows]
         self.cache.length += 1
         self.positions = self.positions + 1
         return self.logits
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (beam search)."""
+        """Keep rows `index` (beam search); filler rows stay where they are."""
+        filler = torch.arange(self.rows, len(self.positions), device=index.device)
+        index = torch.cat([index, filler])
         self.cache.reorder(index)
         self.key_mask, self.positions = self.key_mask[index], self.positions[index]
 
