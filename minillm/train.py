@@ -181,6 +181,8 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         module.attach(inputs, resuming=ckpt_path is not None)
         if typed.compile:
             compile_backbones(module)
+        elif stage_cls.compiles_rollouts(typed.stage):
+            compile_rollouts(module)
         if not inspect and trainer.is_global_zero:
             rundir.write_snapshot(run_dir, config, device=trainer.strategy.root_device.type)
             datamodule.write_stats(run_dir / "dataset_stats.json")
@@ -191,24 +193,51 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     return Run(cfg, datamodule, module, trainer, ckpt_path, run_dir)
 
 
+CXX_CANDIDATES = ("g++", "clang++", "c++")
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would build with ($CXX first), or None when there is none."""
+    import shutil
+
+    return next((c for c in (os.environ.get("CXX"), *CXX_CANDIDATES) if c and shutil.which(c)), None)
+
+
 def check_compiler() -> None:
     """compile=true: torch.compile's inductor builds C++, so a working compiler must be there; said before the
     data set-up (the alternative is a long InductorError traceback at the first step)."""
-    import shutil
-
-    candidates = [c for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c]
-    if not any(shutil.which(c) for c in candidates):
+    if cxx_compiler() is None:
+        candidates = [c for c in (os.environ.get("CXX"), *CXX_CANDIDATES) if c]
         raise ValueError(
             f"compile=true needs a C++ compiler (torch.compile builds C++ code) and none was found "
             f"({', '.join(candidates)}): install one (e.g. apt-get install g++) or set compile=false"
         )
 
 
+def use_inductor_cache() -> None:
+    """Compiled code is cached under data/cache/torchinductor (or $TORCHINDUCTOR_CACHE_DIR): a second run starts
+    fast."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path("data/cache/torchinductor").resolve()))
+
+
+def compile_rollouts(module: LMModule) -> None:
+    """The policy's decode step compiled for the rollouts (stage.compile_rollouts), its code cached as
+    compile=true's is; without a compiler the rollouts decode eagerly, with a warning."""
+    if cxx_compiler() is None:
+        log.warning(
+            "rollouts decode eagerly (slower): torch.compile needs a C++ compiler and none was found; install one "
+            "(e.g. apt-get install g++), or set stage.compile_rollouts=false to decode eagerly without this warning"
+        )
+        return
+    use_inductor_cache()
+    module.model.compile_decoding(dynamic=False)
+
+
 def compile_backbones(module: LMModule) -> None:
     """compile=true: every backbone the stage trains (policy, value or reward trunk) runs its forwards without a
     KV cache, and its decode step (RLHF rollouts, evaluation callbacks), through torch.compile. The compiled code
     is cached under data/cache/torchinductor (or $TORCHINDUCTOR_CACHE_DIR), so a second run starts fast."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path("data/cache/torchinductor").resolve()))
+    use_inductor_cache()
     from minillm.model import MiniGPT
 
     for model in module.modules():

@@ -138,6 +138,11 @@ class LMModule(L.LightningModule):
         self.model.load_state_dict(init_model.state_dict())
 
     @classmethod
+    def compiles_rollouts(cls, stage) -> bool:
+        """Whether training decodes so many batches (RLHF's rollouts) that its decode step is compiled."""
+        return False
+
+    @classmethod
     def updates_per_batch(cls, stage) -> int:
         """Optimizer steps per training batch: Lightning's global_step counts these (1 but for RLHF)."""
         return 1

@@ -119,6 +119,10 @@ class RLHFModule(LMModule):
         self.ptx: list[dict[str, torch.Tensor]] = []  # attach(): PPO-ptx's conversations, rows as SFT batches them
 
     @classmethod
+    def compiles_rollouts(cls, stage: RLHFConfig) -> bool:
+        return stage.compile_rollouts
+
+    @classmethod
     def updates_per_batch(cls, stage: RLHFConfig) -> int:
         return stage.updates_per_rollout
 
