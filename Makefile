@@ -96,6 +96,7 @@ bench: data $(REF_STAMP)
 	$(REF_VENV)/bin/python -m benchmarks.generation
 	$(PY) -m benchmarks.data
 	$(PY) -m benchmarks.serve
+	$(PY) -m benchmarks.startup
 	$(PY) -m benchmarks.end_to_end
 
 clean:

@@ -412,10 +412,13 @@ def config_differences(old: dict, new: dict) -> list[str]:
     setting added by a later minillm) at its schema default is no difference: old runs keep resuming."""
     from omegaconf import OmegaConf
 
-    from minillm.config import Config
+    from minillm.config import STAGES, Config
 
     a, b = _flatten(old), _flatten(new)
     defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    if b.get("stage.name") in STAGES:  # the stage's own keys have their own schema
+        stage = OmegaConf.to_container(OmegaConf.structured(STAGES[b["stage.name"]]))
+        defaults |= _flatten({"stage": stage})
 
     def free(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUME_FREE_KEYS)

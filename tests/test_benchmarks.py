@@ -181,3 +181,16 @@ def test_lora_smoke(tmp_path, all_data, pretrained):
     assert adapted["checkpoint MB"] < 0.5 * full["checkpoint MB"]  # the adapters and their optimizer state only
     assert full["tok/s"] > 0 and adapted["tok/s"] > 0 and adapted["held-out loss"] > 0
     assert json.loads((tmp_path / "lora.json").read_text())["ratios"]["trainable"] < 0.2
+
+
+@pytest.mark.slow
+def test_startup_smoke(tmp_path):
+    from benchmarks import startup
+    from minillm.cli import COMMANDS
+
+    startup.main(["--repeats", "1", "--out-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "startup.json").read_text())["rows"]
+    help_rows = {r["what"]: r for r in rows if r["what"].endswith("--help")}
+    assert set(help_rows) == {f"minillm {name} --help" for name in COMMANDS}
+    assert all(0 < r["s"] < 30 for r in help_rows.values())
+    assert next(r for r in rows if r["what"] == "import torch")["loads"] == "torch"

@@ -30,8 +30,9 @@ def test_the_demo_chain_on_the_builtin_corpus(tmp_path):
     run("minillm.train", "stage=pretrain", "model=tiny", "experiment=demo", *SHORT)
     final = tmp_path / "outputs" / "pretrain_tiny" / "final"
     assert (final / "model.safetensors").is_file() and (tmp_path / "data" / "builtin" / "manifest.json").is_file()
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
     again = run("minillm.train", "stage=pretrain", "model=tiny", "experiment=demo", *SHORT)  # nothing to redo
-    assert "resume=auto: resuming from" in again
+    assert "is finished (step 3" in again and (final / "model.safetensors").stat().st_mtime_ns == stamp
     out = run(
         "minillm.generate",
         f"model_path={final}",

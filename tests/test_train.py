@@ -326,6 +326,11 @@ def test_a_setting_added_since_the_checkpoint_at_its_default_is_no_change():
     changed = resolved_dict(compose(["stage=pretrain", "model=tiny", "tokenizer.max_chars=1000"]))
     assert config_differences(old, changed) == ["tokenizer.max_chars: '<unset>' -> 1000"]
     assert config_differences(new, changed) == ["tokenizer.max_chars: None -> 1000"]
+    rlhf = resolved_dict(compose(["stage=rlhf", "model=tiny"]))  # a stage's own key, added since
+    before = {**rlhf, "stage": {k: v for k, v in rlhf["stage"].items() if k != "compile_rollouts"}}
+    assert config_differences(before, rlhf) == []
+    eager = resolved_dict(compose(["stage=rlhf", "model=tiny", "stage.compile_rollouts=false"]))
+    assert config_differences(before, eager) == ["stage.compile_rollouts: '<unset>' -> False"]
 
 
 def test_without_matplotlib_a_run_draws_nothing_and_says_so(tmp_path, data_dir, monkeypatch, caplog):
