@@ -228,9 +228,9 @@ class RLHFConfig(PromptLengths):
     reward_model: Optional[str] = None  # None: outputs/reward_<model>/final
     reward_model_sha256: Optional[str] = None  # filled in by build(): resume refuses another reward model
     temperature: float = 1.0  # rollout sampling
-    # rollouts decode through the compiled fixed-shape step (torch.compile; a C++ compiler on CPU): sampling runs
-    # 1.5-2x faster after one compile at the first rollout (docs/performance.md); without a compiler, eagerly
-    compile_rollouts: bool = True
+    # rollouts decode through the compiled fixed-shape step (torch.compile; a C++ compiler on CPU). Off: on a Zen 4
+    # at 16 rows it measured no faster in fp32 and slower in bf16-mixed (docs/performance.md); measure on yours
+    compile_rollouts: bool = False
     top_k: int = 0
     top_p: float = 1.0
     num_generations: int = 4  # GRPO: completions per prompt (the group); PPO: 1

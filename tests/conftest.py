@@ -80,9 +80,6 @@ def micro_overrides(root: Path, data: Path, *extra: str, stage: str = "pretrain"
         "callbacks.checkpoint.every_n_train_steps=2",
         "optim.warmup_steps=2",
         f"run_dir={root}/run",
-        # compiling the decode step costs more than micro rollouts save; test_kernels.py and the RLHF resume test
-        # (tests/test_resume_cli.py) cover the compiled rollouts
-        *(["stage.compile_rollouts=false"] if stage == "rlhf" else []),
         *extra,
     ]
 

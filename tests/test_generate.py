@@ -225,6 +225,19 @@ def test_same_seed_same_sample_and_global_rng_untouched(micro_model, tokenizer):
     assert torch.equal(torch.get_rng_state(), rng_before)
 
 
+def test_sample_draws_each_token_at_its_probability_and_never_a_filtered_one():
+    from minillm.generate import sample
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    generator = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = torch.stack([sample(probs, generator) for _ in range(n)])  # (n, 2)
+    counts = torch.bincount(draws[:, 0], minlength=6).double() / n
+    # four binomial standard errors of n draws (at most 0.014): a sampler off by one token moves 0.2 or more
+    assert counts.tolist() == pytest.approx(probs[0].tolist(), abs=4 * (0.25 / n) ** 0.5)
+    assert set(draws[:, 0].tolist()) == {1, 3, 4} and set(draws[:, 1].tolist()) == {5}
+
+
 def test_low_temperature_sampling_is_greedy(micro_model, tokenizer):
     greedy = generate(micro_model, tokenizer, "To be", GenerationConfig(max_new_tokens=10, do_sample=False, **NO_EOS))
     cold = generate(

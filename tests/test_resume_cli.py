@@ -171,7 +171,7 @@ def test_rlhf_interrupted_between_rollouts_resumes_exactly(tmp_path, prompt_dir,
         "trainer.max_steps=6",
         "trainer.val_check_interval=3",
         "callbacks.checkpoint.every_n_train_steps=4",
-        "stage.compile_rollouts=true",  # the default: rollouts through the compiled decode step
+        "stage.compile_rollouts=true",  # rollouts through the compiled decode step resume exactly too
     )
     straight = train(tmp_path / "straight", prompt_dir, *grpo, stage="rlhf")
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -329,8 +329,8 @@ def test_a_setting_added_since_the_checkpoint_at_its_default_is_no_change():
     rlhf = resolved_dict(compose(["stage=rlhf", "model=tiny"]))  # a stage's own key, added since
     before = {**rlhf, "stage": {k: v for k, v in rlhf["stage"].items() if k != "compile_rollouts"}}
     assert config_differences(before, rlhf) == []
-    eager = resolved_dict(compose(["stage=rlhf", "model=tiny", "stage.compile_rollouts=false"]))
-    assert config_differences(before, eager) == ["stage.compile_rollouts: '<unset>' -> False"]
+    compiled = resolved_dict(compose(["stage=rlhf", "model=tiny", "stage.compile_rollouts=true"]))
+    assert config_differences(before, compiled) == ["stage.compile_rollouts: '<unset>' -> True"]
 
 
 def test_without_matplotlib_a_run_draws_nothing_and_says_so(tmp_path, data_dir, monkeypatch, caplog):
