@@ -197,7 +197,7 @@ class EvalConfig:
 
 
 # eval.json: where it goes, its layout's version, the numbers tables show
-EVAL_VERSION = 2  # bump when a task's meaning or layout changes (the report recomputes then)
+EVAL_VERSION = 3  # bump when a task's meaning, layout or sampling changes (the report recomputes then)
 
 
 def output_path(model_path: Path, config: EvalConfig) -> Path:
