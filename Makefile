@@ -97,6 +97,7 @@ bench: data $(REF_STAMP)
 	$(PY) -m benchmarks.data
 	$(PY) -m benchmarks.serve
 	$(PY) -m benchmarks.startup
+	$(PY) -m benchmarks.sampling
 	$(PY) -m benchmarks.end_to_end
 
 clean:

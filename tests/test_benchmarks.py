@@ -194,3 +194,21 @@ def test_startup_smoke(tmp_path):
     assert set(help_rows) == {f"minillm {name} --help" for name in COMMANDS}
     assert all(0 < r["s"] < 30 for r in help_rows.values())
     assert next(r for r in rows if r["what"] == "import torch")["loads"] == "torch"
+
+
+@pytest.mark.slow
+def test_sampling_smoke(tmp_path, tokenizer):
+    import torch
+
+    from benchmarks import sampling
+    from minillm.model import MiniGPT
+    from minillm.pretrained import save_pretrained
+    from tests.conftest import micro_config
+
+    folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
+    args = ["--model-path", str(folder), "--batches", "2", "--new-tokens", "4", "--repeats", "1", "--no-compile"]
+    sampling.main([*args, "--out-dir", str(tmp_path)])
+    rows = json.loads((tmp_path / "sampling.json").read_text())["rows"]
+    assert [r["engine"] for r in rows] == ["eager, multinomial", "eager, ours"] * 2
+    assert all(r["tokens/s"] > 0 for r in rows) and rows[0]["vs multinomial"] == 1
+    assert torch.get_default_dtype() == torch.float32
