@@ -1,9 +1,10 @@
 """Config schemas, registered in Hydra's ConfigStore; the YAML files under conf/ hold only values.
 
 The schemas the library shares with the commands (`ModelConfig`, `GenerationConfig`, `EvalConfig`) are in
-schemas.py, `TokenizerConfig` in tokenizer.py (neither loads torch); the rest are here. `trainer`, `callbacks` and `logger` are Lightning
-`_target_` YAML: their schema is Lightning's own signature, checked when `build()` instantiates them, before
-any tensor exists. Everything else is typed here, so a typo or a wrong type fails at compose time.
+schemas.py, `TokenizerConfig` in tokenizer.py (neither loads torch); the rest are here. `trainer`, `callbacks`
+and `logger` are Lightning `_target_` YAML: their schema is Lightning's own signature, checked when `build()`
+instantiates them, before any tensor exists. Everything else is typed here, so a typo or a wrong type fails at
+compose time.
 """
 
 from __future__ import annotations

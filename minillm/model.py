@@ -410,13 +410,15 @@ class MiniGPT(nn.Module):
         return self._compiled("step", "_compile_step") or self.step
 
     def decode_rows(self, rows: int) -> int:
-        """The batch rows a decode step runs for `rows` prompts: with a compiled step, the largest batch it has run
-        (its graph serves every smaller one, filled up), so a last partial batch compiles nothing; else `rows`."""
+        """The batch rows a decode step runs for `rows` prompts. With a compiled step: the narrowest width it has run
+        that holds `rows` at most twice over (filled up: a last partial batch compiles nothing), else `rows` (one
+        more graph; a chat at 1 row never runs a 64-row graph). Eagerly: `rows`."""
         if not self.decoding_compiled:
             return rows
-        widest = max(self.__dict__.get("_decode_rows", 0), rows)
-        self.__dict__["_decode_rows"] = widest
-        return widest
+        widths = self.__dict__.setdefault("_decode_widths", set())
+        width = min((w for w in widths if rows <= w <= 2 * rows), default=rows)
+        widths.add(width)
+        return width
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_compiled_fns"}

@@ -226,6 +226,7 @@ def test_one_compiled_step_serves_smaller_batches_and_sees_weights_updated_in_pl
     compiled = torch._dynamo.utils.counters["frames"]["ok"]
     assert generate_ids(model, tokenizer, ids[1:], mask[1:], config) == before[1:]
     assert torch._dynamo.utils.counters["frames"]["ok"] == compiled  # 3 rows ran in the 4-row graph
+    assert model.decode_rows(1) == 1 and model.decode_rows(2) == 4  # 1 row would be 4x the work: its own graph
     with torch.no_grad():  # what an optimizer step does between two rollouts: weights changed in place
         for p, q in zip(model.parameters(), eager.parameters()):
             change = 0.5 * p.std() * torch.randn_like(p)

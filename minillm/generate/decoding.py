@@ -108,8 +108,8 @@ class _Decoder:
     """The prompt through the model into a KV cache (prefill), then one fixed-shape step per new token
     (`MiniGPT.step`, or its compiled form after `compile_decoding`). Holds the cache, the mask of cache slots
     each row attends to (left padding off) and each row's next RoPE position. A compiled step runs as many rows as
-    `MiniGPT.decode_rows` says: a smaller batch gets filler rows (one token each, never read), so a last partial
-    batch reuses the compiled graph instead of compiling another."""
+    `MiniGPT.decode_rows` says: a batch a little smaller than one it has run gets filler rows (one token each,
+    never read), so a last partial batch reuses that graph instead of compiling another."""
 
     def __init__(self, model: MiniGPT, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new: int) -> None:
         B, P = input_ids.shape
