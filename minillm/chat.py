@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from minillm.cli import Command
-from minillm.schemas import GenerationConfig, generation_config
+from minillm.config import GenerationConfig, generation_config
 
 
 def readable(text: str) -> str:

@@ -52,6 +52,9 @@ class Command:
     def register(self) -> None:
         from hydra.core.config_store import ConfigStore
 
+        from minillm.config import register
+
+        register()  # the train config's schemas and our resolvers (debug and device compose the train config)
         if self.schema is not None:
             ConfigStore.instance().store(name=f"{self.name}_schema", node=self.schema)
 

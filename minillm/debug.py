@@ -15,10 +15,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from minillm.cli import Command
-from minillm.config import resolved_dict
+from minillm.config import GenerationConfig, resolved_dict
 from minillm.device import best_device
 from minillm.rundir import write_snapshot
-from minillm.schemas import GenerationConfig
 from minillm.train import build
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.cli import Command
-from minillm.schemas import EvalConfig
+from minillm.config import EvalConfig
 
 
 @dataclass

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from minillm import reward_rules
+from minillm.config import EVAL_VERSION, TASKS, EvalConfig, headline, output_path  # noqa: F401 (re-exported)
 from minillm.generate import GenerationConfig, generate, generate_ids, load_model
 from minillm.model import MiniGPT, RewardModel
 from minillm.progress import batch_starts, progress
-from minillm.schemas import EVAL_VERSION, TASKS, EvalConfig, headline, output_path  # noqa: F401 (re-exported)
 from minillm.tokenizer import Tokenizer, apply_chat_template
 
 SAMPLE_PROMPTS = ["To be, or not to be", "In the beginning", "中共中央", "What is 12 + 7?", "写一条好评。"]

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.cli import Command
+from minillm.config import GGUF_TYPES
 from minillm.progress import phase
-from minillm.schemas import GGUF_TYPES
 
 
 def export(model_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minillm.config import GGUF_TYPES as TYPES
 from minillm.model import MiniGPT
-from minillm.schemas import GGUF_TYPES as TYPES
 from minillm.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 LAYER_NAMES = {

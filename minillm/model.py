@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minillm.schemas import LORA_TARGETS, MAX_BLOCK_SIZE, LoRAConfig, ModelConfig  # noqa: F401 (re-exported)
+from minillm.config import LORA_TARGETS, MAX_BLOCK_SIZE, LoRAConfig, ModelConfig  # noqa: F401 (re-exported)
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Optional
 
 from minillm.cli import Command
-from minillm.config import run_names
+from minillm.config import EVAL_VERSION, EvalConfig, headline, output_path, run_names
 from minillm.plots import PLOTS_HINT, have_matplotlib
 from minillm.progress import phase, progress
 from minillm.rundir import final_dir, stage_dir
-from minillm.schemas import EVAL_VERSION, EvalConfig, headline, output_path
 
 RUNS = tuple(run_names())  # the runs a card can show, in chain order
 COLUMNS = (

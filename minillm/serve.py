@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from minillm.cli import Command
-from minillm.schemas import GenerationConfig
+from minillm.config import GenerationConfig
 
 
 @dataclass

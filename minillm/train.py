@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from minillm import rundir
 from minillm.cli import check_config_dirs, show_help
-from minillm.config import CONF_DIR, Config, compose, resolved_dict, to_config
+from minillm.config import CONF_DIR, Config, compose, register, resolved_dict, to_config
 from minillm.signals import CommandSignals
 
 if TYPE_CHECKING:  # torch and Lightning load when a run is built, not for `--help` or a refused override
@@ -341,6 +341,7 @@ def cli() -> None:
         check_config_dirs(sys.argv[1:])
         show_help("train", sys.argv[1:])
         check_before_hydra(sys.argv[1:])
+        register()  # Hydra's app composes conf/train.yaml with our schemas and resolvers
         main()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from minillm.schemas import GenerationConfig, generation_config
+from minillm.config import GenerationConfig, generation_config
 
 # The API below lives in decoding.py and is imported on first use (PEP 562), so that the commands over this
 # package (`minillm generate --help`, a typo) answer without loading torch.

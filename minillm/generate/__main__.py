@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from minillm.cli import Command
+from minillm.config import GenerationConfig, generation_config
 from minillm.progress import batch_starts
-from minillm.schemas import GenerationConfig, generation_config
 
 
 @dataclass

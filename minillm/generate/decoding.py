@@ -11,9 +11,9 @@ from typing import Optional, Union
 
 import torch
 
+from minillm.config import GenerationConfig
 from minillm.model import MiniGPT
 from minillm.pretrained import load_pretrained
-from minillm.schemas import GenerationConfig
 from minillm.tokenizer import Tokenizer, apply_chat_template
 
 log = logging.getLogger(__name__)
