@@ -13,28 +13,18 @@ import argparse
 import contextlib
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import print_table, write
+from benchmarks.generation import random_tiny, timed
 from minillm.generate import GenerationConfig, decoding, generate_ids, load_model
 
 
 def multinomial(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The sampler before: torch.multinomial (B × V exponentials a step)."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (and, for a compiled model, its compile)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,8 +38,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", default="outputs/bench")
     args = parser.parse_args(argv)
     if args.model_path is None:
-        from benchmarks.generation import random_tiny
-
         args.model_path = str(random_tiny(Path(tempfile.mkdtemp()) / "tiny"))
     model, tokenizer = load_model(args.model_path)
     compiled = copy.deepcopy(model)
