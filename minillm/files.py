@@ -27,3 +27,11 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through `<name>.<pid>.tmp` beside it and a rename: a reader sees the old file or the new
+    one, never half of one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from minillm.cli import Command
+from minillm.files import write_text_atomic
 
 
 @dataclass
@@ -52,9 +53,7 @@ def run(command: PairsCommand) -> None:
         print(f"{model_path}: no non-empty wrong answers to {result['asked']} {family} training questions; no pairs")
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["pairs"]), encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomic(out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result["pairs"]))
     print(
         f"{model_path} answered {result['asked'] - result['wrong']} of {result['asked']} {family} training "
         f"questions; {len(result['pairs'])} wrong answers written as pairs to {out} ({result['empty']} empty, skipped)"

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from minillm.files import file_sha256
+from minillm.files import file_sha256, write_text_atomic
 
 if TYPE_CHECKING:
     from minillm.model import MiniGPT, RewardModel
@@ -532,9 +532,7 @@ def record_finished(run_dir: Path, config: dict, step: int, weights: str, metric
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = run_dir / FINISHED
-    tmp = path.with_name(f"{FINISHED}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False))
     return path
 
 
