@@ -27,12 +27,14 @@ $(REF_STAMP): pyproject.toml constraints.txt
 data: $(STAMP)
 	$(PY) -m minillm.data
 
-# The main job on the built-in corpus: pretrain -> generate -> SFT -> DPO -> reward model -> RLHF (PPO) -> a chat
-# exchange -> the report card, model=tiny (times per CPU: docs/performance.md). resume=auto everywhere: a finished
+# The main job on the built-in corpus: pretrain -> generate -> SFT -> DPO -> reward model (and its gold judge, which
+# no stage trains against) -> RLHF (PPO) -> a chat exchange -> the report card, model=tiny (times per CPU: docs/performance.md). resume=auto everywhere: a finished
 # stage is not redone, an interrupted one continues.
 DEMO_MODEL ?= tiny
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
-DEMO_CHAT := 'What is 12 + 7?\n/reset\nReverse the words: apple river stone\n/reset\nSort the words alphabetically: tiger lemon paper\n/reset\nHello, how are you?\n/exit\n'
+# The closing chat asks the first held-out question of each verifiable task (eval/verifiable.jsonl: no training file
+# holds them, in any order) and a greeting no training file holds (tests/test_builtin.py checks both).
+DEMO_CHAT := 'What is 52 + 5?\n/reset\nReverse the words: pencil butter silver ocean music\n/reset\nSort the words alphabetically: stone music rocket castle\n/reset\nHello, how are you?\n/exit\n'
 # The card's pairs: dialogue relevance (no stage trains on it), the spoiled replies (the reward model's) and the
 # verifiable answers (both); the card marks which a stage trained on. Its RL prompts: the held-out dialogue openers.
 DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' \
@@ -45,6 +47,7 @@ demo: data
 	$(PY) -m minillm.pairs model_path=outputs/sft_$(DEMO_MODEL)/final limit=3000
 	$(PY) -m minillm.train stage=dpo model=$(DEMO_MODEL) experiment=demo_dpo resume=auto
 	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward resume=auto
+	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward_gold resume=auto
 	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=demo_rlhf resume=auto
 	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/rlhf_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
 	$(PY) -m minillm.report model_name=$(DEMO_MODEL) $(DEMO_EVAL)

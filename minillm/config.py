@@ -199,6 +199,7 @@ class EvalConfig:
     prompts: Optional[str] = None  # reward task prompts; None: eval/<family>.jsonl
     reward: str = "verifiable"  # rule from minillm.reward_rules
     reward_model: Optional[str] = None  # also score with this reward model
+    gold_reward_model: Optional[str] = None  # and with this one, trained apart and never optimized against
     limit: int = 200  # records per task (and per pairs file)
     max_new_tokens: int = 48
     batch_size: int = 16
@@ -212,7 +213,7 @@ class EvalConfig:
 
 
 # eval.json: where it goes, its layout's version, the numbers tables show
-EVAL_VERSION = 3  # bump when a task's meaning, layout or sampling changes (the report recomputes then)
+EVAL_VERSION = 4  # bump when a task's meaning, layout or sampling changes (the report recomputes then)
 
 
 def output_path(model_path: Path, config: EvalConfig) -> Path:
@@ -222,7 +223,8 @@ def output_path(model_path: Path, config: EvalConfig) -> Path:
 
 
 def headline(result: dict) -> dict[str, float]:
-    """The numbers of a result that go in tables: bpb, task accuracy, preference accuracy, reward, distinct-2."""
+    """The numbers of a result that go in tables: bpb, task accuracy, preference accuracy, the replies to the
+    reward task's prompts (scores, length, degenerate share, distinct-2)."""
     t = result["tasks"]
     reward = t.get("reward", {})
     rows = {
@@ -233,12 +235,17 @@ def headline(result: dict) -> dict[str, float]:
         "reward accuracy": t.get("preference", {}).get("reward_accuracy"),
         "mean reward": reward.get("mean_reward") if reward.get("n") else None,  # None: the rule scored no reply
         "reward-model score": reward.get("reward_model_score"),
+        "gold score": reward.get("gold_score"),
         "median length": reward.get("median_length"),
         "KL": t.get("kl", {}).get("kl"),
-        "distinct-2": t.get("samples", {}).get("distinct_2"),
+        "degenerate": reward.get("degenerate_fraction"),
+        "distinct-2": reward.get("distinct_2"),
     }
+    if "verifiable" in t:
+        rows["n exact match"] = t["verifiable"]["n"]  # questions asked: a target's binomial margin needs them
     for task, v in t.get("verifiable", {}).get("tasks", {}).items():
         rows[f"exact match {task}"] = v["exact_match"]
+        rows[f"n exact match {task}"] = v["n"]
     for name, v in t.get("reward_model", {}).items():
         rows[f"pairwise accuracy {name}"] = v["accuracy"]
     return {k: v for k, v in rows.items() if v is not None}
@@ -315,6 +322,9 @@ class DataConfig:
     batch_size: int = 16
     val_ratio: float = 0.01  # held out by a hash of each record: adding data never reshuffles validation
     sample_ratio: float = 1.0  # global, multiplies each source's sample_ratio
+    # where the sample starts in the records' hash order: sample_ratio=0.5 at offsets 0 and 0.5 are disjoint halves
+    # (the demo's reward model and its gold judge train on different halves of the same pairs)
+    sample_offset: float = 0.0
     # file stem -> SourceConfig fields. Typed by __post_init__: OmegaConf cannot add keys to a Dict[str, dataclass]
     # from the command line, so the schema keeps a plain dict.
     sources: dict[str, Any] = field(default_factory=dict)
@@ -342,6 +352,8 @@ class DataConfig:
             raise ValueError(f"data.val_ratio must be in [0, 1), got {self.val_ratio}")
         if not 0.0 < self.sample_ratio <= 1.0:
             raise ValueError(f"data.sample_ratio must be in (0, 1], got {self.sample_ratio}")
+        if not 0.0 <= self.sample_offset < 1.0:
+            raise ValueError(f"data.sample_offset must be in [0, 1), got {self.sample_offset}")
 
 
 @dataclass

@@ -82,10 +82,13 @@ def mean_reward(
     batch_size: int = 32,
     max_new_tokens: int = 48,
     reward_model: RewardModel | None = None,
+    gold_model: RewardModel | None = None,
 ) -> dict:
     """Mean score of greedy completions of RL prompt records (any format) under a named reward function or a
     reward model (read at the completion's <|im_end|>, as in training); with `reward_model` as well, the same
-    completions' mean reward-model score too. Unscored completions (None) are left out of the mean."""
+    completions' mean reward-model score too, and with `gold_model` their score under that held-apart reward model
+    (`gold_score`). Unscored completions (None) are left out of the mean. Also: the share of degenerate replies
+    (`is_degenerate`) and distinct-2 over all replies."""
     from minillm.data.records import to_prompt
 
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens)
@@ -93,18 +96,21 @@ def mean_reward(
     bad = next((p for p in prompts if isinstance(p, str)), None)
     if bad is not None:
         raise ValueError(f"not a prompt record: {bad}")
-    scores, model_scores, examples, lengths = [], [], [], []
+    scores, model_scores, gold_scores, examples, lengths, all_ids = [], [], [], [], [], []
     for start in batch_starts(len(prompts), batch_size, "reward"):
         chunk = prompts[start : start + batch_size]
         replies = generate(model, tokenizer, [p["prompt"] for p in chunk], config)
         ids = [tokenizer.encode(r) for r in replies]
         lengths += [len(i) for i in ids]
+        all_ids += ids
         if isinstance(reward, RewardModel):
             chunk_scores = _reward_model_scores(reward, tokenizer, chunk, ids)
         else:
             chunk_scores = reward_rules.score(reward, replies, ids, chunk)
         if reward_model is not None:
             model_scores += _reward_model_scores(reward_model, tokenizer, chunk, ids)
+        if gold_model is not None:
+            gold_scores += _reward_model_scores(gold_model, tokenizer, chunk, ids)
         scores += [s for s in chunk_scores if s == s]  # NaN: not scored
         examples += [
             {"prompt": p["prompt"][-1]["content"], "reply": r, "score": s}
@@ -117,10 +123,14 @@ def mean_reward(
         "mean_reward": sum(scores) / max(len(scores), 1),
         "median_length": float(torch.tensor(lengths, dtype=torch.float).median()) if lengths else 0.0,
         "empty_fraction": sum(n == 0 for n in lengths) / max(len(lengths), 1),
+        "degenerate_fraction": sum(map(is_degenerate, all_ids)) / max(len(all_ids), 1),
+        "distinct_2": distinct_n(all_ids, 2),
         "examples": examples,
     }
     if reward_model is not None:
         out["reward_model_score"] = sum(model_scores) / max(len(model_scores), 1)
+    if gold_model is not None:
+        out["gold_score"] = sum(gold_scores) / max(len(gold_scores), 1)
     return out
 
 
@@ -229,6 +239,16 @@ def distinct_n(token_lists: list[list[int]], n: int) -> float:
     same for Chinese and English)."""
     grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def is_degenerate(ids: list[int], repeats: int = 3) -> bool:
+    """Whether a reply repeats one token or one bigram more than `repeats` times in a row ("I't't't't…")."""
+    for width in (1, 2):
+        span = width * (repeats + 1)
+        for i in range(len(ids) - span + 1):
+            if all(ids[i + j] == ids[i + j % width] for j in range(width, span)):
+                return True
+    return False
 
 
 @torch.no_grad()
@@ -386,10 +406,12 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
         prompts = Path(config.prompts) if config.prompts else _eval_set(data_dir, config.family)
         records = load_family(prompts, config.limit)
         rm = load_reward_model(config.reward_model)[0] if config.reward_model else None  # scores the same replies
+        gold = load_reward_model(config.gold_reward_model)[0] if config.gold_reward_model else None
         tasks["reward"] = {
             "prompts": str(prompts),
             "reward_model": config.reward_model,
-            **mean_reward(model, tokenizer, records, config.reward, config.batch_size, config.max_new_tokens, rm),
+            "gold_reward_model": config.gold_reward_model,
+            **mean_reward(model, tokenizer, records, config.reward, config.batch_size, config.max_new_tokens, rm, gold),
         }
     if "kl" in config.tasks and config.reference:
         prompts = Path(config.prompts) if config.prompts else _eval_set(data_dir, config.family)

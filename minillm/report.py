@@ -26,6 +26,7 @@ are met. A chart goes beside it (`report.png`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -36,19 +37,23 @@ from minillm.plots import PLOTS_HINT, have_matplotlib
 from minillm.progress import phase, progress
 from minillm.rundir import final_dir, stage_dir
 
-RUNS = tuple(run_names())  # the runs a card can show, in chain order
+GOLD = "reward-gold"  # <out_dir>/reward-gold_<model>: the gold reward model, trained apart, judging every reply
+RUNS = tuple(r for run in run_names() for r in ([run, GOLD] if run == "reward" else [run]))  # in chain order
 COLUMNS = (
     "bpb",
+    "bpb ratio",  # to the pretrained model's: how much of the language model a stage kept (1 = all)
     "exact match",
     "preference accuracy",
     "reward accuracy",
     "mean reward",
     "reward-model score",
+    "gold score",  # the replies under the gold reward model, which no stage trains against
     "KL",
     "median length",
+    "degenerate",  # the share of replies repeating a token or bigram more than 3 times in a row
     "distinct-2",
 )
-UNIT_RANGE = ("exact match", "preference accuracy", "reward accuracy", "distinct-2")
+UNIT_RANGE = ("exact match", "preference accuracy", "reward accuracy", "degenerate", "distinct-2")
 
 
 @dataclass
@@ -61,10 +66,17 @@ class Targets:
     sft_task_min: float = 0.0  # every task's SFT exact match at least this (0: no check)
     dpo_reward_accuracy: float = 0.80  # pooled over the families DPO trained on
     reward_accuracy: float = 0.85  # on every family the reward model trained on
-    rlhf_gain: float = 0.5  # PPO's reward-model score at least (1 + gain) x its start's
+    rlhf_gain: float = 0.2  # PPO's reward-model score at least (1 + gain) x its start's
+    rlhf_gold_gain: float = 0.0  # and its gold reward model's score at least (1 + gain) x its start's
     grpo_gain: float = 0.1  # GRPO's exact match above its start's
     kl_bound: float = 20.0  # nats per reply: RLHFMonitor's default alarm
     length_floor: float = 0.5  # the median reply may shrink to this share of its start's, not collapse
+    bpb_ratio: float = 0.0  # every later stage's bpb at most this x the pretrained model's (the LM kept)
+    degenerate: bool = False  # no degenerate reply after SFT, DPO and RLHF
+    distinct_2: float = 0.0  # distinct-2 of those replies at least this
+    # a rate (exact match, an accuracy) must clear its bar by this many binomial standard errors of its held-out
+    # set, sqrt(p (1 - p) / n): a target met by noise is not met
+    margin_se: float = 0.0
 
 
 def targets_preset(name: str) -> Targets:
@@ -166,8 +178,8 @@ def target_cell(stage: str, values: dict, parent: str | None, start: dict, famil
                 f"; exact match {_fmt(values['exact match'])} ({_delta(values['exact match'], start['exact match'])})"
             )
         return cell
-    if stage == "reward":
-        accuracies = reward_families(values, families)
+    if stage in ("reward", GOLD):
+        accuracies = reward_families(values, families, stage)
         if accuracies:
             return f"pairwise accuracy ≥ {_fmt(min(accuracies.values()))} on {len(accuracies)} families"
     if stage.startswith("rlhf"):
@@ -176,6 +188,9 @@ def target_cell(stage: str, values: dict, parent: str | None, start: dict, famil
             gain = f" ({_delta(values[key], start[key])}{vs})" if key in start else ""
             where = f" on {family}" if (family := start.get("family")) else ""
             cell = f"{key}{where} {_fmt(values[key])}{gain}"
+            if "gold score" in values:
+                was = f" ({_delta(values['gold score'], start['gold score'])})" if "gold score" in start else ""
+                cell += f", gold score {_fmt(values['gold score'])}{was}"
             if "KL" in values:
                 cell += f", KL {values['KL']:.2f}"
             if "median length" in values:
@@ -185,11 +200,11 @@ def target_cell(stage: str, values: dict, parent: str | None, start: dict, famil
     return "–"
 
 
-def reward_families(values: dict, families: Families | None = None) -> dict[str, float]:
-    """The reward model's pairwise accuracy per family it trained on (from its row: every family, when `families`
+def reward_families(values: dict, families: Families | None = None, stage: str = "reward") -> dict[str, float]:
+    """A reward model's pairwise accuracy per family it trained on (from its row: every family, when `families`
     does not say which it trained on)."""
-    if families and "reward" in families:
-        return {name: acc for name, (acc, _, trained) in families["reward"].items() if trained}
+    if families and stage in families:
+        return {name: acc for name, (acc, _, trained) in families[stage].items() if trained}
     return {k.removeprefix("pairwise accuracy "): v for k, v in values.items() if k.startswith("pairwise")}
 
 
@@ -208,6 +223,16 @@ def stage_starts(rows: dict[str, dict], parents: dict[str, str | None], starts: 
     return {stage: (starts or {}).get(stage) or rows.get(parents.get(stage) or "", {}) for stage in rows}
 
 
+def rate_check(what: str, value: float, need: float, n: int | None, margin_se: float) -> tuple[str, bool]:
+    """A rate (exact match, an accuracy) against its bar. With `margin_se` and the held-out set's size `n`, it must
+    clear the bar by margin_se binomial standard errors at the bar, sqrt(need (1 - need) / n) (a one-sided test
+    that the true rate is above the bar); the card prints the margin."""
+    if not margin_se or not n:
+        return what, value >= need
+    needed = margin_se * math.sqrt(max(need * (1 - need), 0.0) / n)
+    return f"{what}, margin {value - need:+.3f} (needs {needed:.3f}: {margin_se:g} SE of {n})", value - need >= needed
+
+
 def kept_exact_match(stage: str, values: dict, start: dict) -> tuple[str, bool]:
     """A preference or RL stage keeps the answers it started with: its exact match not below its start's."""
     value, was = values["exact match"], start["exact match"]
@@ -224,32 +249,34 @@ def targets_met(
     """(what was checked, met) for each target whose numbers the card has."""
     checks: list[tuple[str, bool]] = []
     start = stage_starts(rows, parents, starts)
-    sft, dpo = rows.get("sft", {}), rows.get("dpo", {})
+    sft, dpo, k = rows.get("sft", {}), rows.get("dpo", {}), targets.margin_se
     if "exact match" in sft and "exact match" in start["sft"]:
-        gain, need = sft["exact match"] - start["sft"]["exact match"], targets.sft_gain
-        checks.append((f"sft exact match {gain:+.3f} vs its start (≥ +{need:.2f})", gain >= need))
+        was, need = start["sft"]["exact match"], targets.sft_gain
+        what = f"sft exact match {sft['exact match'] - was:+.3f} vs its start (≥ +{need:.2f})"
+        checks.append(rate_check(what, sft["exact match"], was + need, sft.get("n exact match"), k))
     if "exact match" in sft and targets.sft_min:
         value, need = sft["exact match"], targets.sft_min
-        checks.append((f"sft exact match {_fmt(value)} (≥ {need:.2f})", value >= need))
+        checks.append(
+            rate_check(f"sft exact match {_fmt(value)} (≥ {need:.2f})", value, need, sft.get("n exact match"), k)
+        )
     per_task = {k.removeprefix("exact match "): v for k, v in sft.items() if k.startswith("exact match ")}
     if per_task and targets.sft_task_min:
-        worst, need = min(per_task, key=per_task.get), targets.sft_task_min
-        checks.append(
-            (
-                f"sft exact match on every task ≥ {need:.2f} (lowest: {worst} {_fmt(per_task[worst])})",
-                per_task[worst] >= need,
-            )
-        )
+        need = targets.sft_task_min
+        for task, value in per_task.items():
+            what = f"sft exact match on {task} {_fmt(value)} (≥ {need:.2f})"
+            checks.append(rate_check(what, value, need, sft.get(f"n exact match {task}"), k))
     if "reward accuracy" in dpo:
         (value, what), need = dpo_reward_accuracy(dpo, families), targets.dpo_reward_accuracy
-        checks.append((f"dpo reward accuracy {what}{_fmt(value)} (≥ {need:.2f})", value >= need))
+        n = sum(n for _, n, trained in (families or {}).get("dpo", {}).values() if trained) or None
+        checks.append(rate_check(f"dpo reward accuracy {what}{_fmt(value)} (≥ {need:.2f})", value, need, n, k))
     if "exact match" in dpo and "exact match" in start["dpo"]:
         checks.append(kept_exact_match("dpo", dpo, start["dpo"]))
     family = reward_families(rows.get("reward", {}), families)
-    if family:
-        worst, need = min(family, key=family.get), targets.reward_accuracy
-        what = f"reward model ≥ {need:.2f} on every family it trained on (lowest: {worst} {_fmt(family[worst])})"
-        checks.append((what, family[worst] >= need))
+    sizes = {name: n for name, (_, n, _) in (families or {}).get("reward", {}).items()}
+    for name, value in family.items():
+        need = targets.reward_accuracy
+        what = f"reward model on {name} {_fmt(value)} (≥ {need:.2f})"
+        checks.append(rate_check(what, value, need, sizes.get(name), k))
     for stage in (s for s in rows if s.startswith("rlhf")):
         values, begin = rows[stage], start[stage]
         key = rlhf_metric(stage, values)
@@ -260,6 +287,11 @@ def targets_met(
             need = begin[key] + targets.rlhf_gain * abs(begin[key])  # x(1 + gain) for a positive start
             what = f"{stage} {key} {_fmt(values[key])} (≥ {_fmt(need)}, from {_fmt(begin[key])})"
             checks.append((what, values[key] >= need))
+            if targets.rlhf_gold_gain and "gold score" in values and "gold score" in begin:
+                gold, was = values["gold score"], begin["gold score"]
+                need = was + targets.rlhf_gold_gain * abs(was)
+                what = f"{stage} gold reward-model score {_fmt(gold)} (≥ {_fmt(need)}, from {_fmt(was)})"
+                checks.append((what, gold >= need))
             if "exact match" in values and "exact match" in begin:  # a learned reward's score, not bought with
                 checks.append(kept_exact_match(stage, values, begin))  # wrong answers (reward hacking)
         if "KL" in values:
@@ -269,7 +301,25 @@ def targets_met(
         if "median length" in values and "median length" in begin:
             length, floor = values["median length"], targets.length_floor * begin["median length"]
             checks.append((f"{stage} median reply length {length:.0f} (≥ {floor:.0f})", length >= max(floor, 1)))
+    for stage, values in rows.items():
+        if targets.bpb_ratio and "bpb ratio" in values and stage != "pretrain":
+            ratio, bound = values["bpb ratio"], targets.bpb_ratio
+            checks.append((f"{stage} bpb {ratio:.3f}x the pretrained model's (≤ {bound:.2f}x)", ratio <= bound))
+        if targets.degenerate and "degenerate" in values and stage != "pretrain":
+            share = values["degenerate"]
+            checks.append((f"{stage} degenerate replies {share:.3f} (none)", share == 0))
+        if targets.distinct_2 and "distinct-2" in values and stage != "pretrain":
+            value, need = values["distinct-2"], targets.distinct_2
+            checks.append((f"{stage} distinct-2 of its replies {_fmt(value)} (≥ {need:.2f})", value >= need))
     return checks
+
+
+def add_bpb_ratios(rows: dict[str, dict]) -> None:
+    """Each row's bpb over the pretrained model's ("bpb ratio"): what a later stage kept of the language model."""
+    base = rows.get("pretrain", {}).get("bpb")
+    for values in rows.values():
+        if base and "bpb" in values:
+            values["bpb ratio"] = values["bpb"] / base
 
 
 def markdown(
@@ -321,13 +371,15 @@ def family_table(rows: dict[str, dict], parents: dict[str, str | None], families
     families = dict(families or {})
     if "reward" not in families and (accuracies := reward_families(rows.get("reward", {}))):
         families["reward"] = {name: (acc, 0, True) for name, acc in accuracies.items()}
-    names = list(dict.fromkeys(name for stage in ("dpo", "reward") for name in families.get(stage, {})))
+    stages = ("dpo", "reward", GOLD)
+    names = list(dict.fromkeys(name for stage in stages for name in families.get(stage, {})))
     if not names:
         return ""
     what = {"dpo": f"reward accuracy vs {parents.get('dpo') or 'its start'}", "reward": "pairwise accuracy"}
+    what[GOLD] = what["reward"]
     text = "\nPreference pairs per family (held out; * = the stage trained on it):\n\n"
     text += "| stage | metric | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 2) + "|\n"
-    for stage in ("dpo", "reward"):
+    for stage in stages:
         if stage in families:
             got = families[stage]
             cells = [f"{_fmt(got[n][0])}{'*' if got[n][2] else ''}" if n in got else "–" for n in names]
@@ -372,9 +424,11 @@ def run(command: ReportCommand) -> None:
     model, stages, targets, config = command.model_name, command.stages, command.targets, command.eval
     out_dir = Path(command.out_dir)
     card = Path(command.card) if command.card else out_dir / "report.md"
-    reward_folder = final_dir("reward", model, out_dir)
+    reward_folder, gold_folder = final_dir("reward", model, out_dir), final_dir(GOLD, model, out_dir)
     if config.reward_model is None and reward_folder.is_dir():  # score every stage's replies with it too
         config.reward_model = str(reward_folder)
+    if config.gold_reward_model is None and gold_folder.is_dir():  # and with the judge no stage trained against
+        config.gold_reward_model = str(gold_folder)
     rows, parents, starts, families = {}, {}, {}, {}
     for stage in progress(stages, "report", unit="stage"):
         folder = final_dir(stage, model, out_dir)
@@ -395,10 +449,11 @@ def run(command: ReportCommand) -> None:
                 starts[stage] = {**headline(stage_result(start, asked)), "family": command.grpo_family}
         result = stage_result(folder, stage_config)
         rows[stage] = headline(result)
-        if stage in ("dpo", "reward"):
+        if stage in ("dpo", "reward", GOLD):
             families[stage] = family_accuracies(result, trained_families(stage, model, out_dir))
     if not rows:
         raise SystemExit(f"error: no final/ model under {out_dir}/<stage>_{model}/ for stages {stages}")
+    add_bpb_ratios(rows)
     table = markdown(rows, parents, targets, starts, command.grpo_family, families)
     card.parent.mkdir(parents=True, exist_ok=True)
     card.write_text(f"# minillm report: model={model}, {out_dir}/\n\n{table}", encoding="utf-8")

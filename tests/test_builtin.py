@@ -5,6 +5,7 @@ import re
 import subprocess
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -312,6 +313,33 @@ def test_pos_tag_stripping():
     assert strip_pos_tags("１/m  张/q  [/w  ]/w") == "１张[]"
 
 
+def demo_chat_questions() -> list[str]:
+    """What the closing chat of `make demo` asks (the Makefile's DEMO_CHAT, commands left out)."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text(encoding="utf-8")
+    chat = re.search(r"^DEMO_CHAT := '(.*)'$", makefile, re.M).group(1).split("\\n")
+    return [q for q in chat if q and not q.startswith("/")]
+
+
+def training_text(out: Path) -> str:
+    """Every file a stage trains on (not eval/), as one string."""
+    folders = ("pretrain", "sft", "preference", "prompts")
+    return "".join(p.read_text(encoding="utf-8") for folder in folders for p in sorted((out / folder).glob("*.jsonl")))
+
+
+def test_the_demo_chat_asks_questions_no_training_file_holds(tmp_path, fake_archives):
+    """The chat that closes `make demo` shows learning, not memory: its task questions are held out of the
+    verifiable family (so no SFT record, RL prompt, pair or pretraining drill holds them, in any order) and appear
+    in no training file."""
+    questions = demo_chat_questions()
+    assert len(questions) == 4 and questions[-1] == "Hello, how are you?"
+    for question in questions[:3]:
+        assert builtin.is_held_out(builtin.verifiable_key(question), builtin.VERIFIABLE_HELD_OUT), question
+    training = training_text(build_builtin(tmp_path / "builtin", fetch=lambda pkg: fake_archives[pkg.name]))
+    for question in questions:
+        assert json.dumps(question)[1:-1] not in training
+    assert not re.search(r"(?<!\d)(52 \+ 5|5 \+ 52) =", training)  # nor the drill statement
+
+
 @pytest.mark.slow
 def test_real_builtin_corpus(tmp_path):
     out = build_builtin(tmp_path / "builtin", cache_dir=tmp_path / "cache")
@@ -327,3 +355,5 @@ def test_real_builtin_corpus(tmp_path):
     assert stats["sft/chatterbot_zh.jsonl"]["records"] == 467
     assert stats["preference/reviews_zh.jsonl"]["records"] + stats["eval/reviews_zh.jsonl"]["records"] > 8000
     assert "/" not in read_jsonl(out / "pretrain/peoples_daily.jsonl")[0]["text"][:200]
+    training = training_text(out)
+    assert all(json.dumps(q)[1:-1] not in training for q in demo_chat_questions())  # the greeting too

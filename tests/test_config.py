@@ -27,7 +27,8 @@ def test_every_stage_and_model_composes_into_valid_dataclasses(stage, model):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiments_compose_and_set_steps(experiment):
-    stage = experiment.partition("_")[2] or "pretrain"  # demo_dpo is for stage=dpo (it may set stage.* keys)
+    # demo_dpo is for stage=dpo (it may set stage.* keys), demo_reward_gold for stage=reward
+    stage = (experiment.split("_") + ["pretrain"])[1]
     cfg = compose([f"stage={stage}", f"experiment={experiment}"])
     assert cfg.trainer.max_steps > 0 and cfg.callbacks.checkpoint.every_n_train_steps > 0
 

@@ -37,6 +37,13 @@ def test_distinct_n_by_hand():
     assert ev.distinct_n([[1]], 2) == 0.0
 
 
+def test_degenerate_replies_by_hand():
+    assert ev.is_degenerate([7, 1, 1, 1, 1]) and not ev.is_degenerate([7, 1, 1, 1, 2])  # a token 4 times in a row
+    assert ev.is_degenerate([5, 1, 2, 1, 2, 1, 2, 1, 2])  # "I't't't't": a bigram 4 times
+    assert not ev.is_degenerate([5, 1, 2, 1, 2, 1, 2, 1, 3]) and not ev.is_degenerate([])
+    assert not ev.is_degenerate([1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3])  # longer cycles are distinct-2's to catch
+
+
 def test_preference_accuracy_by_hand():
     policy = torch.tensor([[-1.0, -2.0], [-3.0, -1.0]])  # margins +1, -2
     assert ev.preference_accuracy(policy) == {"n": 2, "accuracy": 0.5, "margin": -0.5}
@@ -198,7 +205,12 @@ def test_report_tabulates_each_stage_against_its_start_and_draws_a_chart(tmp_pat
     assert f"(dpo {length:.0f})" in rows["rlhf-grpo"]
     assert "| dpo on rephrased |" in text and "the rephrased family" in text
     targets = text.split("Targets (demo), ")[1].splitlines()[1:]
-    assert [t.split(" ")[1] for t in targets[:2]] == ["sft", "dpo"] and any(t.startswith("- rlhf KL") for t in targets)
+    assert targets[0].startswith("- sft exact match") and any(t.startswith("- dpo reward accuracy") for t in targets)
+    assert any(t.startswith("- rlhf KL") for t in targets) and any(t.startswith("- sft bpb") for t in targets)
+    header = [c.strip(" |") for c in text.splitlines()[2].split(" | ")]
+    assert header[2:4] == ["bpb", "bpb ratio"] and "degenerate" in header and "distinct-2" in header
+    replies = rlhf["reward"]
+    assert 0 <= replies["degenerate_fraction"] <= 1 and 0 < replies["distinct_2"] <= 1
     assert (out / "report.png").stat().st_size > 1000
     first = (out / "sft_micro" / "final" / "eval.json").stat().st_mtime_ns
     report.main(args)  # eval.json newer than the weights: reused
@@ -206,35 +218,70 @@ def test_report_tabulates_each_stage_against_its_start_and_draws_a_chart(tmp_pat
 
 
 def test_report_targets_by_hand():
-    from minillm.report import targets_met, targets_preset
+    from minillm.report import Targets, add_bpb_ratios, targets_met
 
     rows = {
-        "pretrain": {"exact match": 0.0},
-        "sft": {"exact match": 0.35},
-        "dpo": {"exact match": 0.30, "reward accuracy": 0.9},
+        "pretrain": {"exact match": 0.0, "bpb": 2.0},
+        "sft": {"exact match": 0.35, "bpb": 2.2, "degenerate": 0.0, "distinct-2": 0.95},
+        "dpo": {"exact match": 0.30, "reward accuracy": 0.9, "bpb": 2.4, "degenerate": 0.01, "distinct-2": 0.85},
         "reward": {"pairwise accuracy a": 0.9, "pairwise accuracy b": 0.6},
         "rlhf": {"reward-model score": 0.5, "KL": 3.0, "median length": 2.0, "exact match": 0.29},
     }
-    rows["dpo"] |= {"reward-model score": 0.3, "median length": 10.0}
+    rows["dpo"] |= {"reward-model score": 0.3, "median length": 10.0, "gold score": 1.0}
+    rows["rlhf"] |= {"gold score": 1.05}
+    add_bpb_ratios(rows)
+    assert rows["sft"]["bpb ratio"] == pytest.approx(1.1) and rows["dpo"]["bpb ratio"] == pytest.approx(1.2)
     parents = {"sft": "pretrain", "dpo": "sft", "reward": "sft", "rlhf": "dpo"}
-    checks = dict(targets_met(rows, parents, targets_preset("demo")))
+    targets = Targets(rlhf_gain=0.5, rlhf_gold_gain=0.1, bpb_ratio=1.15, degenerate=True, distinct_2=0.9)
+    checks = dict(targets_met(rows, parents, targets))
     verdicts = {what.split(" (")[0]: ok for what, ok in checks.items()}
     assert verdicts == {
         "sft exact match +0.350 vs its start": True,  # ≥ +0.30
         "dpo reward accuracy 0.900": True,
         "dpo exact match 0.300": False,  # below SFT's 0.35
-        "reward model ≥ 0.85 on every family it trained on": False,  # b at 0.6
+        "reward model on a 0.900": True,
+        "reward model on b 0.600": False,  # < 0.85
         "rlhf reward-model score 0.500": True,  # ≥ 0.3 x 1.5
+        "rlhf gold reward-model score 1.050": False,  # < 1.0 x 1.1: the proxy's gain did not carry over
         "rlhf exact match 0.290": False,  # below DPO's 0.30: the score was bought with wrong answers
         "rlhf KL 3.00": True,
         "rlhf median reply length 2": False,  # < half of 10: collapsed
+        "sft bpb 1.100x the pretrained model's": True,
+        "dpo bpb 1.200x the pretrained model's": False,  # > 1.15x: the language model was lost
+        "sft degenerate replies 0.000": True,
+        "dpo degenerate replies 0.010": False,
+        "sft distinct-2 of its replies 0.950": True,
+        "dpo distinct-2 of its replies 0.850": False,
     }
     rows["rlhf"]["exact match"] = 0.30  # kept the answers it started with
-    assert ("rlhf exact match 0.300 (≥ its start's 0.300)", True) in targets_met(rows, parents, targets_preset("demo"))
+    assert ("rlhf exact match 0.300 (≥ its start's 0.300)", True) in targets_met(rows, parents, targets)
+    rows["rlhf"]["gold score"] = 1.1
+    assert dict(targets_met(rows, parents, targets))["rlhf gold reward-model score 1.100 (≥ 1.100, from 1.000)"]
+
+
+def test_report_rate_targets_need_their_margin():
+    """With margin_se, a rate must clear its bar by that many binomial standard errors at the bar, on its own
+    held-out set's size: the same 0.70 meets a 0.60 bar on 400 questions and misses it on 40."""
+    from minillm.report import Targets, rate_check, targets_met
+
+    assert rate_check("x", 0.70, 0.60, 400, 2.0) == ("x, margin +0.100 (needs 0.049: 2 SE of 400)", True)
+    assert rate_check("x", 0.70, 0.60, 40, 2.0) == ("x, margin +0.100 (needs 0.155: 2 SE of 40)", False)
+    assert rate_check("x", 0.61, 0.60, 40, 0.0) == ("x", True)  # no margin asked: a plain comparison
+    assert rate_check("x", 0.61, 0.60, None, 2.0) == ("x", True)  # no size known
+    rows = {"pretrain": {"exact match": 0.0}}
+    rows["sft"] = {"exact match": 0.8, "n exact match": 200, "exact match add": 0.7, "n exact match add": 40}
+    rows["sft"] |= {"exact match sort": 0.7, "n exact match sort": 400}
+    checks = dict(targets_met(rows, {"sft": "pretrain"}, Targets(sft_task_min=0.6, margin_se=2.0)))
+    verdicts = {what.split(" (")[0]: ok for what, ok in checks.items()}
+    assert verdicts == {
+        "sft exact match +0.800 vs its start": True,
+        "sft exact match on add 0.700": False,  # 40 questions: 0.10 is within 2 SE of the bar
+        "sft exact match on sort 0.700": True,
+    }
 
 
 def test_report_targets_read_only_the_families_a_stage_trained_on(tmp_path):
-    from minillm.report import family_accuracies, markdown, targets_met, targets_preset, trained_families
+    from minillm.report import Targets, family_accuracies, markdown, targets_met, trained_families
 
     run = tmp_path / "dpo_tiny"
     run.mkdir()
@@ -261,13 +308,12 @@ def test_report_targets_read_only_the_families_a_stage_trained_on(tmp_path):
         "reward": {"pairwise accuracy a": 0.95, "pairwise accuracy b": 0.6},
     }
     parents = {"dpo": "sft", "reward": "sft"}
-    checks = dict(targets_met(rows, parents, targets_preset("demo"), families=families))
+    targets = Targets()  # no margins: the families alone decide
+    checks = dict(targets_met(rows, parents, targets, families=families))
     assert checks["dpo reward accuracy on the families it trained on 0.925 (≥ 0.80)"]  # (27 + 10) / 40
-    assert checks["reward model ≥ 0.85 on every family it trained on (lowest: a 0.950)"]  # b not trained on
-    assert not dict(targets_met(rows, parents, targets_preset("demo")))[
-        "reward model ≥ 0.85 on every family it trained on (lowest: b 0.600)"
-    ]  # without families: every family in the row
-    text = markdown(rows, parents, targets_preset("demo"), families=families)
+    assert checks["reward model on a 0.950 (≥ 0.85)"] and not any("on b" in c for c in checks)  # b: not trained on
+    assert not dict(targets_met(rows, parents, targets))["reward model on b 0.600 (≥ 0.85)"]  # every family in the row
+    text = markdown(rows, parents, targets, families=families)
     assert "| dpo | reward accuracy vs sft | 0.900* | 0.500 | 1.000* |" in text
     assert "| reward | pairwise accuracy | 0.950* | 0.600 | – |" in text
     assert "reward accuracy on the families it trained on 0.925 vs sft" in text
@@ -311,7 +357,8 @@ def test_quality_targets_by_hand():
     assert verdicts == {
         "sft exact match +0.920 vs its start": True,
         "sft exact match 0.920": True,  # ≥ 0.90
-        "sft exact match on every task ≥ 0.75": False,  # sort at 0.7
+        "sft exact match on add 0.800": True,
+        "sft exact match on sort 0.700": False,  # < 0.75
         "rlhf-grpo exact match 0.950": False,  # GRPO is judged on exact match: +0.03 < +0.10
     }
     # GRPO on its own family: judged against its start asked the same questions, not the start's row

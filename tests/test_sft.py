@@ -91,7 +91,7 @@ def test_labels_cover_exactly_the_assistant_tokens_in_every_format(tokenizer, na
         ({"conversations": []}, "the conversation is empty"),
         ({"conversations": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'"),
         ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant message"),
-        ({"text": "plain"}, "no chat fields"),
+        ({"body": "plain"}, "no chat fields"),
         ({"conversations": [{"from": "alien", "value": "x"}]}, "unknown speaker 'alien'"),
         ({"prompt": "Hi", "completion": 3}, "prompt and completion must each be a string or a list of messages"),
     ],
@@ -147,6 +147,44 @@ def test_packed_conversations_never_attend_across_boundaries(tmp_path, chat_dir,
             alone = model(row["input_ids"][None, a:b]).logits[0]
             torch.testing.assert_close(packed[a:b], alone, atol=1e-5, rtol=0)
     assert 0.5 < run.datamodule.stats["packing_efficiency"] <= 1.0
+
+
+def test_plain_text_records_are_learned_on_every_token_beside_conversations(tmp_path, chat_dir, pretrained):
+    """A {"text"} record in an SFT file is pretraining text: its tokens and EOS are all targets (no chat template),
+    packed beside the conversations, whose targets stay the assistant tokens; PPO-ptx reads it the same way."""
+    from minillm.data.kinds import encode_sft
+
+    data = tmp_path / "d"
+    (data / "sft").mkdir(parents=True)
+    for f in (chat_dir / "sft").iterdir():
+        (data / "sft" / f.name).symlink_to(f)
+    prose = [f"The river runs past the old mill number {i} and on to the sea." for i in range(60)]
+    (data / "sft" / "prose.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in prose))
+    run = build(sft(tmp_path, data, pretrained, "data.packing=true", "model.block_size=64"), inspect=True)
+    tokenizer = run.datamodule.tokenizer
+    ids, labels, cut = encode_sft(tokenizer, {"text": prose[0]}, 64)
+    assert ids == tokenizer.encode(prose[0]) + [tokenizer.eos_id] and labels == ids and not cut
+    assert tokenizer.im_start_id not in ids
+    chat_ids, chat_labels, _ = encode_sft(
+        tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], 64
+    )
+    assert chat_ids[0] == tokenizer.im_start_id and chat_labels.count(IGNORE_INDEX) > 0
+    stats = run.datamodule.stats["sources"]
+    assert stats["prose"]["train_records"] > 40 and stats["prose"]["bad_records"] == 0
+    starts = {tuple(tokenizer.encode(p)[:4]) for p in prose}
+    seen = {"text": 0, "chat": 0}
+    for row in run.datamodule.train:
+        positions = row["position_ids"].tolist()
+        bounds = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        for a, b in zip(bounds, bounds[1:]):
+            doc, target = row["input_ids"][a:b].tolist(), row["labels"][a:b].tolist()
+            if tuple(doc[:4]) in starts:
+                assert target == doc and doc[-1] == tokenizer.eos_id  # every token learned, EOS last
+                seen["text"] += 1
+            else:
+                assert doc[0] == tokenizer.im_start_id and IGNORE_INDEX in target  # a conversation, as before
+                seen["chat"] += 1
+    assert seen["text"] > 20 and seen["chat"] > 100
 
 
 def test_sft_starts_from_the_pretrained_weights(tmp_path, chat_dir, pretrained):

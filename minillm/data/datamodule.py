@@ -164,10 +164,11 @@ def _rows(
     skip_bad: bool,
     kind: str,
     key: str,
+    offset: float = 0.0,
 ) -> Iterator[dict]:
     """Every record of every source as a row: source, text, split (train / val / unsampled / bad).
 
-    A record is sampled by a hash of its text (ratio), the first `cap` sampled records of a file are kept, and
+    A record is sampled by a hash of its text (ratio, from `offset`: `is_sampled`), the first `cap` sampled records of a file are kept, and
     the kept ones are split by another hash. Structured records are stored as their JSON text.
     `files` holds paths and dataset sources (their JSON spec); `key` (file sizes and mtimes, dataset
     fingerprints) only feeds the cache fingerprint.
@@ -179,7 +180,7 @@ def _rows(
         bad = BadRecords(skip_bad)
         kept = 0
         for text in read_source(path, kind_named(kind), bad):
-            if not is_sampled(text, ratio) or (cap is not None and kept >= cap):
+            if not is_sampled(text, ratio, offset) or (cap is not None and kept >= cap):
                 yield {"source": path.stem, "text": "", "split": "unsampled"}
                 continue
             kept += 1
@@ -240,6 +241,7 @@ class MiniLLMDataModule(L.LightningDataModule):
             "val_ratios": [self.config.val_ratio if s.val_ratio is None else s.val_ratio for s in sources],
             "caps": [s.max_samples for s in sources],
             "skip_bad": self.config.skip_bad_records,
+            "offset": self.config.sample_offset,
             "kind": self.kind.name,
             "key": json.dumps([PIPELINE_VERSION] + [_file_key(f) for f in self.files]),
         }
@@ -322,6 +324,7 @@ class MiniLLMDataModule(L.LightningDataModule):
             val_ratios=[self.config.val_ratio if s.val_ratio is None else s.val_ratio for s in sources],
             caps=[s.max_samples for s in sources],
             skip_bad=self.config.skip_bad_records,
+            offset=self.config.sample_offset,
             tokenizer=self.tokenizer,
             window=self.block_size + 1,
             seed=self.seed,

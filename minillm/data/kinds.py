@@ -4,6 +4,7 @@
 |--------------|----------------|------------------------------------|-------------------------------------------------|
 | `PRETRAIN`   | `pretrain/`    | `.jsonl` {"text"} and `.txt`       | a window of block_size + 1 packed tokens        |
 | `SFT`        | `sft/`         | conversations (several formats)    | one conversation (or several, data.packing)     |
+|              |                | or plain text {"text"}             | (plain text: every token a target)              |
 | `PREFERENCE` | `preference/`  | prompt + chosen + rejected         | the chosen and the rejected sequence            |
 | `PROMPTS`    | `prompts/`     | a prompt and the fields rules read | a prompt, left-padded in a batch for generation |
 
@@ -27,7 +28,7 @@ from minillm.data.records import (
     read_preferences,
     read_prompts,
     read_texts,
-    to_messages,
+    to_sft_record,
     to_preference,
     to_prompt,
     to_text,
@@ -58,6 +59,15 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], window: int) -> tupl
         truncated = True
         ids, mask = (ids[:window], mask[:window]) if any(mask[:window]) else (ids[-window:], mask[-window:])
     return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)], truncated
+
+
+def encode_sft(tokenizer: Tokenizer, record: list[dict] | dict, window: int) -> tuple[list[int], list[int], bool]:
+    """(ids, labels, truncated) of one SFT record: a conversation (`encode_chat`), or plain text {"text"}: its
+    tokens and EOS, every one a target as in pretraining (the first `window` tokens kept)."""
+    if isinstance(record, list):
+        return encode_chat(tokenizer, record, window)
+    ids = tokenizer.encode(record["text"]) + [tokenizer.eos_id]
+    return ids[:window], ids[:window], len(ids) > window
 
 
 def encode_pair(tokenizer: Tokenizer, pair: dict, lengths: tuple[int, int]) -> dict:
@@ -180,12 +190,12 @@ class _SFT(Kind):
     name = "sft"
     weighted = True
     read = staticmethod(read_conversations)
-    normalise = staticmethod(to_messages)
+    normalise = staticmethod(to_sft_record)
 
     def tokenize(self, batch, tokenizer, window, lengths):
         out = {"input_ids": [], "labels": [], "truncated": [], "length": [], "n_targets": []}
         for text in batch["text"]:
-            ids, labels, truncated = encode_chat(tokenizer, json.loads(text), window)
+            ids, labels, truncated = encode_sft(tokenizer, json.loads(text), window)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["truncated"].append(truncated)

@@ -159,8 +159,10 @@ def is_held_out(record: object, ratio: float) -> bool:
     return record_fraction(record, "val") < ratio
 
 
-def is_sampled(record: object, ratio: float) -> bool:
-    return ratio >= 1.0 or record_fraction(record, "sample") < ratio
+def is_sampled(record: object, ratio: float, offset: float = 0.0) -> bool:
+    """Whether a record is in the sample: its hash fraction falls in [offset, offset + ratio) (wrapping at 1), so
+    ratio 0.5 at offsets 0 and 0.5 are disjoint halves."""
+    return ratio >= 1.0 or (record_fraction(record, "sample") - offset) % 1.0 < ratio
 
 
 # ShareGPT's speaker names ("from") -> our roles
@@ -253,9 +255,25 @@ def _read_normalised(path: Path, bad: BadRecords, normalise) -> Iterator[str]:
         yield json.dumps(record, ensure_ascii=False)
 
 
+def to_sft_record(obj: dict) -> list[dict] | dict | str:
+    """An SFT record: a conversation (`to_messages`) or, with a "text" field and no chat fields, plain text
+    {"text": str} that SFT learns on every token as pretraining does (pretraining text mixed into SFT keeps the
+    language model under the chat model)."""
+    if "text" in obj and not any(k in obj for k in CHAT_FIELDS):
+        return to_text(obj)
+    record = to_messages(obj)
+    if isinstance(record, str) and record.startswith("no chat fields"):
+        return record.replace("expected ", 'expected text (plain text), ', 1)
+    return record
+
+
+CHAT_FIELDS = ("conversations", "messages", "prompt", "instruction")
+
+
 def read_conversations(path: Path, bad: BadRecords) -> Iterator[str]:
-    """Each valid conversation of a .jsonl chat file, as the JSON text of its message list."""
-    return _read_normalised(path, bad, to_messages)
+    """Each valid record of a .jsonl SFT file: the JSON text of its message list, or of {"text"} for plain
+    text (`to_sft_record`)."""
+    return _read_normalised(path, bad, to_sft_record)
 
 
 def to_preference(obj: dict) -> dict | str:

@@ -50,8 +50,10 @@ class PretrainStream(IterableDataset):
         window: int,
         seed: int,
         batch_size: int = 1,
+        offset: float = 0.0,
     ) -> None:
         self.sources, self.ratios, self.val_ratios, self.caps = sources, ratios, val_ratios, caps
+        self.offset = offset
         self.skip_bad, self.tokenizer, self.window, self.seed = skip_bad, tokenizer, window, seed
         self.batch_size, self.epoch = batch_size, 0
 
@@ -68,7 +70,7 @@ class PretrainStream(IterableDataset):
                     live.remove(i)
                     continue
                 cap = self.caps[i]
-                if not is_sampled(text, self.ratios[i]) or (cap is not None and kept[i] >= cap):
+                if not is_sampled(text, self.ratios[i], self.offset) or (cap is not None and kept[i] >= cap):
                     continue
                 kept[i] += 1
                 yield text, is_held_out(text, self.val_ratios[i])

@@ -37,7 +37,7 @@ from torchmetrics import MeanMetric
 
 from minillm import reward_rules
 from minillm.config import Config, RLHFConfig
-from minillm.data.kinds import PROMPTS, collate_padded, encode_chat
+from minillm.data.kinds import PROMPTS, collate_padded, encode_sft
 from minillm.data.records import BadRecords, is_held_out, read_conversations
 from minillm.generate import GenerationConfig, generate_ids
 from minillm.losses import (
@@ -149,7 +149,7 @@ class RLHFModule(LMModule):
                 )
             for text in read_conversations(path, bad):
                 if not is_held_out(text, self.data_config.val_ratio):  # a superset of a lower ratio's split
-                    ids, labels, cut = encode_chat(self.tokenizer, json.loads(text), self.model.config.block_size + 1)
+                    ids, labels, cut = encode_sft(self.tokenizer, json.loads(text), self.model.config.block_size + 1)
                     out.append(
                         {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "truncated": torch.tensor(cut)}
                     )
