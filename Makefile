@@ -37,7 +37,8 @@ DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中�
 DEMO_CHAT := 'What is 52 + 5?\n/reset\nReverse the words: pencil butter silver ocean music\n/reset\nSort the words alphabetically: stone music rocket castle\n/reset\nHello, how are you?\n/exit\n'
 # The card's pairs: dialogue relevance (no stage trains on it), the spoiled replies (the reward model's) and the
 # verifiable answers (both); the card marks which a stage trained on. Its RL prompts: the held-out dialogue openers.
-DEMO_EVAL := eval.limit=200 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' \
+# Every held-out record (the largest family has 317), 64 rows a batch.
+DEMO_EVAL := eval.limit=400 eval.batch_size=64 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' \
 	eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
 demo: data
 	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=demo resume=auto

@@ -231,6 +231,19 @@ def test_held_out_dialogue_openers_are_in_no_training_file(tmp_path, fake_archiv
     assert len(held | trained) == 30  # every opener on one side, none lost
 
 
+def test_a_reply_the_corpus_repeats_is_kept_three_times():
+    def dialogue(question, *replies):
+        turns = [
+            m for r in replies for m in ({"role": "user", "content": question}, {"role": "assistant", "content": r})
+        ]
+        return {"conversations": turns}
+
+    dialogues = [dialogue(f"Q{i}?", "Restart your router.") for i in range(5)] + [dialogue("Hi", "Hello", "Fine")]
+    dialogues.append(dialogue("Hey", "Restart your router.", "Bye"))  # a fourth router reply: the dialogue goes
+    kept = list(builtin.varied_replies(dialogues))
+    assert [d["conversations"][0]["content"] for d in kept] == ["Q0?", "Q1?", "Q2?", "Hi"]
+
+
 def test_dialogue_pairs_reject_another_reply_and_spoiled_pairs_a_spoiled_one():
     replies = ["Fine thanks, and how are you today?", "I like reading long books.", "Yes", "I"] * 25
     dialogues = [
@@ -349,7 +362,7 @@ def test_real_builtin_corpus(tmp_path):
     assert stats["pretrain/shakespeare.jsonl"]["chars"] > 4_900_000
     assert stats["pretrain/kjv.jsonl"]["records"] == 1189  # chapters of the KJV
     assert stats["pretrain/peoples_daily.jsonl"]["chars"] > 1_800_000
-    assert stats["sft/chatterbot_en.jsonl"]["records"] == 1935  # of 2026: 91 dialogues' openers are held out
+    assert stats["sft/chatterbot_en.jsonl"]["records"] == 903  # of 2026: repeated replies dropped, 91 held out
     held = {p["prompt"] for p in read_jsonl(out / "eval/chatterbot_pairs.jsonl")}
     assert len(held) == 71 and held.isdisjoint(r["prompt"] for r in read_jsonl(out / "prompts/chatterbot.jsonl"))
     assert stats["sft/chatterbot_zh.jsonl"]["records"] == 467

