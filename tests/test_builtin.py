@@ -231,6 +231,19 @@ def test_held_out_dialogue_openers_are_in_no_training_file(tmp_path, fake_archiv
     assert len(held | trained) == 30  # every opener on one side, none lost
 
 
+def test_pretraining_text_for_sft_leaves_out_the_held_out_records_and_fits_a_window():
+    records = [{"text": "\n".join(f"line {i}.{j} " + "x" * 50 for j in range(40))} for i in range(200)]
+    held = [r["text"] for r in records if builtin.is_held_out(r["text"], builtin.PRETRAIN_HELD_OUT)]
+    assert held  # some of 200 records fall in the 1% the pretraining split holds out
+    pieces = list(builtin.pretraining_text({"prose": records}, chars=300, every=1, share=1.0))
+    assert all(len(p["text"].replace("\n", "")) <= 300 and p["source"] == "prose" for p in pieces)
+    lines = {line for p in pieces for line in p["text"].split("\n")}
+    assert lines and not lines & {line for text in held for line in text.split("\n")}  # bpb's text stays unseen
+    assert len(lines) == 40 * (200 - len(held))  # every other line is kept
+    sampled = list(builtin.pretraining_text({"prose": records}, chars=300, every=5, share=0.5))
+    assert 0.3 * len(pieces) / 5 < len(sampled) < 0.7 * len(pieces) / 5
+
+
 def test_a_reply_the_corpus_repeats_is_kept_three_times():
     def dialogue(question, *replies):
         turns = [

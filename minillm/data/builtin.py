@@ -35,12 +35,12 @@ from typing import Callable, Iterable, Iterator
 import yaml
 
 from minillm.progress import progress
-from minillm.data.records import chunk_paragraphs, is_held_out
+from minillm.data.records import chunk_paragraphs, is_held_out, is_sampled
 from minillm.files import file_sha256
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 10 # bump when the output changes: existing data dirs are rebuilt
+BUILDER_VERSION = 11  # bump when the output changes: existing data dirs are rebuilt
 DEFAULT_OUT = Path("data/builtin")
 DEFAULT_CACHE = Path("data/cache/packages")
 
@@ -484,6 +484,7 @@ def verifiable_prompts(records: Iterable[dict]) -> Iterator[dict]:
 
 VERIFIABLE_HELD_OUT = 0.05  # the share of verifiable questions held out (and of every generated split)
 PRETRAIN_HELD_OUT = 0.01  # data.val_ratio's default: the pretraining records held out (the report's bpb text)
+SFT_TEXT_SHARE = 0.035  # the pieces sft/pretraining_text.jsonl keeps: the demo's measured mix (docs/log.md)
 CHATTERBOT_HELD_OUT = 0.1  # the share of English dialogue openers held out (~75 of ~750 questions)
 
 
@@ -526,10 +527,14 @@ def _text_chars(obj) -> int:
     return 0
 
 
-def pretraining_text(corpus: dict[str, list[dict]], chars: int = 600, every: int = 5) -> Iterator[dict]:
+def pretraining_text(
+    corpus: dict[str, list[dict]], chars: int = 600, every: int = 5, share: float = SFT_TEXT_SHARE
+) -> Iterator[dict]:
     """Plain-text SFT records (trained on every token, as in pretraining) from the pretraining corpus: whole
-    lines gathered into pieces of about `chars` characters (they fit a `tiny` window), every `every`-th piece.
-    A record the pretraining split holds out (the report's bits-per-byte text, `PRETRAIN_HELD_OUT`) gives none."""
+    lines gathered into pieces of about `chars` characters (they fit a `tiny` window), of every `every`-th piece
+    those a `share` hash sample keeps (the sample `data.sources.pretraining_text.sample_ratio=share` would draw),
+    so that SFT on the built-in corpus mixes in a few percent of pretraining text as it is. A record the
+    pretraining split holds out (the report's bits-per-byte text, `PRETRAIN_HELD_OUT`) gives none."""
     n = 0
     for source, record in ((s, r) for s, records in corpus.items() for r in records):
         if is_held_out(record["text"], PRETRAIN_HELD_OUT):
@@ -537,8 +542,9 @@ def pretraining_text(corpus: dict[str, list[dict]], chars: int = 600, every: int
         piece: list[str] = []
         for line in record["text"].split("\n") + [None]:
             if piece and (line is None or sum(map(len, piece)) + len(line) > chars):
-                if n % every == 0:
-                    yield {"text": "\n".join(piece), "source": source}
+                text = "\n".join(piece)
+                if n % every == 0 and is_sampled(json.dumps({"text": text}, ensure_ascii=False), share):
+                    yield {"text": text, "source": source}
                 n, piece = n + 1, []
             if line and len(line) <= chars:
                 piece.append(line)
