@@ -1,6 +1,7 @@
-"""The chain `make demo` runs (pretrain, generate, SFT, DPO, reward, RLHF, chat) on the real built-in corpus,
-from an empty working directory (slow)."""
+"""The chain `make demo` runs (pretrain, generate, SFT, DPO, reward, RLHF, chat, the gold reward model, the report) on
+the real built-in corpus, from an empty working directory (slow)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,6 +50,14 @@ def test_the_demo_chain_on_the_builtin_corpus(tmp_path):
             out = run("minillm.pairs", "model_path=outputs/sft_tiny/final", "limit=16", "max_new_tokens=8")
             assert "verifiable training questions" in out
     assert (tmp_path / "outputs" / "rlhf_tiny" / "final" / "model.safetensors").is_file()
+    # the gold reward model: the reward model's recipe on the other half of the pairs, in its own run dir
+    out = run("minillm.train", "stage=reward", "model=tiny", "experiment=demo_reward_gold", *SHORT)
+    assert "initialised from outputs/sft_tiny/final" in out
+    stats = [tmp_path / "outputs" / run_dir / "dataset_stats.json" for run_dir in ("reward_tiny", "reward-gold_tiny")]
+    halves = [json.loads(path.read_text())["sources"]["verifiable_pairs"]["train_records"] for path in stats]
+    assert all(300 < n < 1200 for n in halves)  # about half of 1,500 pairs each
+    card = run("minillm.report", "model_name=tiny", "eval.limit=4", "eval.max_new_tokens=4", "eval.batch_size=4")
+    assert "| reward-gold |" in card and "gold score" in card and "bpb ratio" in card
     out = run(
         "minillm.chat",
         "model_path=outputs/rlhf_tiny/final",
