@@ -74,8 +74,8 @@ class Targets:
     bpb_ratio: float = 0.0  # every later stage's bpb at most this x the pretrained model's (the LM kept)
     degenerate: bool = False  # no degenerate reply after SFT, DPO and RLHF
     distinct_2: float = 0.0  # distinct-2 of those replies at least this
-    # a rate (exact match, an accuracy) must clear its bar by this many binomial standard errors of its held-out
-    # set, sqrt(p (1 - p) / n): a target met by noise is not met
+    # a rate (exact match, an accuracy) must clear its bar by this many binomial standard errors at the bar on its
+    # held-out set, sqrt(bar (1 - bar) / n): a target met by noise is not met (`rate_check`)
     margin_se: float = 0.0
 
 
@@ -301,14 +301,14 @@ def targets_met(
         if "median length" in values and "median length" in begin:
             length, floor = values["median length"], targets.length_floor * begin["median length"]
             checks.append((f"{stage} median reply length {length:.0f} (≥ {floor:.0f})", length >= max(floor, 1)))
-    for stage, values in rows.items():
-        if targets.bpb_ratio and "bpb ratio" in values and stage != "pretrain":
+    for stage, values in ((s, v) for s, v in rows.items() if s != "pretrain"):  # what a later stage kept
+        if targets.bpb_ratio and "bpb ratio" in values:
             ratio, bound = values["bpb ratio"], targets.bpb_ratio
             checks.append((f"{stage} bpb {ratio:.3f}x the pretrained model's (≤ {bound:.2f}x)", ratio <= bound))
-        if targets.degenerate and "degenerate" in values and stage != "pretrain":
+        if targets.degenerate and "degenerate" in values:
             share = values["degenerate"]
             checks.append((f"{stage} degenerate replies {share:.3f} (none)", share == 0))
-        if targets.distinct_2 and "distinct-2" in values and stage != "pretrain":
+        if targets.distinct_2 and "distinct-2" in values:
             value, need = values["distinct-2"], targets.distinct_2
             checks.append((f"{stage} distinct-2 of its replies {_fmt(value)} (≥ {need:.2f})", value >= need))
     return checks

@@ -168,8 +168,8 @@ def _rows(
 ) -> Iterator[dict]:
     """Every record of every source as a row: source, text, split (train / val / unsampled / bad).
 
-    A record is sampled by a hash of its text (ratio, from `offset`: `is_sampled`), the first `cap` sampled records of a file are kept, and
-    the kept ones are split by another hash. Structured records are stored as their JSON text.
+    A record is sampled by a hash of its text (ratio, from `offset`: `is_sampled`), the first `cap` sampled records
+    of a file are kept, and the kept ones are split by another hash. Structured records are stored as their JSON text.
     `files` holds paths and dataset sources (their JSON spec); `key` (file sizes and mtimes, dataset
     fingerprints) only feeds the cache fingerprint.
     """
