@@ -31,6 +31,9 @@ data: $(STAMP)
 # no stage trains against) -> RLHF (PPO) -> a chat exchange -> the report card, model=tiny (times per CPU: docs/performance.md). resume=auto everywhere: a finished
 # stage is not redone, an interrupted one continues.
 DEMO_MODEL ?= tiny
+# More train overrides for every stage of the demo, e.g. DEMO_ARGS=trainer.precision=32-true: the fp32 card on a CPU
+# that would train in bf16-mixed (docs/log.md compares the two).
+DEMO_ARGS ?=
 DEMO_PROMPTS := 'prompt=["To be, or not to be", "In the beginning", "中共中央"]'
 # The closing chat asks the first held-out question of each verifiable task (eval/verifiable.jsonl: no training file
 # holds them, in any order) and a greeting no training file holds (tests/test_builtin.py checks both).
@@ -41,15 +44,15 @@ DEMO_CHAT := 'What is 52 + 5?\n/reset\nReverse the words: pencil butter silver o
 DEMO_EVAL := eval.limit=400 eval.batch_size=64 'eval.pairs=[chatterbot_pairs,chatterbot_spoiled,verifiable_pairs]' \
 	eval.prompts=data/builtin/eval/chatterbot_pairs.jsonl
 demo: data
-	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=demo resume=auto
+	$(PY) -m minillm.train stage=pretrain model=$(DEMO_MODEL) experiment=demo resume=auto $(DEMO_ARGS)
 	$(PY) -m minillm.generate model_path=outputs/pretrain_$(DEMO_MODEL)/final $(DEMO_PROMPTS) \
 		max_new_tokens=48 temperature=0.8 top_p=0.9 repetition_penalty=1.1 seed=0
-	$(PY) -m minillm.train stage=sft model=$(DEMO_MODEL) experiment=demo_sft resume=auto
+	$(PY) -m minillm.train stage=sft model=$(DEMO_MODEL) experiment=demo_sft resume=auto $(DEMO_ARGS)
 	$(PY) -m minillm.pairs model_path=outputs/sft_$(DEMO_MODEL)/final limit=3000
-	$(PY) -m minillm.train stage=dpo model=$(DEMO_MODEL) experiment=demo_dpo resume=auto
-	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward resume=auto
-	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward_gold resume=auto
-	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=demo_rlhf resume=auto
+	$(PY) -m minillm.train stage=dpo model=$(DEMO_MODEL) experiment=demo_dpo resume=auto $(DEMO_ARGS)
+	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward resume=auto $(DEMO_ARGS)
+	$(PY) -m minillm.train stage=reward model=$(DEMO_MODEL) experiment=demo_reward_gold resume=auto $(DEMO_ARGS)
+	$(PY) -m minillm.train stage=rlhf model=$(DEMO_MODEL) experiment=demo_rlhf resume=auto $(DEMO_ARGS)
 	printf $(DEMO_CHAT) | $(PY) -m minillm.chat model_path=outputs/rlhf_$(DEMO_MODEL)/final do_sample=false max_new_tokens=48
 	$(PY) -m minillm.report model_name=$(DEMO_MODEL) $(DEMO_EVAL)
 
