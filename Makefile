@@ -100,6 +100,7 @@ format: $(STAMP)
 # so that transformers' generate is measured side by side on the same weights.
 bench: data $(REF_STAMP)
 	$(PY) -m benchmarks.train_throughput
+	$(PY) -m benchmarks.plain_gpt
 	$(REF_VENV)/bin/python -m benchmarks.generation
 	$(PY) -m benchmarks.data
 	$(PY) -m benchmarks.serve

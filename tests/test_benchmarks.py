@@ -212,3 +212,27 @@ def test_sampling_smoke(tmp_path, tokenizer):
     assert [r["engine"] for r in rows] == ["eager, multinomial", "eager, ours"] * 2
     assert all(r["tokens/s"] > 0 for r in rows) and rows[0]["vs multinomial"] == 1
     assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.slow
+def test_plain_gpt_smoke(tmp_path):
+    import torch
+
+    from benchmarks import plain_gpt
+
+    plain = plain_gpt.PlainGPT(vocab=50, context=16, layers=2, width=32, heads=4).eval()
+    ids = torch.randint(0, 50, (1, 16))
+    changed = ids.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 50
+    # a GPT: causal (later tokens never change earlier logits) and not constant
+    assert torch.allclose(plain(ids)[0, :10], plain(changed)[0, :10], atol=1e-6)
+    assert not torch.allclose(plain(ids)[0, 10:], plain(changed)[0, 10:])
+    out = plain_gpt.main(
+        ["--precisions", "32-true", "--compile", "off", "--rounds", "1", "--steps", "1", "--warmup", "0"]
+        + ["--batch", "2", "--peak-size", "256", "--out-dir", str(tmp_path)]
+    )
+    rows = {r["model"]: r for r in out["rows"]}
+    assert set(rows) == {"minillm", "plain GPT"} and rows["plain GPT"]["vs plain"] == 1
+    assert rows["minillm"]["params"] == 6_524_160  # model=tiny, vocabulary 8192
+    assert all(r["tok/s"] > 0 and 0 < r["MFU"] < 1 for r in rows.values())
+    assert json.loads((tmp_path / "plain_gpt.json").read_text())["context"] == 256
