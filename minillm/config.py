@@ -83,6 +83,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dropout: float = 0.0
     tie_embeddings: bool = True
+    attention_bias: bool = False  # q/k/v projections with a bias (Qwen2's layout); the output projection has none
     init_std: float = 0.02
     gradient_checkpointing: bool = False  # training: recompute each block's activations in the backward
     # mixture of experts (n_experts = 0: dense MLP)

@@ -89,6 +89,12 @@ def write_gguf(
             "GGUF export of a mixture-of-experts model is not supported yet (its experts have no llama layout "
             "here); use the minillm folder itself with minillm.generate / minillm.chat"
         )
+    if config.attention_bias:
+        raise ValueError(
+            "GGUF export of a model with q/k/v biases (the Qwen2 layout) is not supported yet (this writer writes "
+            "llama.cpp's llama architecture, which has none); use the exported folder, or llama.cpp's own "
+            "convert_hf_to_gguf.py on it"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     file_type = {

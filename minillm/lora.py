@@ -36,15 +36,13 @@ PEFT_PREFIX = "base_model.model."  # PEFT's prefix of a wrapped model's own name
 
 
 class LoRALinear(nn.Module):
-    """A bias-free linear layer with a low-rank adapter. `weight` is the wrapped layer's own parameter (same
-    name, same tensor); `adapter_on` False runs the layer as it was."""
+    """A linear layer with a low-rank adapter. `weight` (and `bias`, Qwen2's q/k/v) are the wrapped layer's own
+    parameters (same names, same tensors); `adapter_on` False runs the layer as it was."""
 
     def __init__(self, base: nn.Linear, config: LoRAConfig) -> None:
         super().__init__()
-        if base.bias is not None:
-            raise ValueError("LoRA here wraps bias-free linear layers (every MiniGPT layer is one)")
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
+        self.weight, self.bias = base.weight, base.bias
         kwargs = {"bias": False, "device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(self.in_features, config.r, **kwargs)
         self.lora_B = nn.Linear(config.r, self.out_features, **kwargs)
@@ -55,7 +53,7 @@ class LoRALinear(nn.Module):
         self.adapter_on = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if not self.adapter_on:
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling

@@ -155,9 +155,10 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.dropout = config.dropout
 
@@ -311,6 +312,8 @@ class MiniGPT(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without the token embedding."""

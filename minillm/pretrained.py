@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from minillm.model import MiniGPT, ModelConfig, RewardModel
+from minillm.files import weight_files
+from minillm.model import MAX_BLOCK_SIZE, MiniGPT, ModelConfig, RewardModel
 from minillm.tokenizer import CHAT_TEMPLATE, MODEL_FILE, Tokenizer
 
 FORMAT_VERSION = 1
@@ -73,13 +74,19 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, kind: str = "lm") -> di
     }
     if config.is_moe:  # not loadable by transformers yet: the interop work decides the MoE layout
         return {"architectures": ["MiniGPTMoE"], "model_type": "minillm_moe", **common}
+    family = "Qwen2" if config.attention_bias else "Llama"  # q/k/v biases and nothing else: Qwen2's layout
+    head = "ForSequenceClassification" if kind == "reward" else "ForCausalLM"
     if kind == "reward":
-        common |= {"architectures": ["LlamaForSequenceClassification"], "num_labels": 1}
+        common |= {"num_labels": 1}
+    layout = (
+        {"use_sliding_window": False, "max_window_layers": config.n_layer}
+        if config.attention_bias
+        else {"attention_bias": False, "mlp_bias": False}
+    )
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "attention_bias": False,
-        "mlp_bias": False,
+        "architectures": [family + head],
+        "model_type": family.lower(),
+        **layout,
         "attention_dropout": 0.0,
         **common,
     }
@@ -153,25 +160,41 @@ def write_hf_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
-# config.json fields whose other values change what a Llama computes, with the value MiniGPT implements: a folder
-# that sets another is refused by name, since loading it would silently compute other logits than transformers.
-IMPLEMENTED_HF_FIELDS = {
+# config.json fields whose other values change what the model computes, with the value MiniGPT implements, per
+# model_type: a folder that sets another is refused by name, since loading it would silently compute other logits
+# than transformers. Qwen2 always has q/k/v biases (attention_bias=True here) and its `sliding_window` size only
+# counts with use_sliding_window=true.
+COMMON_HF_FIELDS = {
     "hidden_act": ("silu", "only SiLU-gated (SwiGLU) MLPs are implemented"),
     "rope_scaling": (None, "RoPE scaling (linear, dynamic, yarn, llama3, ...) is not implemented"),
-    "attention_bias": (False, "attention projections have no bias here"),
-    "mlp_bias": (False, "MLP projections have no bias here"),
-    "sliding_window": (None, "sliding-window attention is not implemented"),
-    "use_sliding_window": (False, "sliding-window attention is not implemented"),
     "pretraining_tp": (1, "tensor-parallel slicing of the pretraining run (pretraining_tp > 1) is not implemented"),
+    "use_sliding_window": (False, "sliding-window attention is not implemented"),
 }
+IMPLEMENTED_HF_FIELDS = {
+    "llama": COMMON_HF_FIELDS
+    | {
+        "attention_bias": (False, "Llama's attention_bias adds biases to all four attention projections"),
+        "mlp_bias": (False, "MLP projections have no bias here"),
+        "sliding_window": (None, "sliding-window attention is not implemented"),
+    },
+    "qwen2": COMMON_HF_FIELDS,
+}
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM (SmolLM2, TinyLlama, ...)", "qwen2": "Qwen2ForCausalLM (Qwen2.5)"}
 
 
 def model_config_from_hf(config: dict, where: Path) -> ModelConfig:
-    """Our ModelConfig from a transformers LlamaForCausalLM config.json (a folder without minillm.json). A field
-    that would make transformers compute something MiniGPT does not (IMPLEMENTED_HF_FIELDS) is an error naming it."""
-    if config.get("model_type") != "llama":
-        raise ValueError(f"{where}: model_type {config.get('model_type')!r}; only llama folders can be imported")
-    for key, (implemented, why) in IMPLEMENTED_HF_FIELDS.items():
+    """Our ModelConfig from a transformers config.json of a LlamaForCausalLM or Qwen2ForCausalLM (a folder without
+    minillm.json). A field that would make transformers compute something MiniGPT does not (IMPLEMENTED_HF_FIELDS)
+    is an error naming it."""
+    model_type = config.get("model_type")
+    if model_type not in IMPLEMENTED_HF_FIELDS:
+        raise ValueError(
+            f"{where}: model_type {model_type!r} cannot be imported; supported: "
+            + ", ".join(f"{k} ({v})" for k, v in HF_ARCHITECTURES.items())
+        )
+    if config.get("num_experts") or config.get("num_local_experts"):
+        raise ValueError(f"{where}: a mixture-of-experts {model_type} folder cannot be imported (dense models only)")
+    for key, (implemented, why) in IMPLEMENTED_HF_FIELDS[model_type].items():
         if key in config and config[key] not in (implemented, None if implemented is False else implemented):
             raise ValueError(
                 f"{where}: {key}={config[key]!r} is not supported ({why}); minillm would compute other logits than "
@@ -194,10 +217,11 @@ def model_config_from_hf(config: dict, where: Path) -> ModelConfig:
         n_head=heads,
         n_kv_head=config.get("num_key_value_heads", heads),
         intermediate_size=config["intermediate_size"],
-        block_size=config.get("max_position_embeddings", 2048),
+        block_size=min(config.get("max_position_embeddings", 2048), MAX_BLOCK_SIZE),
         norm_eps=config.get("rms_norm_eps", 1e-5),
         rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
         tie_embeddings=config.get("tie_word_embeddings", False),
+        attention_bias=model_type == "qwen2",
     )
 
 
@@ -237,7 +261,7 @@ def load_parts(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, Head | Non
         return _load_checkpoint(path, map_location)
     meta_path = path / META_FILE
     if not meta_path.is_file():
-        if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():  # a transformers folder
+        if (path / CONFIG_FILE).is_file() and weight_files(path):  # a transformers folder
             hf = json.loads((path / CONFIG_FILE).read_text())
             meta = {"model": asdict(model_config_from_hf(hf, path / CONFIG_FILE))}
         else:
@@ -254,13 +278,15 @@ def load_parts(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, Head | Non
     tokenizer = Tokenizer(path)
     _check_tokenizer(meta.get("tokenizer_sha256"), tokenizer, meta_path)
     model = MiniGPT(_model_config(meta["model"], meta_path))
-    try:
-        weights = load_file(path / WEIGHTS_FILE, device=str(map_location))
-    except Exception as e:  # safetensors' own errors say what is wrong with the bytes, not where or what to do
-        raise ValueError(
-            f"cannot read the weights {path / WEIGHTS_FILE} ({e}): the file is damaged or not a safetensors file. "
-            "Export the model again (the run's final/ or python -m minillm.export), or copy the folder again"
-        ) from None
+    weights = {}
+    for file in weight_files(path) or [path / WEIGHTS_FILE]:
+        try:
+            weights |= load_file(file, device=str(map_location))
+        except Exception as e:  # safetensors' own errors say what is wrong with the bytes, not where or what to do
+            raise ValueError(
+                f"cannot read the weights {file} ({e}): the file is damaged or not a safetensors file. Export the "
+                "model again (the run's final/ or python -m minillm.export), or copy the folder again"
+            ) from None
     state = from_hf_state_dict(weights)
     score, weight = state.pop("score.weight", None), state.pop("likelihood_weight", None)
     _load_state(model, state, path / WEIGHTS_FILE)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,12 +19,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from minillm.files import file_sha256, write_text_atomic
+from minillm.files import file_sha256, weight_files, write_text_atomic
 
 if TYPE_CHECKING:
     from minillm.model import MiniGPT, RewardModel
@@ -74,7 +76,10 @@ SHAPE_KEYS = (
     "n_experts",
     "n_shared_experts",
     "tie_embeddings",
+    "attention_bias",
 )
+# what the model computes besides its shape: taken from the init weights with it (init_architecture)
+ARCHITECTURE_KEYS = SHAPE_KEYS + ("rope_theta", "norm_eps", "n_experts_per_tok")
 
 
 class ResumeError(ValueError):
@@ -108,10 +113,11 @@ class StageInputs:
             check_same_shape(asdict(self.init_model.config), model, self.init_dir)
 
 
-def inputs_for(config, needs, data_dir: Path | None, files: list) -> StageInputs:
+def inputs_for(config, needs, data_dir: Path | None, files: list, explicit: Collection[str] = ()) -> StageInputs:
     """The tokenizer (the init weights' own, or trained on `files` when there are none), the init weights, and
     the reward model when `needs` says so. `settings` records what they decide in the run config: init_from and
-    its sha256, the vocabulary size, the reward model and its sha256."""
+    its sha256, the architecture (`init_architecture`; `explicit`: the model keys the command line set), the
+    vocabulary size, the reward model and its sha256."""
     from minillm.data.datamodule import corpus_tokenizer
     from minillm.pretrained import load_pretrained, load_reward_model
 
@@ -123,6 +129,7 @@ def inputs_for(config, needs, data_dir: Path | None, files: list) -> StageInputs
         model, tokenizer = load_pretrained(init_dir)
         inputs = StageInputs(tokenizer, init_dir, model, weights_sha256(init_dir))
         settings |= {"init_from": str(init_dir), "init_sha256": inputs.init_sha256}
+        settings |= init_architecture(asdict(model.config), asdict(config.model), explicit, init_dir)
         if config.tokenizer.vocab_size != tokenizer.vocab_size:  # the snapshot records the tokenizer really used
             log.warning(
                 "tokenizer.vocab_size=%d is not used: the tokenizer comes with init_from=%s (%d pieces)",
@@ -188,8 +195,14 @@ def resolve_reward_model(reward_model: str | None, model_name: str, outputs: Pat
 
 
 def weights_sha256(path: Path) -> str:
-    """sha256 of the weights file of an exported folder (model.safetensors) or of a checkpoint file."""
-    return file_sha256(path / "model.safetensors" if path.is_dir() else path)
+    """sha256 of the weights of a model folder (of model.safetensors; of a sharded folder's shard hashes in
+    order) or of a checkpoint file."""
+    if not path.is_dir():
+        return file_sha256(path)
+    files = weight_files(path) or [path / "model.safetensors"]
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 def shape(model: dict) -> dict:
@@ -197,7 +210,28 @@ def shape(model: dict) -> dict:
     from minillm.model import ModelConfig
 
     known = {k: v for k, v in model.items() if k in ModelConfig.__dataclass_fields__}
-    return {k: model.get(k) for k in SHAPE_KEYS} | {"intermediate_size": ModelConfig(**known).ffn_dim}
+    return {k: model.get(k, False if k == "attention_bias" else None) for k in SHAPE_KEYS} | {
+        "intermediate_size": ModelConfig(**known).ffn_dim
+    }
+
+
+def init_architecture(init: dict, model: dict, explicit: Collection[str], where: Path) -> dict[str, object]:
+    """The model settings the init weights decide: each architecture key (ARCHITECTURE_KEYS) where they differ
+    from the preset's, so `init_from=<folder>` needs no matching `model=` (a Hugging Face folder brings its own
+    shape, RoPE base and norm epsilon). A key the command line set (`explicit`, e.g. model.n_layer=3) is kept, and
+    `check_same_shape` then names the conflict."""
+    a = {k: init.get(k) for k in ARCHITECTURE_KEYS} | shape(init)
+    b = {k: model.get(k) for k in ARCHITECTURE_KEYS} | shape(model)
+    adopted = {
+        f"model.{k}": a[k] for k in ARCHITECTURE_KEYS if k != "vocab_size" and a[k] != b[k] and k not in explicit
+    }
+    if adopted:
+        log.info(
+            "the architecture comes with init_from=%s: %s",
+            where,
+            ", ".join(f"{k} {b[k.removeprefix('model.')]!r} -> {v!r}" for k, v in adopted.items()),
+        )
+    return adopted
 
 
 def check_same_shape(init: dict, model: dict, where: Path) -> None:

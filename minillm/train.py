@@ -90,6 +90,7 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     from minillm.device import training_precision
     from minillm.stages import stage_module
 
+    command_line = list(overrides) if cfg is None or not HydraConfig.initialized() else HydraConfig.get().overrides.task
     cfg = compose(overrides) if cfg is None else cfg
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one directory per sweep job
@@ -119,7 +120,8 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     try:
         ckpt_path = None if inspect else rundir.resolve_resume(run_dir, typed.resume, typed.overwrite)
         data_dir, files = find_sources(typed.data, stage_cls.data)  # files of the data dir, Hugging Face datasets
-        inputs = rundir.inputs_for(typed, stage_cls.needs_for(typed.stage), data_dir, files)
+        needs = stage_cls.needs_for(typed.stage)
+        inputs = rundir.inputs_for(typed, needs, data_dir, files, explicit=model_keys(command_line))
         for key, value in inputs.settings.items():  # what the inputs decide is recorded in the run config
             OmegaConf.update(cfg, key, value)
         typed, config = to_config(cfg), resolved_dict(cfg)
@@ -191,6 +193,12 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
             rundir.unlock_run_dir(run_dir)
         raise
     return Run(cfg, datamodule, module, trainer, ckpt_path, run_dir)
+
+
+def model_keys(overrides: Sequence[str]) -> set[str]:
+    """The model settings a command line sets itself (`model.n_layer=3`, `+model.x=…`, `++model.x=…`)."""
+    keys = (item.split("=", 1)[0].lstrip("+~") for item in overrides)
+    return {key.removeprefix("model.").split(".")[0] for key in keys if key.startswith("model.")}
 
 
 CXX_CANDIDATES = ("g++", "clang++", "c++")

@@ -70,6 +70,9 @@ def test_moe_and_reward_models_are_refused_with_the_reason(tokenizer, tmp_path, 
     moe = MiniGPT(micro_config(tokenizer.vocab_size, n_experts=4))
     with pytest.raises(ValueError, match="mixture-of-experts model is not supported"):
         write_gguf(moe, tokenizer, tmp_path / "moe.gguf")
+    biased = MiniGPT(micro_config(tokenizer.vocab_size, attention_bias=True))
+    with pytest.raises(ValueError, match=r"q/k/v biases \(the Qwen2 layout\) is not supported"):
+        write_gguf(biased, tokenizer, tmp_path / "qwen2.gguf")
     reward = save_pretrained(RewardModel(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "rm")
     with pytest.raises(SystemExit):
         export_main([f"model_path={reward}", f"out={tmp_path / 'rm.gguf'}", "format=gguf"])

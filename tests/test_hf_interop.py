@@ -76,3 +76,62 @@ def test_a_reward_model_exports_as_sequence_classification(tokenizer, tmp_path):
     ids = torch.tensor([tokenizer.encode("a reply to score")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits[0, 0], model(ids)[0, -1], atol=1e-4, rtol=0)
+
+
+def test_transformers_qwen2_loads_the_export_with_equal_logits(tokenizer, tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(tokenizer.vocab_size, attention_bias=True, rope_theta=1e6)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
+    out = save_pretrained(model, tokenizer, tmp_path / "final")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ids = torch.tensor([tokenizer.encode("To be, or not to be, 你好！")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_a_sharded_folder_transformers_wrote_loads_with_equal_logits(tokenizer, tmp_path, architecture):
+    """A random model of each family saved by transformers itself (sharded, with an index; untied for Llama, tied
+    for Qwen2 as Qwen2.5-0.5B ships), read by minillm without minillm.json: the same logits."""
+    import transformers
+
+    from minillm.pretrained import load_pretrained
+
+    shape = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-6,
+    )
+    if architecture == "llama":
+        config, cls = transformers.LlamaConfig(**shape, tie_word_embeddings=False), transformers.LlamaForCausalLM
+    else:
+        config = transformers.Qwen2Config(**shape, tie_word_embeddings=True, use_sliding_window=False)
+        cls = transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    hf = cls(config).eval()
+    if architecture == "qwen2":
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(std=0.5)
+    folder = tmp_path / architecture
+    hf.save_pretrained(folder, max_shard_size="100KB")
+    tokenizer.save(folder)  # the tokenizer.json backend is separate work: our sentencepiece model beside it
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    model, _ = load_pretrained(folder)
+    assert model.config.attention_bias == (architecture == "qwen2") and model.config.rope_theta == 100000.0
+    ids = torch.tensor([tokenizer.encode("To be, or not to be, 你好！")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)

@@ -219,3 +219,27 @@ def test_peft_loads_the_adapter_onto_the_transformers_export_of_the_base(tmp_pat
         torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
         with tuned.disable_adapter():  # and the adapter is what makes the difference
             assert (tuned(ids).logits - ours).abs().max() > 1e-3
+
+
+def test_adapters_on_biased_projections_keep_the_bias_and_merge_exactly(tokenizer):
+    """Qwen2's q/k/v have biases: the adapter adds to the biased layer, and merging folds only the weights."""
+    from minillm.model import LoRAConfig
+
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(tokenizer.vocab_size, attention_bias=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
+    ids = torch.randint(0, tokenizer.vocab_size, (2, 10))
+    before = model(ids).logits
+    lora.add_adapters(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.testing.assert_close(model(ids).logits, before, atol=0, rtol=0)  # B = 0: the biased layer as it was
+    with torch.no_grad():
+        for layer in lora.adapters(model).values():
+            layer.lora_B.weight.normal_(std=0.1)
+    adapted = model(ids).logits
+    assert not torch.allclose(adapted, before, atol=1e-3)
+    plain = lora.merged(model)
+    assert plain.layers[0].self_attn.q_proj.bias is not None
+    torch.testing.assert_close(plain(ids).logits, adapted, atol=1e-5, rtol=1e-5)

@@ -180,3 +180,85 @@ def test_load_model_dtype_for_generation(tokenizer, tmp_path):
     assert compiled.decode_step != compiled.step  # the compiled step (compiles lazily, on its first call)
     with pytest.raises(ValueError, match="dtype must be auto or one of float32, bfloat16, float16, got 'int4'"):
         load_model(str(out), dtype="int4")
+
+
+def random_biases(model: MiniGPT) -> MiniGPT:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
+    return model
+
+
+def as_transformers_saves_it(folder, shards: int = 2):
+    """The folder as transformers writes a larger model: no minillm.json, the weights in shards with an index."""
+    from safetensors.torch import save_file
+
+    (folder / "minillm.json").unlink()
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({k: tensors[k] for k in part}, folder / file, metadata={"format": "pt"})
+        weight_map |= {k: file for k in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_a_sharded_qwen2_folder_loads_with_its_q_k_v_biases(tokenizer, tmp_path):
+    from minillm.rundir import weights_sha256
+
+    torch.manual_seed(0)
+    model = random_biases(MiniGPT(micro_config(tokenizer.vocab_size, attention_bias=True, rope_theta=1e6))).eval()
+    out = save_pretrained(model, tokenizer, tmp_path / "qwen")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["architectures"], config["model_type"], config["use_sliding_window"]) == (
+        ["Qwen2ForCausalLM"],
+        "qwen2",
+        False,
+    )
+    tensors = load_file(out / "model.safetensors")
+    assert "model.layers.1.self_attn.v_proj.bias" in tensors and "model.layers.1.self_attn.o_proj.bias" not in tensors
+    as_transformers_saves_it(out)
+    (out / "config.json").write_text(json.dumps(config | {"sliding_window": 32768}))  # as Qwen2.5 ships: unused
+    loaded, _ = load_pretrained(out)
+    assert loaded.config.attention_bias and loaded.config.rope_theta == 1e6
+    same_logits(model, loaded, tokenizer.vocab_size)
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 8))
+    with torch.no_grad():
+        for name, p in loaded.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+        assert not torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-3)  # the biases count
+    sha = weights_sha256(out)
+    shard = out / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes() + b" ")
+    assert weights_sha256(out) != sha  # a changed shard is a changed model (resume and the report see it)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"use_sliding_window": True}, r"use_sliding_window=True is not supported"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_scaling=.* is not supported"),
+        ({"model_type": "mistral"}, r"model_type 'mistral' cannot be imported; supported: llama .*qwen2"),
+        ({"num_experts": 8}, r"mixture-of-experts qwen2 folder cannot be imported"),
+    ],
+)
+def test_a_qwen2_folder_we_would_compute_differently_is_refused_by_name(tokenizer, tmp_path, change, message):
+    out = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size, attention_bias=True)), tokenizer, tmp_path / "q")
+    as_transformers_saves_it(out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(out)
+
+
+def test_an_index_naming_a_missing_shard_is_a_clear_error(tokenizer, tmp_path):
+    out = as_transformers_saves_it(save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path))
+    (out / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"names shards that are not in .*model-00001-of-00002.safetensors"):
+        load_pretrained(out)

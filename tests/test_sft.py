@@ -419,3 +419,27 @@ def test_sft_raises_held_out_exact_match_on_a_toy_family(tmp_path, pretrained):
     after = exact_match_rate(model, tokenizer, held_out, max_new_tokens=12)
     assert before == 0.0
     assert after["exact_match"] >= before + 0.5, after["examples"]  # measured: 0.98 of 92 held-out pairs
+
+
+def test_the_architecture_comes_with_the_init_weights(tmp_path, chat_dir, pretrained):
+    """init_from=<a folder of another shape> needs no model=: its shape, q/k/v biases, RoPE base and norm epsilon
+    are the run's (recorded in its config); a key the command line sets itself still conflicts by name."""
+    from minillm.model import MiniGPT
+    from minillm.pretrained import save_pretrained
+    from tests.conftest import micro_config
+
+    _, tok = load_model(str(pretrained))
+    torch.manual_seed(0)
+    shape = dict(n_layer=3, n_embd=32, n_head=2, n_kv_head=1, attention_bias=True, rope_theta=1e6, norm_eps=1e-6)
+    init = MiniGPT(micro_config(tok.vocab_size, **shape)).eval()
+    folder = save_pretrained(init, tok, tmp_path / "init")
+    overrides = [o for o in sft(tmp_path, chat_dir, folder) if not o.startswith(("model.n_", "model.block"))]
+    run = build(overrides, inspect=True)
+    model = run.module.model.eval()
+    assert {k: getattr(model.config, k) for k in shape} == shape
+    assert {k: run.config.model[k] for k in shape} == shape  # the run config (snapshot, checkpoints) records them
+    ids = torch.randint(0, tok.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, init(ids).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="different architecture.*n_layer: 3 \\(init\\) vs 2"):
+        build([*overrides, "model.n_layer=2"], inspect=True)
