@@ -253,10 +253,34 @@ def load_reward_model(path: str | Path, map_location: str | torch.device = "cpu"
 Head = tuple[torch.Tensor, Optional[float]]  # a reward model's (score head weight, likelihood weight or None)
 
 
+def find_model(name: str | Path) -> Path:
+    """A model folder or checkpoint by path, or a Hugging Face model id (`HuggingFaceTB/SmolLM2-135M-Instruct`)
+    found in the local Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub).
+    minillm never downloads: a model that is not there is an error saying how to fetch it."""
+    path = Path(name)
+    if path.exists():
+        return path
+    text = str(name)
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+        raise FileNotFoundError(f"no model at {path}: expected an exported folder, a .ckpt file or a model id")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"no folder {path}, and the Hugging Face model {text} is not in the local cache "
+            f"{constants.HF_HUB_CACHE}: minillm never downloads; fetch it first (`hf download {text}`, or "
+            "huggingface_hub.snapshot_download), or point at a folder"
+        ) from None
+
+
 def load_parts(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, Head | None]:
-    """(trunk, tokenizer, the reward head or None for a language model)."""
-    if not path.exists():
-        raise FileNotFoundError(f"no model at {path}: expected an exported folder or a .ckpt file")
+    """(trunk, tokenizer, the reward head or None for a language model). `path` may be a model id in the local
+    Hugging Face cache (`find_model`)."""
+    path = find_model(path)
     if path.is_file():
         return _load_checkpoint(path, map_location)
     meta_path = path / META_FILE

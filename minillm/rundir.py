@@ -176,10 +176,12 @@ def resolve_init(
                 f"model={model_name}` first, or set init_from=<exported folder or .ckpt>"
             )
         return found
-    path = Path(init_from)
-    if not path.exists():
-        raise FileNotFoundError(f"init_from={init_from}: no such folder or checkpoint")
-    return path
+    from minillm.pretrained import find_model  # a folder, a checkpoint, or a model id in the Hugging Face cache
+
+    try:
+        return find_model(init_from)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"init_from={init_from}: {e}") from None
 
 
 def resolve_reward_model(reward_model: str | None, model_name: str, outputs: Path = Path("outputs")) -> Path:

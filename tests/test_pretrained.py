@@ -262,3 +262,31 @@ def test_an_index_naming_a_missing_shard_is_a_clear_error(tokenizer, tmp_path):
     (out / "model-00001-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"names shards that are not in .*model-00001-of-00002.safetensors"):
         load_pretrained(out)
+
+
+def test_a_model_id_opens_its_snapshot_in_the_local_hugging_face_cache(tokenizer, tmp_path, monkeypatch):
+    """`init_from=org/name` (and every model_path) finds the snapshot transformers' download left in the cache,
+    offline; an id that is not there says where it looked and how to fetch it."""
+    from huggingface_hub import constants
+
+    from minillm.pretrained import find_model
+    from minillm.rundir import resolve_init
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # what $HF_HUB_CACHE sets
+    repo = cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    snapshot = repo / "snapshots" / "0123abcd"
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(tokenizer.vocab_size, tie_embeddings=False)).eval()
+    as_transformers_saves_it(save_pretrained(model, tokenizer, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.chdir(tmp_path)  # no folder of that name here
+    assert find_model("HuggingFaceTB/SmolLM2-135M-Instruct") == snapshot
+    assert resolve_init("HuggingFaceTB/SmolLM2-135M-Instruct", "pretrain", "tiny") == snapshot
+    loaded, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    same_logits(model, loaded, tokenizer.vocab_size)
+    with pytest.raises(FileNotFoundError, match=rf"Qwen/Qwen2.5-0.5B is not in the local cache {cache}.*hf download"):
+        resolve_init("Qwen/Qwen2.5-0.5B", "pretrain", "tiny")
+    with pytest.raises(FileNotFoundError, match="no model at absent/deeper/path"):
+        load_model("absent/deeper/path")
