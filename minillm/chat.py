@@ -31,7 +31,7 @@ class ChatCommand(GenerationConfig):
 
     model_path: str = "???"
     system: Optional[str] = None
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA, then MPS, then the CPU (minillm.device.best_device)
     dtype: str = "auto"  # the weights' dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
     compile: bool = False  # decode through a compiled fixed-shape step
 
@@ -48,7 +48,8 @@ def run(command: ChatCommand, stdin=sys.stdin, out=sys.stdout) -> None:
         stdin.reconfigure(errors="surrogateescape")
     echo = not stdin.isatty()
     history: list[dict] = [{"role": "system", "content": str(system)}] if system else []
-    out.write(f"chatting with {model_path} ({model.num_parameters():,} parameters); /reset, /exit\n")
+    where = f"{model.lm_head.weight.device.type}, {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
+    out.write(f"chatting with {model_path} ({model.num_parameters():,} parameters, {where}); /reset, /exit\n")
     while True:
         out.write("you> ")
         out.flush()

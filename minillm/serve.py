@@ -43,7 +43,7 @@ class ServeCommand:
     port: int = 8000
     max_batch: int = 8  # rows decoded together
     max_tokens: int = 128  # default max_tokens of a request that gives none
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA, then MPS, then the CPU (minillm.device.best_device)
     dtype: str = "auto"
     compile: bool = False
 
@@ -410,7 +410,8 @@ def run(command: ServeCommand) -> None:
     if name in ("final", "checkpoints"):  # outputs/sft_tiny/final -> sft_tiny
         name = Path(command.model_path).resolve().parent.name
     app = create_app(model, tokenizer, name, command.max_batch, command.max_tokens)
-    print(f"serving {name} ({model.num_parameters():,} parameters) at http://{command.host}:{command.port}/v1")
+    where = f"{model.lm_head.weight.device.type}, {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
+    print(f"serving {name} ({model.num_parameters():,} parameters, {where}) at http://{command.host}:{command.port}/v1")
     uvicorn.run(app, host=command.host, port=command.port, log_level="warning")
 
 

@@ -382,3 +382,22 @@ def test_left_pad_helper():
     ids, mask = left_pad([[5, 6, 7], [9]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_inference_commands_default_to_the_best_device(pretrained, monkeypatch, capsys):
+    """generate, chat and serve take device=auto: CUDA, then MPS, then the CPU, and say which they run on."""
+    import io
+
+    from minillm import chat, device
+    from minillm.generate import load_model
+    from minillm.generate.__main__ import GenerateCommand
+    from minillm.serve import ServeCommand
+
+    assert GenerateCommand.device == chat.ChatCommand.device == ServeCommand.device == "auto"
+    asked = []
+    monkeypatch.setattr(device, "best_device", lambda: asked.append(1) or "cpu")
+    model, _ = load_model(str(pretrained), "auto")
+    assert asked and model.lm_head.weight.device.type == "cpu"
+    out = io.StringIO()
+    chat.run(chat.ChatCommand(model_path=str(pretrained)), stdin=io.StringIO("/exit\n"), out=out)
+    assert "parameters, cpu, float32)" in out.getvalue()

@@ -25,7 +25,7 @@ class GenerateCommand(GenerationConfig):
     prompt: Any = ""  # a string or a list of strings
     prompt_file: Optional[str] = None
     chat: bool = False
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA, then MPS, then the CPU (minillm.device.best_device)
     dtype: str = "auto"  # the weights' dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16
     compile: bool = False  # decode through a compiled fixed-shape step (faster after the first call)
     batch_size: int = 16  # prompts decoded together (left-padded); a longer list goes batch by batch

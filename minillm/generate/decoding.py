@@ -499,11 +499,16 @@ def decode_dtype(device: str | torch.device) -> torch.dtype:
 def load_model(
     path: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", compile: bool = False
 ) -> tuple[MiniGPT, Tokenizer]:
-    """(model in eval mode on `device`, tokenizer) from an exported folder or a training checkpoint.
+    """(model in eval mode on `device`, tokenizer) from an exported folder or a training checkpoint. `device`
+    "auto": CUDA, then MPS, then the CPU.
 
     `dtype`: the weights' dtype for generation, "auto" (`decode_dtype(device)`), "float32", "bfloat16" or
     "float16". `compile=True` decodes through a torch.compile'd fixed-shape step (`MiniGPT.compile_decoding`:
     the first call of each batch size compiles, later ones are faster)."""
+    if device == "auto":
+        from minillm.device import best_device
+
+        device = best_device()
     if isinstance(dtype, str):
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
