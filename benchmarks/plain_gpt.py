@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.common import print_table, write
+from minillm.accelerator import cpu_has_fast_bf16
 from minillm.config import compose
-from minillm.device import cpu_has_fast_bf16
 from minillm.flops import flops_per_token, measure_peak
 from minillm.model import MiniGPT, ModelConfig
 

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 
 from benchmarks.common import flops_per_token, measure_peak, median_rate, print_table, write
-from minillm.device import best_device, cpu_has_fast_bf16
+from minillm.accelerator import best_device, cpu_has_fast_bf16
 from minillm.model import MiniGPT, ModelConfig
 from minillm.pretrained import save_pretrained
 from minillm.train import build

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from minillm.accelerator import best_device
 from minillm.cli import Command
 from minillm.config import GenerationConfig, resolved_dict
-from minillm.device import best_device
 from minillm.rundir import write_snapshot
 from minillm.train import build
 

@@ -253,6 +253,12 @@ def load_reward_model(path: str | Path, map_location: str | torch.device = "cpu"
 Head = tuple[torch.Tensor, Optional[float]]  # a reward model's (score head weight, likelihood weight or None)
 
 
+def is_model_id(text: str) -> bool:
+    """Whether `text` reads as a Hugging Face model id, `<owner>/<name>`."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+
+
 def find_model(name: str | Path) -> Path:
     """A model folder or checkpoint by path, or a Hugging Face model id (`HuggingFaceTB/SmolLM2-135M-Instruct`)
     found in the local Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub).
@@ -261,8 +267,7 @@ def find_model(name: str | Path) -> Path:
     if path.exists():
         return path
     text = str(name)
-    parts = text.split("/")
-    if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+    if not is_model_id(text):
         raise FileNotFoundError(f"no model at {path}: expected an exported folder, a .ckpt file or a model id")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError

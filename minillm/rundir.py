@@ -176,8 +176,13 @@ def resolve_init(
                 f"model={model_name}` first, or set init_from=<exported folder or .ckpt>"
             )
         return found
-    from minillm.pretrained import find_model  # a folder, a checkpoint, or a model id in the Hugging Face cache
+    path = Path(init_from)
+    if path.exists():
+        return path
+    from minillm.pretrained import find_model, is_model_id  # a model id: its snapshot in the Hugging Face cache
 
+    if not is_model_id(init_from):
+        raise FileNotFoundError(f"init_from={init_from}: no such folder or checkpoint")
     try:
         return find_model(init_from)
     except FileNotFoundError as e:

@@ -85,9 +85,9 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from minillm.accelerator import training_precision
     from minillm.checkpoint_io import remove_stale_tmp
     from minillm.data.datamodule import MiniLLMDataModule, find_sources
-    from minillm.device import training_precision
     from minillm.stages import stage_module
 
     command_line = list(overrides) if cfg is None or not HydraConfig.initialized() else HydraConfig.get().overrides.task

@@ -388,14 +388,14 @@ def test_inference_commands_default_to_the_best_device(pretrained, monkeypatch, 
     """generate, chat and serve take device=auto: CUDA, then MPS, then the CPU, and say which they run on."""
     import io
 
-    from minillm import chat, device
+    from minillm import accelerator, chat
     from minillm.generate import load_model
     from minillm.generate.__main__ import GenerateCommand
     from minillm.serve import ServeCommand
 
     assert GenerateCommand.device == chat.ChatCommand.device == ServeCommand.device == "auto"
     asked = []
-    monkeypatch.setattr(device, "best_device", lambda: asked.append(1) or "cpu")
+    monkeypatch.setattr(accelerator, "best_device", lambda: asked.append(1) or "cpu")
     model, _ = load_model(str(pretrained), "auto")
     assert asked and model.lm_head.weight.device.type == "cpu"
     out = io.StringIO()

@@ -371,7 +371,7 @@ def test_alarms_warn_about_kl_and_identical_group_rewards(tmp_path, prompt_dir, 
 
 def test_bf16_old_log_probs_match_the_update_forward(tmp_path, prompt_dir, pretrained, monkeypatch):
     """Old log-probs (no grad) and the first update's (with grad) go through the same attention path: ratio 1."""
-    monkeypatch.setattr("minillm.device.cpu_has_fast_bf16", lambda: True)  # bf16 even on a CPU without native bf16
+    monkeypatch.setattr("minillm.accelerator.cpu_has_fast_bf16", lambda: True)  # bf16 even on a CPU without native bf16
     overrides = rlhf(
         tmp_path,
         prompt_dir,

@@ -98,7 +98,7 @@ def test_interrupt_then_resume_reproduces_the_uninterrupted_losses(tmp_path, dat
 def test_bf16_on_a_cpu_without_a_fast_bf16_kernel_trains_in_fp32(
     tmp_path, data_dir, caplog, monkeypatch, fast, expected
 ):
-    monkeypatch.setattr("minillm.device.cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr("minillm.accelerator.cpu_has_fast_bf16", lambda: fast)
     run = build(micro_overrides(tmp_path, data_dir, "trainer.precision=bf16-mixed", "trainer.accelerator=cpu"))
     assert run.trainer.precision == expected
     assert ("training in 32-true instead" in caplog.text) == (not fast)
@@ -114,13 +114,13 @@ def test_bf16_on_a_cpu_without_a_fast_bf16_kernel_trains_in_fp32(
     ],
 )
 def test_fast_bf16_needs_native_bf16_instructions(monkeypatch, avx512, avx512_bf16, amx, fast):
-    from minillm import device
+    from minillm import accelerator
 
-    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(accelerator.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert device.cpu_has_fast_bf16() is fast
+    assert accelerator.cpu_has_fast_bf16() is fast
 
 
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, data_dir, caplog):

@@ -506,7 +506,7 @@ def load_model(
     "float16". `compile=True` decodes through a torch.compile'd fixed-shape step (`MiniGPT.compile_decoding`:
     the first call of each batch size compiles, later ones are faster)."""
     if device == "auto":
-        from minillm.device import best_device
+        from minillm.accelerator import best_device
 
         device = best_device()
     if isinstance(dtype, str):
