@@ -89,6 +89,11 @@ def write_gguf(
             "GGUF export of a mixture-of-experts model is not supported yet (its experts have no llama layout "
             "here); use the minillm folder itself with minillm.generate / minillm.chat"
         )
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError(
+            "GGUF export of a model with a Hugging Face tokenizer.json is not supported yet (this writer writes "
+            "minillm's sentencepiece vocabulary); use the exported folder, or llama.cpp's convert_hf_to_gguf.py on it"
+        )
     if config.attention_bias:
         raise ValueError(
             "GGUF export of a model with q/k/v biases (the Qwen2 layout) is not supported yet (this writer writes "

@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minillm.files import weight_files
+from minillm.hf_tokenizer import JSON_FILE
 from minillm.model import MAX_BLOCK_SIZE, MiniGPT, ModelConfig, RewardModel
-from minillm.tokenizer import CHAT_TEMPLATE, MODEL_FILE, Tokenizer
+from minillm.tokenizer import CHAT_TEMPLATE, MODEL_FILE, Tokenizer, open_tokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "config.json", "minillm.json"
@@ -94,8 +95,8 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer, kind: str = "lm") -> di
 
 def save_pretrained(model: MiniGPT | RewardModel, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
     """Write the folder described above (kind "reward" for a RewardModel); returns it."""
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"model vocab_size {model.config.vocab_size} != tokenizer vocab size {tokenizer.vocab_size}")
+    if model.config.vocab_size < tokenizer.vocab_size:  # Hugging Face models often pad their embedding table
+        raise ValueError(f"model vocab_size {model.config.vocab_size} < tokenizer vocab size {tokenizer.vocab_size}")
     kind = "reward" if isinstance(model, RewardModel) else "lm"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,11 @@ def save_pretrained(model: MiniGPT | RewardModel, tokenizer: Tokenizer, out_dir:
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(hf_config(model.config, tokenizer, kind), indent=2))
     tokenizer.save(out)
-    write_hf_tokenizer_files(tokenizer, out, model.config.block_size)
+    if isinstance(tokenizer, Tokenizer):
+        write_hf_tokenizer_files(tokenizer, out, model.config.block_size)
+    else:  # a Hugging Face tokenizer: its own files (and template) were copied; the stop ids for generation
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": sorted({tokenizer.eos_id, tokenizer.im_end_id})}
+        (out / "generation_config.json").write_text(json.dumps(generation | {"pad_token_id": tokenizer.pad_id}))
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -304,7 +309,7 @@ def load_parts(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, Head | Non
             f"{meta_path}: format_version {meta['format_version']} is newer than this minillm "
             f"({FORMAT_VERSION}); upgrade minillm"
         )
-    tokenizer = Tokenizer(path)
+    tokenizer = open_tokenizer(path)
     _check_tokenizer(meta.get("tokenizer_sha256"), tokenizer, meta_path)
     model = MiniGPT(_model_config(meta["model"], meta_path))
     weights = {}
@@ -337,11 +342,13 @@ def _load_checkpoint(path: Path, map_location) -> tuple[MiniGPT, Tokenizer, Head
         config = _model_config(dict(hparams["config"]["model"]), path)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a minillm training checkpoint (missing {e})") from e
-    candidates = [path.parent / MODEL_FILE, path.parent.parent / MODEL_FILE]
-    tok_path = next((c for c in candidates if c.is_file()), None)
-    if tok_path is None:
-        raise FileNotFoundError(f"no {MODEL_FILE} next to {path}; looked at {[str(c) for c in candidates]}")
-    tokenizer = Tokenizer(tok_path)
+    candidates = [path.parent, path.parent.parent]
+    folder = next((c for c in candidates if (c / MODEL_FILE).is_file() or (c / JSON_FILE).is_file()), None)
+    if folder is None:
+        raise FileNotFoundError(
+            f"no {MODEL_FILE} or {JSON_FILE} next to {path}; looked in {[str(c) for c in candidates]}"
+        )
+    tokenizer = open_tokenizer(folder)
     _check_tokenizer(hparams.get("tokenizer_sha256"), tokenizer, path)
     model = MiniGPT(config)
     backbone = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}

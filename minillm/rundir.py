@@ -138,12 +138,15 @@ def inputs_for(config, needs, data_dir: Path | None, files: list, explicit: Coll
                 tokenizer.vocab_size,
             )
             settings["tokenizer.vocab_size"] = tokenizer.vocab_size
-    if config.model.vocab_size not in (0, inputs.tokenizer.vocab_size):
+    # the init weights' table (a Hugging Face model's may have more rows than its tokenizer has tokens), else the
+    # tokenizer's size
+    vocab = inputs.tokenizer.vocab_size if inputs.init_model is None else inputs.init_model.config.vocab_size
+    if config.model.vocab_size not in (0, vocab):
         raise ValueError(
             f"model.vocab_size={config.model.vocab_size} but the tokenizer has {inputs.tokenizer.vocab_size} "
             "pieces; leave model.vocab_size at 0 (taken from the tokenizer) or set tokenizer.vocab_size"
         )
-    settings["model.vocab_size"] = inputs.tokenizer.vocab_size
+    settings["model.vocab_size"] = vocab
     if needs.reward_model:
         reward_dir = resolve_reward_model(config.stage.reward_model, config.model.name, Path(config.outputs))
         inputs.reward_model, reward_tokenizer = load_reward_model(reward_dir)

@@ -95,6 +95,9 @@ class Tokenizer:
         BOS or EOS either way (its exported tokenizer_config.json says the same), so both give the same ids."""
         return self.sp.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; control tokens (padding, </s>, the chat markers) decode to nothing either way."""
         return self.sp.decode([int(i) for i in ids])
@@ -110,6 +113,27 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def open_tokenizer(path: str | Path):
+    """The tokenizer of a model folder (or of the folder a file is in): ours (`tokenizer.model` with the chat
+    markers minillm trains it with), else the folder's Hugging Face `tokenizer.json` with its own chat template
+    (minillm.hf_tokenizer; a TinyLlama folder has both, and its sentencepiece model is not ours)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() and path.name == MODEL_FILE or (folder / MODEL_FILE).is_file():
+        try:
+            return Tokenizer(path if path.is_file() else folder)
+        except ValueError:
+            if not (folder / "tokenizer.json").is_file():
+                raise
+    if (folder / "tokenizer.json").is_file():
+        from minillm.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(folder)
+    raise FileNotFoundError(
+        f"no tokenizer at {folder}: expected {MODEL_FILE} (minillm's) or tokenizer.json (a Hugging Face model's)"
+    )
 
 
 class EmptyCorpusError(ValueError):
@@ -246,7 +270,8 @@ def chat_turns(messages: list[dict], add_generation_prompt: bool = False) -> lis
 def apply_chat_template(
     tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False
 ) -> ChatEncoding:
-    """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, markers inserted by id.
+    """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, markers inserted by id (a Hugging Face
+    tokenizer.json renders the folder's own template instead: minillm.hf_tokenizer).
 
     The assistant mask is 1 on each assistant message's content and its closing <|im_end|> (what SFT learns
     to write), 0 on headers, user/system text and the newline after each turn. With add_generation_prompt the
@@ -258,6 +283,8 @@ def apply_chat_template(
             raise ValueError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
         if not isinstance(content, str):
             raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+    if not isinstance(tokenizer, Tokenizer):  # a Hugging Face tokenizer renders its own template
+        return tokenizer.chat(messages, add_generation_prompt)
     ids: list[int] = []
     mask: list[int] = []
     roles = [m["role"] for m in messages] + ["assistant"]

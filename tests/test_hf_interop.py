@@ -135,3 +135,25 @@ def test_a_sharded_folder_transformers_wrote_loads_with_equal_logits(tokenizer, 
     ids = torch.tensor([tokenizer.encode("To be, or not to be, 你好！")])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("template", ["chatml", "zephyr"])
+def test_a_tokenizer_json_folder_gives_transformers_ids_and_chat_template(tmp_path, template):
+    """Our reading of a tokenizer.json folder (ids, the template's rendering with its special tokens) equals
+    transformers' AutoTokenizer on the same folder."""
+    import transformers
+
+    from minillm.tokenizer import apply_chat_template, open_tokenizer
+    from tests.test_hf_tokenizer import CHATML, CONVERSATION, ZEPHYR, hf_tokenizer_folder
+
+    source, eos = (CHATML, "<|im_end|>") if template == "chatml" else (ZEPHYR, "</s>")
+    folder = hf_tokenizer_folder(tmp_path / template, source, eos=eos, extra=["<|user|>"])
+    ours = open_tokenizer(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    text = "To be, or not to be: 2 + 3 = 5. 你好！"
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    for messages, prompt in ((CONVERSATION, False), (CONVERSATION[:2], True)):
+        expected = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)
+        expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+        assert apply_chat_template(ours, messages, add_generation_prompt=prompt).ids == list(expected)
+    assert ours.eos_id == theirs.eos_token_id

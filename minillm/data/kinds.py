@@ -156,7 +156,7 @@ class _Pretrain(Kind):
         return record["text"]
 
     def tokenize(self, batch, tokenizer, window, lengths):
-        ids = tokenizer.sp.encode(batch["text"])
+        ids = tokenizer.encode_batch(batch["text"])
         return {"ids": ids, "length": [len(x) for x in ids]}
 
     def packs(self, packing: bool) -> bool:

@@ -80,7 +80,7 @@ class PretrainStream(IterableDataset):
         stream: list[int] = []
         start, step = 0, self.window - 1
         for text in texts:
-            stream.extend(self.tokenizer.sp.encode(text))
+            stream.extend(self.tokenizer.encode(text))
             stream.append(self.tokenizer.eos_id)
             while len(stream) - start >= self.window:
                 yield stream[start : start + self.window]
