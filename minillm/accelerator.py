@@ -33,6 +33,11 @@ def training_precision(precision: str, accelerator: str) -> tuple[str, str | Non
     """The precision to train with and, when it differs from the one asked for, why: bf16 on a CPU without a fast
     bf16 kernel trains in fp32 instead (same results up to rounding, many times faster)."""
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and best_device() == "cpu")
+    if precision == "auto":  # the default: bf16-mixed where a GPU computes in bf16, fp32 on CPUs and older GPUs
+        import torch
+
+        on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and best_device() == "cuda")
+        return ("bf16-mixed" if on_cuda and torch.cuda.is_bf16_supported() else "32-true"), None
     if on_cpu and str(precision).startswith("bf16") and not cpu_has_fast_bf16():
         return "32-true", (
             f"trainer.precision={precision} on this CPU (no AVX512_BF16 or AMX) would run bf16 matrix products "

@@ -95,6 +95,8 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.run_dir = HydraConfig.get().runtime.output_dir  # one directory per sweep job
     typed = to_config(cfg)  # validates every schema value
+    if cfg.trainer.get("precision") == "auto":  # resolved into the run config: snapshots and resumes see the value
+        cfg.trainer.precision = training_precision("auto", cfg.trainer.get("accelerator", "auto"))[0]
     stage_cls = stage_module(typed.stage.name)
     if cfg.trainer.get("max_steps") == 0:
         raise ValueError(
@@ -144,6 +146,7 @@ def build(overrides: Sequence[str] = (), cfg: DictConfig | None = None, inspect:
         )
         if why:
             log.warning(why)
+        if precision != cfg.trainer.get("precision"):
             trainer_kwargs["precision"] = precision
         if inspect:
             trainer_kwargs |= {

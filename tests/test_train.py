@@ -448,3 +448,17 @@ def test_a_refused_build_leaves_the_run_dir_free(tmp_path, data_dir, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         build(micro_overrides(tmp_path, data_dir))
     assert (tmp_path / "run" / ".lock").is_file() and (tmp_path / "run").resolve() not in rundir._HELD
+
+
+def test_the_default_precision_is_bf16_on_a_bf16_gpu_and_fp32_elsewhere(tmp_path, data_dir, monkeypatch):
+    from minillm import accelerator
+
+    run = build(micro_overrides(tmp_path, data_dir))  # trainer.precision=auto (the default) on this CPU
+    assert run.trainer.precision == "32-true" and run.config.trainer.precision == "32-true"  # recorded as resolved
+    monkeypatch.setattr(accelerator, "best_device", lambda: "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert accelerator.training_precision("auto", "auto") == ("bf16-mixed", None)
+    assert accelerator.training_precision("auto", "gpu") == ("bf16-mixed", None)
+    assert accelerator.training_precision("auto", "cpu")[0] == "32-true"  # asked for the CPU on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a V100, a T4
+    assert accelerator.training_precision("auto", "auto")[0] == "32-true"
