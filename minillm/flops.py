@@ -45,14 +45,38 @@ def measure_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: st
     return 2 * n**3 / best
 
 
+# Dense bf16 tensor-core peaks from the vendors' spec sheets (FLOP/s, no sparsity), each under the words that name
+# the GPU in torch.cuda.get_device_name() (first match wins): what MFU is reported against on these GPUs, as other
+# trainers report it.
+GPU_BF16_PEAKS = (
+    (("H100", "PCIe"), 756e12),
+    (("H100",), 989.4e12),
+    (("H200",), 989.4e12),
+    (("A100",), 312e12),
+    (("L40S",), 362e12),
+    (("L4",), 121e12),
+    (("RTX", "4090"), 165.2e12),
+    (("RTX", "3090"), 71e12),
+)
+
+
+def spec_peak(device_name: str, dtype: torch.dtype) -> float | None:
+    """The spec-sheet bf16 peak of a GPU named `device_name`, or None (another GPU, another dtype)."""
+    words = set(device_name.replace("-", " ").split())
+    if dtype != torch.bfloat16:
+        return None
+    return next((peak for names, peak in GPU_BF16_PEAKS if words.issuperset(names)), None)
+
+
 def device_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """The matmul peak of the device a run trains on, measured once per process (a 512² matmul on a CPU, 8192²
-    on a GPU, whose peak smaller ones do not reach). Measured rather than looked up: a shared CPU's peak moves
-    between runs (131-211 GFLOP/s fp32 on the same 2 cores), and GPUs differ by clock and power limit."""
+    """The matmul peak MFU is reported against: on a GPU in the table above, its spec-sheet bf16 peak; elsewhere
+    measured once per process (a 512² matmul on a CPU, 8192² on a GPU, whose peak smaller ones do not reach) —
+    a shared CPU's peak moves between runs (131-211 GFLOP/s fp32 on the same 2 cores)."""
     key = (str(device), dtype)
     if key not in _PEAKS:
+        spec = spec_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
         n = 8192 if device.type == "cuda" else 512
-        _PEAKS[key] = measure_peak(dtype, n=n, repeats=3, device=device)
+        _PEAKS[key] = spec or measure_peak(dtype, n=n, repeats=3, device=device)
     return _PEAKS[key]
 
 

@@ -200,3 +200,23 @@ def test_bf16_training_attention_matches_the_sdpa_path_of_the_same_model(tokeniz
         explicit = model.train()(ids).logits.float()  # train mode + bf16: the written-out attention
         sdpa = model.eval()(ids).logits.float()  # eval mode (validation, generation): SDPA
     torch.testing.assert_close(explicit, sdpa, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA GeForce RTX 4090", 165.2e12),
+        ("Tesla T4", None),  # not in the table: MFU against the measured peak
+        ("NVIDIA L40", None),
+    ],
+)
+def test_mfu_on_a_known_gpu_is_against_its_spec_sheet_bf16_peak(name, peak):
+    from minillm.flops import spec_peak
+
+    assert spec_peak(name, torch.bfloat16) == peak
+    assert spec_peak(name, torch.float32) is None  # fp32 (TF32 or not) is measured
