@@ -112,13 +112,22 @@ def test_per_source_sampling_from_the_command_line():
         to_config(compose(["+data.sources.kjv.sample_ratio=2"]))
 
 
-@pytest.mark.parametrize("option", ["ddp", "ddp_spawn", "fsdp"])
+@pytest.mark.parametrize("option", ["ddp", "ddp_spawn"])
 def test_strategy_presets_compose_and_instantiate_where_they_can(option):
     cfg = compose([f"trainer={option}"])
     assert cfg.trainer.strategy == option and cfg.trainer.max_steps == 2000  # the defaults come along
-    if option != "fsdp":  # fsdp asks for a GPU
-        trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
-        assert type(trainer.strategy).__name__.lower().startswith("ddp")
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False, precision="32-true")
+    assert type(trainer.strategy).__name__.lower().startswith("ddp")
+
+
+def test_the_fsdp_preset_wraps_each_transformer_block():
+    from minillm.model import Block
+
+    cfg = compose(["trainer=fsdp"])
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)  # Lightning runs FSDP on GPUs only: the strategy alone
+    policy = strategy.kwargs["auto_wrap_policy"]  # torch's ModuleWrapPolicy over our Block
+    assert type(strategy).__name__ == "FSDPStrategy" and policy._module_classes == {Block}
+    assert strategy._state_dict_type == "full" and cfg.trainer.max_steps == 2000
 
 
 def test_every_stage_declares_its_schema_data_kind_and_needs():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minillm.train import build
-from tests.conftest import micro_overrides
+from tests.conftest import micro_overrides, pair_overrides
 
 
 class RankProbe(L.Callback):
@@ -21,7 +21,8 @@ class RankProbe(L.Callback):
         self.out, self.stop_at, self.seen = Path(out), stop_at, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.seen.append(batch["input_ids"][:, :4].tolist())
+        ids = batch["input_ids"] if "input_ids" in batch else batch["chosen_ids"]  # preference stages: pairs
+        self.seen.append(ids[:, :4].tolist())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.stop_at and trainer.global_step >= self.stop_at:
@@ -110,3 +111,69 @@ def test_two_processes_split_the_data_match_one_process_and_resume_exactly(tmp_p
     full = weights(tmp_path / "ddp" / "run" / "final")
     for k, v in weights(tmp_path / "half" / "run" / "final").items():
         torch.testing.assert_close(v, full[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "dpo", "reward"])
+def test_every_stage_that_starts_from_weights_trains_on_two_processes(tmp_path, stage, pretrained, chat_dir, pref_dir):
+    """SFT, DPO (with its frozen reference on each rank) and the reward model on 2 CPU processes: the ranks see
+    different samples, the first step's all-reduced gradient equals a 1-process run with the same global batch, and
+    only rank 0 writes (one run dir, one final/)."""
+
+    def overrides(root: Path, *extra: str) -> list[str]:
+        common = ("trainer.max_steps=3", "model.dropout=0", *extra)
+        if stage == "sft":
+            return micro_overrides(root, chat_dir, f"init_from={pretrained}", *common, stage="sft")
+        return pair_overrides(root, pref_dir, pretrained, *common, stage=stage)
+
+    dump = "+callbacks.grads={{_target_:tests.test_ddp.GradDump,out:{}/grads}}"
+    single = build(overrides(tmp_path / "single", "data.batch_size=8", dump.format(tmp_path / "single")))
+    assert single.fit() == 0
+    probe = f"+callbacks.probe={{_target_:tests.test_ddp.RankProbe,out:{tmp_path}/ddp/probe,stop_at:0}}"
+    both = ["trainer=ddp_spawn", "trainer.accelerator=cpu", probe, dump.format(tmp_path / "ddp")]
+    assert build(overrides(tmp_path / "ddp", *both)).fit() == 0
+    want = torch.load(tmp_path / "single" / "grads" / "grads0.pt")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / "ddp" / "grads" / f"grads{rank}.pt")
+        assert got.keys() == want.keys() and len(want) > 0
+        for k, g in want.items():
+            torch.testing.assert_close(got[k], g, atol=1e-6, rtol=1e-4, msg=f"{stage}, rank {rank}: {k}")
+    r0, r1 = (json.loads((tmp_path / "ddp" / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0) == len(r1) == 3 and all(a != b for a, b in zip(r0, r1))
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["datasets", "grads", "probe", "run", "tokenizers"]
+    assert (tmp_path / "ddp" / "run" / "final" / "model.safetensors").is_file()
+    assert not any("rank" in p.name for p in (tmp_path / "ddp" / "run").rglob("*"))
+
+
+class WeightsDigest(L.Callback):
+    """Writes each rank's policy weights at the end of training to <out>/weights<rank>.pt."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        torch.save(state, self.out / f"weights{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_rlhf_on_two_processes_keeps_the_ranks_in_step(tmp_path, algorithm, prompt_dir, pretrained):
+    """PPO (with its critic) and GRPO under DDP: each rank rolls out its own prompts, the manual optimization's
+    updates are all-reduced so both ranks end with the same weights (and they moved), and only rank 0 writes."""
+    from tests.test_rlhf import rlhf
+
+    probe = f"+callbacks.probe={{_target_:tests.test_ddp.RankProbe,out:{tmp_path}/probe,stop_at:0}}"
+    digest = f"+callbacks.digest={{_target_:tests.test_ddp.WeightsDigest,out:{tmp_path}/weights}}"
+    extra = ["trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.max_steps=2", "model.dropout=0"]
+    extra += [f"stage.algorithm={algorithm}", "stage.reward=quarter_tokens", probe, digest]
+    assert build(rlhf(tmp_path, prompt_dir, pretrained, *extra)).fit() == 0
+    r0, r1 = (json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0) == len(r1) == 2 and all(a != b for a, b in zip(r0, r1))  # each rank its own prompts
+    w0, w1 = (torch.load(tmp_path / "weights" / f"weights{r}.pt") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    start = weights(pretrained)
+    assert any(not torch.equal(w0[k], start["model." + k]) for k in w0 if "model." + k in start)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert not any("rank" in p.name for p in (tmp_path / "run").rglob("*"))

@@ -94,6 +94,14 @@ def test_fsdp_on_one_device_trains(device, tmp_path, data_dir):
     assert run.fit() == 0
     losses = train_losses(tmp_path / "run")
     assert losses and all(math.isfinite(x) for x in losses)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    units = [m for m in run.trainer.strategy.model.modules() if isinstance(m, FullyShardedDataParallel)]
+    assert len(units) == run.module.model.config.n_layer + 1  # each block, and the root (embeddings, head)
+    resumed = build(
+        micro_overrides(tmp_path, data_dir, "trainer=fsdp", "trainer.devices=1", "trainer.max_steps=5", "resume=auto")
+    )
+    assert resumed.fit() == 0 and resumed.trainer.global_step == 5  # the full checkpoint resumes
 
 
 def test_kv_cache_greedy_equals_the_full_forward(device, tokenizer):
