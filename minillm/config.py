@@ -84,6 +84,9 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     attention_bias: bool = False  # q/k/v projections with a bias (Qwen2's layout); the output projection has none
+    # the longest context the weights are meant for (exported as max_position_embeddings); 0 = block_size. A model
+    # imported from Hugging Face keeps its own, whatever block_size it is fine-tuned at
+    max_position_embeddings: int = 0
     init_std: float = 0.02
     gradient_checkpointing: bool = False  # training: recompute each block's activations in the backward
     # mixture of experts (n_experts = 0: dense MLP)

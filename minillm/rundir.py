@@ -79,7 +79,7 @@ SHAPE_KEYS = (
     "attention_bias",
 )
 # what the model computes besides its shape: taken from the init weights with it (init_architecture)
-ARCHITECTURE_KEYS = SHAPE_KEYS + ("rope_theta", "norm_eps", "n_experts_per_tok")
+ARCHITECTURE_KEYS = SHAPE_KEYS + ("rope_theta", "norm_eps", "n_experts_per_tok", "max_position_embeddings")
 
 
 class ResumeError(ValueError):

@@ -132,6 +132,7 @@ def test_a_sharded_folder_transformers_wrote_loads_with_equal_logits(tokenizer, 
     assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
     model, _ = load_pretrained(folder)
     assert model.config.attention_bias == (architecture == "qwen2") and model.config.rope_theta == 100000.0
+    assert model.config.max_position_embeddings == 128
     ids = torch.tensor([tokenizer.encode("To be, or not to be, 你好！")])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)

@@ -431,6 +431,7 @@ def test_the_architecture_comes_with_the_init_weights(tmp_path, chat_dir, pretra
     _, tok = load_model(str(pretrained))
     torch.manual_seed(0)
     shape = dict(n_layer=3, n_embd=32, n_head=2, n_kv_head=1, attention_bias=True, rope_theta=1e6, norm_eps=1e-6)
+    shape |= {"max_position_embeddings": 4096}  # what the weights are meant for, whatever block_size trains here
     init = MiniGPT(micro_config(tok.vocab_size, **shape)).eval()
     folder = save_pretrained(init, tok, tmp_path / "init")
     overrides = [o for o in sft(tmp_path, chat_dir, folder) if not o.startswith(("model.n_", "model.block"))]
@@ -438,6 +439,8 @@ def test_the_architecture_comes_with_the_init_weights(tmp_path, chat_dir, pretra
     model = run.module.model.eval()
     assert {k: getattr(model.config, k) for k in shape} == shape
     assert {k: run.config.model[k] for k in shape} == shape  # the run config (snapshot, checkpoints) records them
+    exported = save_pretrained(model, tok, tmp_path / "out")
+    assert json.loads((exported / "config.json").read_text())["max_position_embeddings"] == 4096
     ids = torch.randint(0, tok.vocab_size, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, init(ids).logits, atol=0, rtol=0)
