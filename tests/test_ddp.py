@@ -11,6 +11,7 @@ import torch
 
 from minillm.train import build
 from tests.conftest import micro_overrides, pair_overrides
+from tests.test_rlhf import rlhf  # also registers its test rewards (quarter_tokens) in every spawned rank
 
 
 class RankProbe(L.Callback):
@@ -140,7 +141,7 @@ def test_every_stage_that_starts_from_weights_trains_on_two_processes(tmp_path, 
             torch.testing.assert_close(got[k], g, atol=1e-6, rtol=1e-4, msg=f"{stage}, rank {rank}: {k}")
     r0, r1 = (json.loads((tmp_path / "ddp" / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(r0) == len(r1) == 3 and all(a != b for a, b in zip(r0, r1))
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["datasets", "grads", "probe", "run", "tokenizers"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["datasets", "grads", "probe", "run"]
     assert (tmp_path / "ddp" / "run" / "final" / "model.safetensors").is_file()
     assert not any("rank" in p.name for p in (tmp_path / "ddp" / "run").rglob("*"))
 
@@ -162,8 +163,6 @@ class WeightsDigest(L.Callback):
 def test_rlhf_on_two_processes_keeps_the_ranks_in_step(tmp_path, algorithm, prompt_dir, pretrained):
     """PPO (with its critic) and GRPO under DDP: each rank rolls out its own prompts, the manual optimization's
     updates are all-reduced so both ranks end with the same weights (and they moved), and only rank 0 writes."""
-    from tests.test_rlhf import rlhf
-
     probe = f"+callbacks.probe={{_target_:tests.test_ddp.RankProbe,out:{tmp_path}/probe,stop_at:0}}"
     digest = f"+callbacks.digest={{_target_:tests.test_ddp.WeightsDigest,out:{tmp_path}/weights}}"
     extra = ["trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.max_steps=2", "model.dropout=0"]
@@ -175,5 +174,23 @@ def test_rlhf_on_two_processes_keeps_the_ranks_in_step(tmp_path, algorithm, prom
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     start = weights(pretrained)
     assert any(not torch.equal(w0[k], start["model." + k]) for k in w0 if "model." + k in start)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert not any("rank" in p.name for p in (tmp_path / "run").rglob("*"))
+
+
+@pytest.mark.slow
+def test_torchrun_starts_the_ranks_and_trainer_ddp_joins_them(tmp_path, data_dir):
+    """The launch a GPU node uses, on 2 CPU processes: torchrun starts every rank from outside, `trainer=ddp`
+    joins them, they train together, and rank 0 alone writes the run."""
+    import subprocess
+    import sys
+
+    probe = f"+callbacks.probe={{_target_:tests.test_ddp.RankProbe,out:{tmp_path}/probe,stop_at:0}}"
+    args = micro_overrides(tmp_path, data_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", probe)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "minillm.train", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(r0) == len(r1) == 6 and all(a != b for a, b in zip(r0, r1))  # one global batch, split
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert not any("rank" in p.name for p in (tmp_path / "run").rglob("*"))
