@@ -23,6 +23,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from minillm.tokenizer import MODEL_FILE, ChatEncoding, Tokenizer
+
 JSON_FILE = "tokenizer.json"
 COPIED = (JSON_FILE, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -159,9 +161,7 @@ class HFTokenizer:
             spans.append((len(before), len(through.rstrip())))
         return spans
 
-    def chat(self, messages: list[dict], add_generation_prompt: bool = False):
-        from minillm.tokenizer import ChatEncoding
-
+    def chat(self, messages: list[dict], add_generation_prompt: bool = False) -> ChatEncoding:
         text = self.render(messages, add_generation_prompt)
         encoding = self.backend.encode(text, add_special_tokens=False)
         spans = self.assistant_spans(messages, text)
@@ -182,3 +182,22 @@ class HFTokenizer:
         tail = through[len(before) :].removeprefix("ok") if through.startswith(before) else ""
         ids = self.encode(tail.strip()) if tail.strip() else []
         return ids[0] if ids else self.eos_id
+
+
+def open_tokenizer(path: str | Path):
+    """The tokenizer of a model folder (or of the folder a file is in): ours (`tokenizer.model` with the chat
+    markers minillm trains it with), else the folder's Hugging Face `tokenizer.json` with its own chat template
+    (minillm.hf_tokenizer; a TinyLlama folder has both, and its sentencepiece model is not ours)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() and path.name == MODEL_FILE or (folder / MODEL_FILE).is_file():
+        try:
+            return Tokenizer(path if path.is_file() else folder)
+        except ValueError:
+            if not (folder / JSON_FILE).is_file():
+                raise
+    if (folder / JSON_FILE).is_file():
+        return HFTokenizer(folder)
+    raise FileNotFoundError(
+        f"no tokenizer at {folder}: expected {MODEL_FILE} (minillm's) or tokenizer.json (a Hugging Face model's)"
+    )

@@ -29,9 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minillm.files import weight_files
-from minillm.hf_tokenizer import JSON_FILE
+from minillm.hf_tokenizer import JSON_FILE, open_tokenizer
 from minillm.model import MAX_BLOCK_SIZE, MiniGPT, ModelConfig, RewardModel
-from minillm.tokenizer import CHAT_TEMPLATE, MODEL_FILE, Tokenizer, open_tokenizer
+from minillm.tokenizer import CHAT_TEMPLATE, MODEL_FILE, Tokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE, META_FILE = "model.safetensors", "config.json", "minillm.json"

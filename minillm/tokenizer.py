@@ -115,27 +115,6 @@ class Tokenizer:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
 
 
-def open_tokenizer(path: str | Path):
-    """The tokenizer of a model folder (or of the folder a file is in): ours (`tokenizer.model` with the chat
-    markers minillm trains it with), else the folder's Hugging Face `tokenizer.json` with its own chat template
-    (minillm.hf_tokenizer; a TinyLlama folder has both, and its sentencepiece model is not ours)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    if path.is_file() and path.name == MODEL_FILE or (folder / MODEL_FILE).is_file():
-        try:
-            return Tokenizer(path if path.is_file() else folder)
-        except ValueError:
-            if not (folder / "tokenizer.json").is_file():
-                raise
-    if (folder / "tokenizer.json").is_file():
-        from minillm.hf_tokenizer import HFTokenizer
-
-        return HFTokenizer(folder)
-    raise FileNotFoundError(
-        f"no tokenizer at {folder}: expected {MODEL_FILE} (minillm's) or tokenizer.json (a Hugging Face model's)"
-    )
-
-
 class EmptyCorpusError(ValueError):
     pass
 

@@ -61,7 +61,10 @@ def test_every_trainer_callback_and_logger_yaml_instantiates(tmp_path):
                 assert isinstance(obj, target) and isinstance(obj, kind), f"{path}: {name} built {type(obj)}"
                 built.add(f"{group}/{path.stem}.{name}")
     assert {"callbacks/default.checkpoint", "callbacks/early_stopping.early_stopping", "logger/default.csv"} <= built
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    from minillm.accelerator import training_precision
+
+    precision = training_precision(cfg.trainer.precision, cfg.trainer.accelerator)[0]  # `auto`, as build resolves it
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False, precision=precision)
     assert trainer.max_steps == cfg.trainer.max_steps
 
 

@@ -144,7 +144,8 @@ def test_a_tokenizer_json_folder_gives_transformers_ids_and_chat_template(tmp_pa
     transformers' AutoTokenizer on the same folder."""
     import transformers
 
-    from minillm.tokenizer import apply_chat_template, open_tokenizer
+    from minillm.hf_tokenizer import open_tokenizer
+    from minillm.tokenizer import apply_chat_template
     from tests.test_hf_tokenizer import CHATML, CONVERSATION, ZEPHYR, hf_tokenizer_folder
 
     source, eos = (CHATML, "<|im_end|>") if template == "chatml" else (ZEPHYR, "</s>")

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from minillm.hf_tokenizer import HFTokenizer, TemplateError
-from minillm.tokenizer import Tokenizer, apply_chat_template, open_tokenizer
+from minillm.hf_tokenizer import HFTokenizer, TemplateError, open_tokenizer
+from minillm.tokenizer import Tokenizer, apply_chat_template
 from tests.conftest import FIXTURES
 
 CHATML = (  # Qwen2.5 / SmolLM2-Instruct layout (without their default system prompt)
