@@ -62,9 +62,9 @@ GPU_BF16_PEAKS = (
 
 def spec_peak(device_name: str, dtype: torch.dtype) -> float | None:
     """The spec-sheet bf16 peak of a GPU named `device_name`, or None (another GPU, another dtype)."""
-    words = set(device_name.replace("-", " ").split())
     if dtype != torch.bfloat16:
         return None
+    words = set(device_name.replace("-", " ").split())
     return next((peak for names, peak in GPU_BF16_PEAKS if words.issuperset(names)), None)
 
 

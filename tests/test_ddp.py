@@ -47,6 +47,23 @@ class GradDump(L.Callback):
             torch.save(grads, self.out / f"grads{trainer.global_rank}.pt")
 
 
+def same_first_step(single: Path, ddp: Path, label: str) -> None:
+    """Both ranks' first all-reduced gradient (GradDump) equals the 1-process run's with the same global batch (the
+    gradient, not the weights after it: Adam's first step is ~lr * sign(g), blind to a scale)."""
+    want = torch.load(single / "grads" / "grads0.pt")
+    for rank in (0, 1):
+        got = torch.load(ddp / "grads" / f"grads{rank}.pt")
+        assert got.keys() == want.keys() and len(want) > 0
+        for k, g in want.items():
+            torch.testing.assert_close(got[k], g, atol=1e-6, rtol=1e-4, msg=f"{label}, rank {rank}: {k}")
+
+
+def rank_samples(probe: Path) -> tuple[list, list]:
+    """What RankProbe recorded on rank 0 and rank 1."""
+    r0, r1 = (json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1))
+    return r0, r1
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -84,15 +101,9 @@ def test_two_processes_split_the_data_match_one_process_and_resume_exactly(tmp_p
     assert single.fit() == 0
     run = build(ddp(tmp_path / "ddp", data_dir, dump.format(tmp_path / "ddp")))
     assert run.fit() == 0
-    # the first step's gradient (not the weights after it: Adam's first step is ~lr * sign(g), blind to a scale)
-    want = torch.load(tmp_path / "single" / "grads" / "grads0.pt")
-    for rank in (0, 1):
-        got = torch.load(tmp_path / "ddp" / "grads" / f"grads{rank}.pt")
-        assert got.keys() == want.keys() and len(want) > 0
-        for k, g in want.items():
-            torch.testing.assert_close(got[k], g, atol=1e-6, rtol=1e-4, msg=f"rank {rank}: {k}")
+    same_first_step(tmp_path / "single", tmp_path / "ddp", "pretrain")
 
-    r0, r1 = (json.loads((tmp_path / "ddp" / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = rank_samples(tmp_path / "ddp" / "probe")
     assert len(r0) == len(r1) == 6
     assert all(a != b for a, b in zip(r0, r1))  # different samples on the two ranks
     single_ref = weights(tmp_path / "single" / "run" / "final")
@@ -133,13 +144,8 @@ def test_every_stage_that_starts_from_weights_trains_on_two_processes(tmp_path, 
     probe = f"+callbacks.probe={{_target_:tests.test_ddp.RankProbe,out:{tmp_path}/ddp/probe,stop_at:0}}"
     both = ["trainer=ddp_spawn", "trainer.accelerator=cpu", probe, dump.format(tmp_path / "ddp")]
     assert build(overrides(tmp_path / "ddp", *both)).fit() == 0
-    want = torch.load(tmp_path / "single" / "grads" / "grads0.pt")
-    for rank in (0, 1):
-        got = torch.load(tmp_path / "ddp" / "grads" / f"grads{rank}.pt")
-        assert got.keys() == want.keys() and len(want) > 0
-        for k, g in want.items():
-            torch.testing.assert_close(got[k], g, atol=1e-6, rtol=1e-4, msg=f"{stage}, rank {rank}: {k}")
-    r0, r1 = (json.loads((tmp_path / "ddp" / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
+    same_first_step(tmp_path / "single", tmp_path / "ddp", stage)
+    r0, r1 = rank_samples(tmp_path / "ddp" / "probe")
     assert len(r0) == len(r1) == 3 and all(a != b for a, b in zip(r0, r1))
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["datasets", "grads", "probe", "run"]
     assert (tmp_path / "ddp" / "run" / "final" / "model.safetensors").is_file()
@@ -168,7 +174,7 @@ def test_rlhf_on_two_processes_keeps_the_ranks_in_step(tmp_path, algorithm, prom
     extra = ["trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.max_steps=2", "model.dropout=0"]
     extra += [f"stage.algorithm={algorithm}", "stage.reward=quarter_tokens", probe, digest]
     assert build(rlhf(tmp_path, prompt_dir, pretrained, *extra)).fit() == 0
-    r0, r1 = (json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = rank_samples(tmp_path / "probe")
     assert len(r0) == len(r1) == 2 and all(a != b for a, b in zip(r0, r1))  # each rank its own prompts
     w0, w1 = (torch.load(tmp_path / "weights" / f"weights{r}.pt") for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
@@ -190,7 +196,7 @@ def test_torchrun_starts_the_ranks_and_trainer_ddp_joins_them(tmp_path, data_dir
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "minillm.train", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = rank_samples(tmp_path / "probe")
     assert len(r0) == len(r1) == 6 and all(a != b for a, b in zip(r0, r1))  # one global batch, split
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert not any("rank" in p.name for p in (tmp_path / "run").rglob("*"))
