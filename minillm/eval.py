@@ -22,6 +22,7 @@ class EvalCommand:
 
     model_path: str = "???"  # a final/ folder, an export, or a training checkpoint
     eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"  # auto: CUDA, then MPS, then the CPU; models are evaluated in fp32 on any device
 
 
 def run(command: EvalCommand) -> dict:
@@ -29,7 +30,7 @@ def run(command: EvalCommand) -> dict:
 
     model_path, config = Path(command.model_path), command.eval
     try:
-        result = evaluate(model_path, config)
+        result = evaluate(model_path, config, command.device)
     except Exception as e:  # a missing file, an unreadable model: say which
         raise SystemExit(f"error: {e}") from None
     out = output_path(model_path, config)
@@ -42,7 +43,7 @@ def run(command: EvalCommand) -> dict:
         digest = hashlib.sha256(json.dumps(result["config"], sort_keys=True).encode()).hexdigest()[:8]
         out = out.with_name(f"eval-{digest}.json")
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-    print(f"{model_path} ({result['kind']})")
+    print(f"{model_path} ({result['kind']}, on {result['device']})")
     for name, value in headline(result).items():
         print(f"  {name:<32} {value:.4f}")
     print(f"wrote {out}")

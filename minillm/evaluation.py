@@ -134,12 +134,17 @@ def mean_reward(
     return out
 
 
+def _on(model: torch.nn.Module, data) -> torch.Tensor:
+    """`data` as a tensor on the model's device."""
+    return torch.tensor(data, device=next(model.parameters()).device)
+
+
 @torch.no_grad()
 def _reward_model_scores(model: RewardModel, tokenizer: Tokenizer, prompts: list[dict], completions: list) -> list:
     prompt_ids = [apply_chat_template(tokenizer, p["prompt"], add_generation_prompt=True).ids for p in prompts]
     rows = [p + c + [tokenizer.im_end_id] for p, c in zip(prompt_ids, completions)]
     return [
-        float(model.sequence_scores(torch.tensor([row]), torch.tensor([len(row) - 1]), first=torch.tensor([len(p)]))[0])
+        float(model.sequence_scores(_on(model, [row]), _on(model, [len(row) - 1]), first=_on(model, [len(p)]))[0])
         for p, row in zip(prompt_ids, rows)
     ]
 
@@ -162,11 +167,10 @@ def pairwise_accuracy(model: RewardModel, tokenizer: Tokenizer, pairs: list[dict
         side_scores = []
         for side in ("chosen", "rejected"):
             rows = [e[f"{side}_ids"] for e in encoded]
-            ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_id)  # right-padded
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = torch.tensor(row)
-            last = torch.tensor([len(row) - 1 for row in rows])  # the completion's <|im_end|>
-            first = torch.tensor([[t != IGNORE_INDEX for t in e[f"{side}_labels"]].index(True) for e in encoded])
+            width = max(map(len, rows))
+            ids = _on(model, [row + [tokenizer.pad_id] * (width - len(row)) for row in rows])  # right-padded
+            last = _on(model, [len(row) - 1 for row in rows])  # the completion's <|im_end|>
+            first = _on(model, [[t != IGNORE_INDEX for t in e[f"{side}_labels"]].index(True) for e in encoded])
             side_scores.append(model.sequence_scores(ids, last, first=first))
         margin = side_scores[0] - side_scores[1]
         wins += int((margin > 0).sum())
@@ -265,7 +269,7 @@ def completion_logps(model: MiniGPT, tokenizer: Tokenizer, pairs: list[dict]) ->
         enc = encode_pair(tokenizer, to_preference(p), (block // 2, block - block // 2))
         row = []
         for side in ("chosen", "rejected"):
-            ids, labels = torch.tensor([enc[f"{side}_ids"]]), torch.tensor([enc[f"{side}_labels"]])
+            ids, labels = _on(model, [enc[f"{side}_ids"]]), _on(model, [enc[f"{side}_labels"]])
             row.append(float(sequence_logprobs(model(ids[:, :-1]).logits, labels[:, 1:])[0]))
         out.append(row)
     return torch.tensor(out).view(-1, 2)
@@ -326,13 +330,13 @@ def kl_to_reference(
         context = apply_chat_template(tokenizer, to_prompt(record)["prompt"], add_generation_prompt=True).ids
         context = context[-(model.config.block_size - max_new_tokens) :]  # room for the reply
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + i)
-        prompt = torch.tensor([context])
+        prompt = _on(model, [context])
         (completion,) = generate_ids(model, tokenizer, prompt, torch.ones_like(prompt), config)
         lengths.append(len(completion))
         if not completion:
             totals.append(0.0)
             continue
-        ids = torch.tensor([context + completion])
+        ids = _on(model, [context + completion])
         gap = [
             token_logprobs(m(ids[:, :-1]).logits[:, len(context) - 1 :], ids[:, len(context) :])
             for m in (model, reference)
@@ -345,9 +349,22 @@ def kl_to_reference(
 # ---- the whole evaluation ----
 
 
-def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
-    """Run the configured tasks on one model; returns what eval.json holds."""
+def evaluate(model_path: str | Path, config: EvalConfig, device: str = "cpu") -> dict:
+    """Run the configured tasks on one model; returns what eval.json holds. Every model is loaded on `device`
+    ("auto": CUDA, then MPS, then the CPU) in float32, so the numbers depend on the weights, not on the
+    decoding dtype; the device is recorded beside the config, not in it (a cached result stays valid)."""
     from minillm.pretrained import META_FILE, load_reward_model
+
+    if device == "auto":
+        from minillm.accelerator import best_device
+
+        device = best_device()
+
+    def lm(path: str) -> MiniGPT:
+        return load_model(path, device, "float32")[0]
+
+    def rm(path: str) -> RewardModel:
+        return load_reward_model(path)[0].to(device)
 
     model_path = Path(model_path)
     meta = model_path / META_FILE
@@ -358,6 +375,7 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
         "model_path": str(model_path),
         "kind": kind,
         "config": asdict(config),
+        "device": str(device),
         "tasks": {},
     }
     if kind == "reward":
@@ -368,12 +386,13 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
                 f"eval.tasks={list(config.tasks)} (language-model tasks); leave eval.tasks unset or include preference"
             )
         model, tokenizer = load_reward_model(model_path)
+        model = model.to(device)
         result["tasks"]["reward_model"] = {
             name: pairwise_accuracy(model, tokenizer, load_family(_eval_set(data_dir, name), config.limit))
             for name in config.pairs
         }
         return result
-    model, tokenizer = load_model(str(model_path))
+    model, tokenizer = load_model(str(model_path), device, "float32")
     tasks = result["tasks"]
     if "bpb" in config.tasks:
         texts = read_eval_text(Path(config.text)) if config.text else heldout_pretraining_texts(data_dir)
@@ -388,7 +407,7 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
             **exact_match_rate(model, tokenizer, records, config.batch_size, config.max_new_tokens),
         }
     if "preference" in config.tasks:
-        reference = load_model(config.reference)[0] if config.reference else None
+        reference = lm(config.reference) if config.reference else None
         per = {}
         for name in config.pairs:
             pairs = load_family(_eval_set(data_dir, name), config.limit)
@@ -405,17 +424,19 @@ def evaluate(model_path: str | Path, config: EvalConfig) -> dict:
     if "reward" in config.tasks:
         prompts = Path(config.prompts) if config.prompts else _eval_set(data_dir, config.family)
         records = load_family(prompts, config.limit)
-        rm = load_reward_model(config.reward_model)[0] if config.reward_model else None  # scores the same replies
-        gold = load_reward_model(config.gold_reward_model)[0] if config.gold_reward_model else None
+        scorer = rm(config.reward_model) if config.reward_model else None  # scores the same replies
+        gold = rm(config.gold_reward_model) if config.gold_reward_model else None
         tasks["reward"] = {
             "prompts": str(prompts),
             "reward_model": config.reward_model,
             "gold_reward_model": config.gold_reward_model,
-            **mean_reward(model, tokenizer, records, config.reward, config.batch_size, config.max_new_tokens, rm, gold),
+            **mean_reward(
+                model, tokenizer, records, config.reward, config.batch_size, config.max_new_tokens, scorer, gold
+            ),
         }
     if "kl" in config.tasks and config.reference:
         prompts = Path(config.prompts) if config.prompts else _eval_set(data_dir, config.family)
-        reference = load_model(config.reference)[0]
+        reference = lm(config.reference)
         tasks["kl"] = {
             "prompts": str(prompts),
             "reference": config.reference,

@@ -28,6 +28,7 @@ class PairsCommand:
     max_new_tokens: int = 32
     batch_size: int = 32
     out: Optional[str] = None  # None: <data_dir>/preference/<family>_onpolicy.jsonl
+    device: str = "auto"  # auto: CUDA, then MPS, then the CPU; greedy answers in fp32 on any device
 
 
 def run(command: PairsCommand) -> None:
@@ -46,7 +47,8 @@ def run(command: PairsCommand) -> None:
         print(f"{out} is newer than {weights}: kept")
         return
     records = [r for r in load_family(source, limit) if "answer" in r]
-    model, tokenizer = load_model(str(model_path))
+    model, tokenizer = load_model(str(model_path), command.device, "float32")
+    print(f"answering on {model.lm_head.weight.device}")
     result = onpolicy_pairs(model, tokenizer, records, max_new_tokens, batch_size)
     if not result["pairs"]:  # an empty preference file would be a data error for DPO: write none
         out.unlink(missing_ok=True)

@@ -86,9 +86,9 @@ def targets_preset(name: str) -> Targets:
     return Targets(**compose([f"targets={name}"], config_name="report").targets)
 
 
-def stage_result(folder: Path, config: EvalConfig) -> dict:
-    """eval.json of a model folder, computed when missing, older than the weights or made with other settings
-    (torch is loaded only then)."""
+def stage_result(folder: Path, config: EvalConfig, device: str = "cpu") -> dict:
+    """eval.json of a model folder, computed (on `device`) when missing, older than the weights or made with other
+    settings (torch is loaded only then)."""
     from minillm.evaluation import evaluate
 
     out = output_path(folder, config)
@@ -97,7 +97,7 @@ def stage_result(folder: Path, config: EvalConfig) -> dict:
         cached = json.loads(out.read_text(encoding="utf-8"))
         if cached.get("config") == asdict(config) and cached.get("eval_version") == EVAL_VERSION:
             return cached
-    result = evaluate(folder, config)
+    result = evaluate(folder, config, device)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
 
@@ -418,6 +418,7 @@ class ReportCommand:
     out_dir: str = "outputs"
     card: Optional[str] = None  # None: <out_dir>/report.md
     eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"  # where missing results are computed: auto = CUDA, then MPS, then the CPU (always fp32)
 
 
 def run(command: ReportCommand) -> None:
@@ -446,8 +447,8 @@ def run(command: ReportCommand) -> None:
                 out = start / f"eval_{command.grpo_family}.json"
                 asked = replace(config, tasks=["verifiable", "reward"], family=command.grpo_family, prompts=None)
                 asked = replace(asked, out=str(out))
-                starts[stage] = {**headline(stage_result(start, asked)), "family": command.grpo_family}
-        result = stage_result(folder, stage_config)
+                starts[stage] = {**headline(stage_result(start, asked, command.device)), "family": command.grpo_family}
+        result = stage_result(folder, stage_config, command.device)
         rows[stage] = headline(result)
         if stage in ("dpo", "reward", GOLD):
             families[stage] = family_accuracies(result, trained_families(stage, model, out_dir))

@@ -180,3 +180,22 @@ def _checkpoints_load_safely(tmp_path):
 def micro_model(tokenizer) -> MiniGPT:
     torch.manual_seed(0)
     return MiniGPT(micro_config(tokenizer.vocab_size)).eval()
+
+
+@pytest.fixture
+def eval_data(tmp_path):
+    """A data dir for `minillm eval`: pretraining text, 5 held-out sums (task "add") and 4 preference pairs."""
+    root = tmp_path / "data"
+    (root / "eval").mkdir(parents=True)
+    (root / "pretrain").mkdir()
+    with (root / "pretrain" / "t.jsonl").open("w") as f:
+        for i in range(400):
+            f.write(json.dumps({"text": f"Line {i}: to be or not to be."}) + "\n")
+    with (root / "eval" / "verifiable.jsonl").open("w") as f:
+        for i in range(5):
+            msgs = [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]
+            f.write(json.dumps({"conversations": msgs, "answer": str(i + 1), "task": "add"}) + "\n")
+    with (root / "eval" / "sums.jsonl").open("w") as f:
+        for i in range(4):
+            f.write(json.dumps({"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": "no"}) + "\n")
+    return root

@@ -78,24 +78,6 @@ def test_kl_to_the_reference_by_hand(tokenizer):
     assert result["kl"] == pytest.approx(result["mean_length"] * math.log(tokenizer.vocab_size), rel=0.02)
 
 
-@pytest.fixture
-def eval_data(tmp_path):
-    root = tmp_path / "data"
-    (root / "eval").mkdir(parents=True)
-    (root / "pretrain").mkdir()
-    with (root / "pretrain" / "t.jsonl").open("w") as f:
-        for i in range(400):
-            f.write(json.dumps({"text": f"Line {i}: to be or not to be."}) + "\n")
-    with (root / "eval" / "verifiable.jsonl").open("w") as f:
-        for i in range(5):
-            msgs = [{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]
-            f.write(json.dumps({"conversations": msgs, "answer": str(i + 1), "task": "add"}) + "\n")
-    with (root / "eval" / "sums.jsonl").open("w") as f:
-        for i in range(4):
-            f.write(json.dumps({"prompt": f"What is {i} + 1?", "chosen": str(i + 1), "rejected": "no"}) + "\n")
-    return root
-
-
 def test_eval_json_has_every_field(tmp_path, tokenizer, eval_data, capsys):
     torch.manual_seed(0)
     folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
@@ -111,6 +93,7 @@ def test_eval_json_has_every_field(tmp_path, tokenizer, eval_data, capsys):
     result = json.loads((folder / "eval.json").read_text())
     tasks = result["tasks"]
     assert set(tasks) == {"bpb", "verifiable", "preference", "reward", "samples"} and result["kind"] == "lm"
+    assert result["device"] == "cpu" and "device" not in result["config"]  # a cache key of settings only
     assert tasks["bpb"]["documents"] > 0 and tasks["bpb"]["bpb"] > 0 and tasks["bpb"]["loss"] > 0
     assert tasks["verifiable"]["n"] == 5 and 0 <= tasks["verifiable"]["exact_match"] <= 1
     assert tasks["verifiable"]["tasks"]["add"] == {"n": 5, "exact_match": tasks["verifiable"]["exact_match"]}

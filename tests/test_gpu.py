@@ -15,8 +15,11 @@ import pytest
 import torch
 
 import minillm.model as model_lib
+from minillm.config import TASKS, EvalConfig
+from minillm.evaluation import evaluate
 from minillm.generate import GenerationConfig, generate_ids
-from minillm.model import MiniGPT
+from minillm.model import MiniGPT, RewardModel
+from minillm.pretrained import save_pretrained
 from minillm.train import build
 
 from .conftest import micro_config, micro_overrides, pair_overrides
@@ -184,3 +187,27 @@ def test_mfu_is_measured_against_this_device(device, tmp_path, data_dir):
     with open(tmp_path / "run" / "logs" / "metrics.csv", newline="") as f:
         mfu = [float(r["train/mfu"]) for r in csv.DictReader(f) if r.get("train/mfu")]
     assert mfu and all(0 < x < 1 for x in mfu)
+
+
+def test_eval_on_the_device_equals_the_cpu(device, tmp_path, tokenizer, eval_data):
+    """`minillm eval`/`report` default to device=auto: on a GPU every task must give the CPU's numbers (fp32 both)."""
+    torch.manual_seed(0)
+    lm = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "lm")
+    ref = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "ref")
+    rm = save_pretrained(RewardModel(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "rm")
+    config = EvalConfig(
+        tasks=[*TASKS], data_dir=str(eval_data), pairs=["sums"], reference=str(ref), reward_model=str(rm),
+        gold_reward_model=str(rm), max_new_tokens=6, limit=20,
+    )  # fmt: skip
+    on_cpu, here = evaluate(lm, config, "cpu"), evaluate(lm, config, device)
+    assert on_cpu["device"] == "cpu" and here["device"].startswith(device)
+    a, b = on_cpu["tasks"], here["tasks"]
+    assert b["bpb"]["bpb"] == pytest.approx(a["bpb"]["bpb"], rel=1e-4)
+    assert b["verifiable"]["exact_match"] == a["verifiable"]["exact_match"]
+    assert b["preference"]["reward_accuracy"] == a["preference"]["reward_accuracy"]
+    assert b["reward"]["reward_model_score"] == pytest.approx(a["reward"]["reward_model_score"], abs=1e-4)
+    assert b["kl"]["kl"] == pytest.approx(a["kl"]["kl"], abs=1e-3)
+    rm_cpu, rm_here = evaluate(rm, config, "cpu"), evaluate(rm, config, device)
+    assert rm_here["tasks"]["reward_model"]["sums"]["margin"] == pytest.approx(
+        rm_cpu["tasks"]["reward_model"]["sums"]["margin"], abs=1e-4
+    )

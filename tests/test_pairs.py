@@ -37,7 +37,7 @@ def test_the_command_writes_training_questions_only_and_keeps_a_newer_file(tmp_p
     torch.manual_seed(0)
     folder = save_pretrained(MiniGPT(micro_config(tokenizer.vocab_size)), tokenizer, tmp_path / "m")
     says_five = scripted(tokenizer, tokenizer.encode("5") + [tokenizer.im_end_id])
-    monkeypatch.setattr("minillm.generate.load_model", lambda path: (says_five, tokenizer))
+    monkeypatch.setattr("minillm.generate.load_model", lambda path, *_: (says_five, tokenizer))
     main([f"model_path={folder}", f"data_dir={tmp_path}", "family=sums", "max_new_tokens=3"])
     out = tmp_path / "preference" / "sums_onpolicy.jsonl"
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
