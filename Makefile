@@ -15,7 +15,7 @@ REF_STAMP := $(REF_VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test,plots,serve,gguf,tensorboard,hf]' -c constraints.txt
+	$(PY) -m pip install --quiet -e '.[test,plots,serve,gguf,tensorboard,hf,search]' -c constraints.txt
 	touch $@
 
 $(REF_STAMP): pyproject.toml constraints.txt

@@ -84,6 +84,25 @@ class Command:
         """`minillm <name> <argv>` from Python: compose, then run (the module's `main`)."""
         return self.run(self.compose(argv))
 
+    def sweep_job(self, cfg) -> Any:
+        """One job of `minillm <name> -m ...`: recorded in its job dir's job.json (with `eval`'s headline numbers)
+        and the sweep's summary rewritten (minillm/sweeps.py); a failed job is reported and the sweep goes on."""
+        from hydra.core.hydra_config import HydraConfig
+
+        from minillm.config import headline
+        from minillm.sweeps import SweepJob
+
+        hydra_cfg = HydraConfig.get()
+        job = SweepJob.start(Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.num, list(hydra_cfg.overrides.task))
+        try:
+            result = self.run(self.typed(cfg))
+        except (Exception, SystemExit) as e:  # every failure is this job's, not the sweep's
+            print(f"error: {str(e).removeprefix('error: ')}", file=sys.stderr)
+            job.end("failed", e)
+            return None
+        job.end("done", result=headline(result) if isinstance(result, dict) and "tasks" in result else None)
+        return result
+
     def cli(self) -> Any:
         """Hydra's own command line (`python -m minillm.<x>` and `minillm <name>`)."""
         import hydra
@@ -95,6 +114,11 @@ class Command:
         show_help(self.name, sys.argv[1:])
 
         def task(cfg):
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                return self.sweep_job(cfg)
             return self.run(self.typed(cfg))
 
         return hydra.main(config_path=str(CONF_DIR), config_name=self.name, version_base="1.3")(task)()

@@ -626,7 +626,19 @@ def register() -> None:
     for name, resolver in (("wandb_offline", _wandb_offline), ("rlhf_run", rlhf_run)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+    if not OmegaConf.has_resolver("div"):  # integer division: a step count from a budget and a batch size
+        OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
+    if not OmegaConf.has_resolver("sweep_dir"):  # cached: every job of a sweep gets the sweep's value
+        OmegaConf.register_new_resolver("sweep_dir", _sweep_dir, use_cache=True)
     _registered = True
+
+
+def _sweep_dir(base: str, overrides) -> str:
+    """hydra.sweep.dir of `minillm train -m`: `<base>/<time>`, or with resume=auto the newest earlier sweep with the
+    same overrides (minillm/sweeps.py)."""
+    from minillm.sweeps import new_or_resumed_sweep_dir
+
+    return str(new_or_resumed_sweep_dir(Path(base), [str(o) for o in overrides]))
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

@@ -69,6 +69,13 @@ class Run:
 
     @property
     def metric(self) -> float | None:
+        """The objective a sweep optimizes: the best `optimized_metric` the run logged (lowest for a loss, highest
+        otherwise: `minillm.sweeps.objective_direction`), else its last value."""
+        from minillm.sweeps import best_logged
+
+        best = best_logged(self.run_dir / "logs" / "metrics.csv", self.config.optimized_metric)
+        if best is not None:
+            return best[0]
         if self.finished is not None:
             return self.finished.get("metric")
         value = self.trainer.callback_metrics.get(self.config.optimized_metric)
@@ -278,6 +285,11 @@ def _per_update(cfg: DictConfig, key: str, updates: int) -> dict:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return sweep_job(cfg)
     try:
         run = build(cfg=cfg)
     except (ValueError, FileNotFoundError) as e:  # errors a user can cause: the message says what to do
@@ -286,6 +298,42 @@ def main(cfg: DictConfig) -> float | None:
     code = fit_or_explain(run)
     if code:
         sys.exit(code)
+    return run.metric
+
+
+INTERRUPTED = (130, 143)  # the exit codes of Ctrl-C and SIGTERM (InterruptCallback)
+
+
+def sweep_job(cfg: DictConfig) -> float | None:
+    """One job of `minillm train -m`: its record in job.json (minillm/sweeps.py) and the sweep's summary rewritten
+    when it ends. A failed job is logged and recorded, and the sweep goes on to the next one (it returns None, which
+    a search sweeper counts as a failed trial); an interrupt records the job and stops the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from minillm.sweeps import SweepJob
+
+    hydra_cfg = HydraConfig.get()
+    job = SweepJob.start(
+        Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.num, list(hydra_cfg.overrides.task), cfg.optimized_metric
+    )
+    try:
+        run = build(cfg=cfg)
+        code = fit_or_explain(run)
+    except (Exception, SystemExit) as e:  # every failure is this job's, not the sweep's
+        if isinstance(e, (ValueError, FileNotFoundError, SystemExit)):
+            log.error("error: %s", e)
+        else:
+            log.exception("error: job %d failed", hydra_cfg.job.num)
+        job.end("failed", e)
+        return None
+    if code in INTERRUPTED:
+        job.end("interrupted")
+        sys.exit(code)
+    if code:
+        nonfinite = run.module is not None and run.module.stop_reason == "nonfinite"
+        job.end("failed", "non-finite loss: training stopped" if nonfinite else f"exit code {code} (see train.log)")
+        return None
+    job.end("skipped" if run.finished is not None else "done")
     return run.metric
 
 
@@ -329,8 +377,8 @@ def fit_or_explain(run: Run) -> int:
 def check_before_hydra(argv: Sequence[str]) -> None:
     """Hydra creates the run dir and its train.log before `main` runs: check the run dir first, so that a
     refused command writes nothing and says why (instead of a raw OSError from Hydra's logging set-up)."""
-    if any(a.startswith("-") for a in argv):  # --help, --cfg, -m (a sweep has a run dir per job): Hydra's own
-        return
+    if any(a.startswith("-") or a.startswith("hparams_search=") for a in argv):  # --help, --cfg, a sweep (-m or a
+        return  # search preset: a run dir per job): Hydra's own
     try:
         run_dir = Path(to_config(compose(argv)).run_dir)  # a bad value is refused before the run dir is touched
     except ValueError as e:
