@@ -36,7 +36,7 @@ HOW_KEYS = ("resume", "resume_allow_changes", "overwrite", "hydra.")
 
 
 def objective_direction(metric: str) -> str:
-    """"min" for losses, perplexities and bits per byte (`val/loss`, `val/ppl`, `bpb`); "max" for the rest
+    """ "min" for losses, perplexities and bits per byte (`val/loss`, `val/ppl`, `bpb`); "max" for the rest
     (`val/reward`, `val/exact_match`)."""
     name = metric.rsplit("/", 1)[-1]
     return "min" if any(k in name for k in ("loss", "ppl", "bpb")) else "max"
