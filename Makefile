@@ -10,7 +10,7 @@ REF_STAMP := $(REF_VENV)/.installed
 # The ref extra builds llama-cpp-python from its sdist (~20 minutes on 2 cores, once; pip caches the wheel);
 # CMAKE_ARGS leaves out its multimodal library, which the GGUF tests do not use.
 
-.PHONY: demo quality test test-slow test-ref lint format data bench clean
+.PHONY: demo quality test test-slow test-ref lint format data bench clean chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -83,9 +83,19 @@ test: $(STAMP)
 	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m pytest -q
 
-# Slow tests (CLI subprocesses, real corpus build) and reference parity tests (transformers/TRL in .venv-ref).
-test-slow: $(STAMP) $(REF_STAMP)
+# Slow tests (CLI subprocesses, real corpus build, the chat page in headless Chromium) and reference parity tests
+# (transformers/TRL in .venv-ref).
+test-slow: $(STAMP) $(REF_STAMP) chromium
 	$(PY) -m pytest -q -m slow
+
+# The browser test's Chromium and its driver: Debian's packages, installed when missing on a Linux machine where we
+# are root and apt-get exists (tests/test_chat_page.py skips elsewhere, saying why).
+chromium:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; \
+		else echo "chromium/chromedriver missing and not installable here: the chat page test will be skipped"; fi; \
+	fi
 	$(REF_VENV)/bin/python -m pytest -q -m ref
 
 lint: $(STAMP)

@@ -5,7 +5,10 @@ An OpenAI-compatible HTTP API over a trained model (the `serve` extra: FastAPI a
 
 - `POST /v1/chat/completions`: `messages` through the chat template the model was trained with;
 - `POST /v1/completions`: `prompt` text continued;
-- `GET /v1/models`: the one model served (`model_name`, default: the folder's name).
+- `GET /v1/models`: the one model served (`model_name`, default: the folder's name), with its parameter count and
+  context length;
+- `GET /`: a chat page (minillm/serve.html: plain HTML and JavaScript, nothing fetched from elsewhere) that streams
+  replies through `/v1/chat/completions`, with a system prompt, temperature, top-p, max tokens, stop and clear.
 
 Sampling fields: `temperature` (0 = greedy), `top_p`, `max_tokens` (or `max_completion_tokens`), `stop`, `seed`,
 `n`, `stream` (server-sent events, ending with `data: [DONE]`). A field the API does not know, a bad value or a
@@ -31,6 +34,9 @@ from typing import Any, Optional, Union
 
 from minillm.cli import Command
 from minillm.config import GenerationConfig
+
+
+PAGE = Path(__file__).with_name("serve.html")  # the chat page at /
 
 
 @dataclass
@@ -235,9 +241,10 @@ class Batcher:
 def create_app(model, tokenizer, model_name: str, max_batch: int = 8, default_max_tokens: int = 128):
     """The FastAPI app serving `model` (tests build it directly; `minillm serve` runs it under uvicorn)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     app = FastAPI(title=f"minillm: {model_name}")
+    parameters = model.num_parameters()
     batcher = Batcher(model, tokenizer, max_batch)
     app.state.batcher = batcher
     context = model.config.block_size
@@ -352,10 +359,13 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 8, default_ma
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "minillm"}],
-        }
+        entry = {"id": model_name, "object": "model", "created": created, "owned_by": "minillm"}
+        entry |= {"parameters": parameters, "context_length": context}  # extra fields: the chat page shows them
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE.read_text(encoding="utf-8")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -411,7 +421,8 @@ def run(command: ServeCommand) -> None:
         name = Path(command.model_path).resolve().parent.name
     app = create_app(model, tokenizer, name, command.max_batch, command.max_tokens)
     where = f"{model.lm_head.weight.device.type}, {str(model.lm_head.weight.dtype).removeprefix('torch.')}"
-    print(f"serving {name} ({model.num_parameters():,} parameters, {where}) at http://{command.host}:{command.port}/v1")
+    url = f"http://{command.host}:{command.port}"
+    print(f"serving {name} ({model.num_parameters():,} parameters, {where}): chat page {url}/, API {url}/v1")
     uvicorn.run(app, host=command.host, port=command.port, log_level="warning")
 
 

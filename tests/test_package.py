@@ -69,6 +69,7 @@ def test_a_wheel_trains_on_parquet_and_generates_from_an_empty_folder(tmp_path, 
     names = zipfile.ZipFile(wheel).namelist()
     assert "minillm/conf/train.yaml" in names and "minillm/conf/model/tiny.yaml" in names
     assert "minillm/conf/stage/dpo.yaml" in names and "minillm/conf/generate.yaml" in names
+    assert "minillm/serve.html" in names and "minillm/conf/hparams_search/tiny_optuna.yaml" in names
     bin_ = fresh_venv(tmp_path / "venv")
     pip = [sys.executable, "-m", "pip", "--python", bin_ / "python", "install", "--quiet", "--no-deps", wheel]
     subprocess.run(pip, check=True)
