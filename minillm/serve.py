@@ -35,7 +35,6 @@ from typing import Any, Optional, Union
 from minillm.cli import Command
 from minillm.config import GenerationConfig
 
-
 PAGE = Path(__file__).with_name("serve.html")  # the chat page at /
 
 

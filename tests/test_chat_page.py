@@ -20,7 +20,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="the test extra ins
 serve = pytest.importorskip("minillm.serve")
 if not (shutil.which("chromium") and shutil.which("chromedriver")):
     pytest.skip(
-        "no chromium/chromedriver on PATH: install Debian's chromium and chromium-driver (make test-slow does, as root)",
+        "no chromium/chromedriver on PATH: install Debian's chromium and chromium-driver (make test-slow does as root)",
         allow_module_level=True,
     )
 
@@ -106,9 +106,7 @@ def say(driver, text: str) -> str:
     done = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
     set_field(driver, "input", text)
     driver.find_element(By.ID, "input").send_keys(Keys.ENTER)
-    WebDriverWait(driver, 60).until(
-        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) > done
-    )
+    WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) > done)
     return driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")[-1].get_attribute("textContent")
 
 
