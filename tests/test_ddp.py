@@ -164,16 +164,34 @@ class WeightsDigest(L.Callback):
         torch.save(state, self.out / f"weights{trainer.global_rank}.pt")
 
 
+class RolloutSeeds(L.Callback):
+    """Writes the sampling seed of each of a rank's rollouts to <out>/seeds<rank>.json."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.seeds = Path(out), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seeds.append(pl_module.rollout_seed())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"seeds{trainer.global_rank}.json").write_text(json.dumps(self.seeds))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_rlhf_on_two_processes_keeps_the_ranks_in_step(tmp_path, algorithm, prompt_dir, pretrained):
-    """PPO (with its critic) and GRPO under DDP: each rank rolls out its own prompts, the manual optimization's
-    updates are all-reduced so both ranks end with the same weights (and they moved), and only rank 0 writes."""
+    """PPO (with its critic) and GRPO under DDP: each rank rolls out its own prompts with its own sampling seeds, the
+    manual optimization's updates are all-reduced so both ranks end with the same weights (and they moved), and only
+    rank 0 writes."""
     probe = f"+callbacks.probe={{_target_:tests.test_ddp.RankProbe,out:{tmp_path}/probe,stop_at:0}}"
     digest = f"+callbacks.digest={{_target_:tests.test_ddp.WeightsDigest,out:{tmp_path}/weights}}"
+    seeds = f"+callbacks.seeds={{_target_:tests.test_ddp.RolloutSeeds,out:{tmp_path}/seeds}}"
     extra = ["trainer=ddp_spawn", "trainer.accelerator=cpu", "trainer.max_steps=2", "model.dropout=0"]
-    extra += [f"stage.algorithm={algorithm}", "stage.reward=quarter_tokens", probe, digest]
+    extra += [f"stage.algorithm={algorithm}", "stage.reward=quarter_tokens", probe, digest, seeds]
     assert build(rlhf(tmp_path, prompt_dir, pretrained, *extra)).fit() == 0
+    s0, s1 = (json.loads((tmp_path / "seeds" / f"seeds{r}.json").read_text()) for r in (0, 1))
+    assert len(s0) == len(s1) == 2 and not set(s0) & set(s1)  # each rank samples with its own seeds
     r0, r1 = rank_samples(tmp_path / "probe")
     assert len(r0) == len(r1) == 2 and all(a != b for a, b in zip(r0, r1))  # each rank its own prompts
     w0, w1 = (torch.load(tmp_path / "weights" / f"weights{r}.pt") for r in (0, 1))

@@ -22,8 +22,8 @@ GRPO (Shao et al. 2024): G completions per prompt, no critic, sequence advantage
 PPO-ptx (Ouyang et al. 2022; `stage.ptx_coef` γ > 0, either algorithm): every update adds γ · the SFT loss of a
 batch of conversations from `stage.ptx_sources` (sft/ files, their training split), so that optimizing the reward
 does not unlearn the supervised tasks.
-Rollouts are sampled with a seed made of (seed, rollout index), so a resumed run draws the same completions
-as an uninterrupted one; ptx batches with one made of (seed, update index).
+Rollouts are sampled with a seed made of (seed, rollout index, rank), so a resumed run draws the same completions
+as an uninterrupted one and every rank draws its own; ptx batches with one made of (seed, update index, rank).
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ class RLHFModule(LMModule):
     # ---- the update ----
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         """One rollout batch and its updates; returns the metrics and prompts for callbacks (RLHFMonitor)."""
-        r = self.rollout(batch, self.generation(seed=self.seed * 1_000_003 + self.rollouts))
+        r = self.rollout(batch, self.generation(seed=self.rollout_seed()))
         prepare, update = (
             (self._ppo_prepare, self._ppo_update) if self.value is not None else (self._grpo_prepare, self._grpo_update)
         )
@@ -310,6 +310,11 @@ class RLHFModule(LMModule):
         self._tokens = int(r.attention.sum()) * (1 + updates)
         self.log_rate()
         return {"metrics": metrics, "prompts": self._prompt_batch(r)}
+
+    def rollout_seed(self) -> int:
+        """The sampling seed of this rollout: (seed, rollout index, rank), so a resumed run draws the same completions
+        and the ranks of a multi-process run draw independent ones."""
+        return self.seed * 1_000_003 + self.rollouts + self.global_rank * 100_003
 
     def ptx_loss(self, update: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the SFT loss of stage.ptx_batch_size conversations drawn for optimizer step `update` — mean over their
