@@ -35,6 +35,7 @@ COMMANDS = {
     "export": ("minillm.export", "a model in the transformers layout"),
     "serve": ("minillm.serve", "an OpenAI-compatible HTTP server (the serve extra)"),
     "pairs": ("minillm.pairs", "on-policy preference pairs from a model's wrong answers"),
+    "sweep": ("minillm.sweep", "the summary table of a multirun: minillm sweep summarize DIR"),
     "data": ("minillm.data.__main__", "build the built-in corpus (data/builtin)"),
 }
 

@@ -16,6 +16,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -634,11 +635,44 @@ def register() -> None:
 
 
 def _sweep_dir(base: str, overrides) -> str:
-    """hydra.sweep.dir of `minillm train -m`: `<base>/<time>`, or with resume=auto the newest earlier sweep with the
-    same overrides (minillm/sweeps.py)."""
-    from minillm.sweeps import new_or_resumed_sweep_dir
-
+    """hydra.sweep.dir of `minillm train -m`: `new_or_resumed_sweep_dir`."""
     return str(new_or_resumed_sweep_dir(Path(base), [str(o) for o in overrides]))
+
+
+# ---- a sweep's folder: a rerun of the same sweep with resume=auto finds it ----
+
+# overrides that say how to run a sweep, not what it trains: a rerun with them is the same sweep
+HOW_KEYS = ("resume", "resume_allow_changes", "overwrite", "hydra.")
+
+
+def sweep_key(overrides: list[str]) -> list[str]:
+    """The overrides that make a sweep what it is (without those that say how to run it), sorted."""
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith(HOW_KEYS))
+
+
+def find_sweep(base: Path, overrides: list[str]) -> Path | None:
+    """The newest sweep under `base` (its `<time>/multirun.yaml`) run with the same overrides, if any."""
+    import yaml
+
+    key = sweep_key(overrides)
+    for folder in sorted((p for p in base.glob("*") if (p / "multirun.yaml").is_file()), reverse=True):
+        try:
+            saved = yaml.safe_load((folder / "multirun.yaml").read_text(encoding="utf-8"))
+            if sweep_key(saved["hydra"]["overrides"]["task"]) == key:
+                return folder
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue
+    return None
+
+
+def new_or_resumed_sweep_dir(base: Path, overrides: list[str]) -> Path:
+    """`base/<time>`; with resume=auto among the overrides, the newest earlier sweep of the same overrides (its
+    finished jobs are skipped, its interrupted ones resume from their checkpoints)."""
+    if any(o.lstrip("+") == "resume=auto" for o in overrides):
+        found = find_sweep(base, overrides)
+        if found is not None:
+            return found
+    return base / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

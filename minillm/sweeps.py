@@ -24,15 +24,12 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
 JOB_FILE = "job.json"
 SUMMARY = "summary"  # summary.csv, summary.md, summary.png
-# overrides that say how to run a sweep, not what it trains: a rerun with them is the same sweep
-HOW_KEYS = ("resume", "resume_allow_changes", "overwrite", "hydra.")
 
 
 def objective_direction(metric: str) -> str:
@@ -122,36 +119,6 @@ def _alive(record: dict) -> bool:
     except (PermissionError, OSError):
         return True
     return True
-
-
-def sweep_key(overrides: list[str]) -> list[str]:
-    """The overrides that make a sweep what it is (without those that say how to run it), sorted."""
-    return sorted(o for o in overrides if not o.lstrip("+~").startswith(HOW_KEYS))
-
-
-def find_sweep(base: Path, overrides: list[str]) -> Path | None:
-    """The newest sweep under `base` (its `<time>/multirun.yaml`) run with the same overrides, if any."""
-    import yaml
-
-    key = sweep_key(overrides)
-    for folder in sorted((p for p in base.glob("*") if (p / "multirun.yaml").is_file()), reverse=True):
-        try:
-            saved = yaml.safe_load((folder / "multirun.yaml").read_text(encoding="utf-8"))
-            if sweep_key(saved["hydra"]["overrides"]["task"]) == key:
-                return folder
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
-            continue
-    return None
-
-
-def new_or_resumed_sweep_dir(base: Path, overrides: list[str]) -> Path:
-    """`base/<time>`; with resume=auto among the overrides, the newest earlier sweep of the same overrides (its
-    finished jobs are skipped, its interrupted ones resume from their checkpoints)."""
-    if any(o.lstrip("+") == "resume=auto" for o in overrides):
-        found = find_sweep(base, overrides)
-        if found is not None:
-            return found
-    return base / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 # ---- the summary ----

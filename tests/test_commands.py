@@ -25,6 +25,7 @@ SCHEMA_KEY = {
     "export": "overwrite",
     "serve": "max_batch",
     "pairs": "family",
+    "sweep": "sweeps",
     "data": "force",
 }
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from minillm.config import find_sweep, new_or_resumed_sweep_dir
 from minillm.plots import have_matplotlib
-from minillm.sweeps import SweepJob, find_sweep, new_or_resumed_sweep_dir, objective_direction, write_summary
+from minillm.sweeps import SweepJob, objective_direction, write_summary
 from tests.conftest import micro_overrides
 
 REPO = Path(__file__).parents[1]
@@ -172,3 +173,24 @@ def test_the_search_preset_runs_optuna_trials_and_gets_each_ones_best_val_loss(t
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     # what each trial returned to the sampler is its best val/loss: the best of them is the summary's first row
     assert results["best_value"] == pytest.approx(float(rows[0]["best"]), rel=1e-6)
+
+
+def test_the_sweep_command_rebuilds_the_summary_of_a_dir_or_the_newest(tmp_path, capsys):
+    from minillm import sweep
+
+    old, new = tmp_path / "sweeps" / "a" / "old", tmp_path / "sweeps" / "b" / "new"
+    fake_job(old, 0, ["optim.lr=1"], [3.0], "done")
+    fake_job(new, 0, ["optim.lr=2"], [2.0], "done")
+    fake_job(new, 1, ["optim.lr=3"], [1.0], "done")
+    os.utime(old, (1, 1))  # the older sweep
+    rows = sweep.main([f"sweeps={tmp_path / 'sweeps'}"])
+    assert [r["job"] for r in rows] == [1, 0] and (new / "summary.md").is_file() and not (old / "summary.md").exists()
+    assert "| 1 | 3 | done | 1.0000 |" in capsys.readouterr().out
+    done = subprocess.run(  # the spelling: minillm sweep summarize DIR
+        [sys.executable, "-m", "minillm.sweep", "summarize", str(old)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0 and f"wrote {old / 'summary.csv'}" in done.stdout and (old / "summary.md").is_file()
+    with pytest.raises(SystemExit, match="holds no sweep jobs"):
+        sweep.main([f"dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="no sweep under"):
+        sweep.main([f"sweeps={tmp_path / 'nothing'}"])
