@@ -120,7 +120,11 @@ class Command:
 
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 return self.sweep_job(cfg)
-            return self.run(self.typed(cfg))
+            try:
+                return self.run(self.typed(cfg))
+            except BrokenPipeError:  # `minillm sweep | head`: the reader left, nothing to report
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return None
 
         return hydra.main(config_path=str(CONF_DIR), config_name=self.name, version_base="1.3")(task)()
 
