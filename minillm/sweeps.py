@@ -253,7 +253,7 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for row, curve in curves:
         values = dict(o.split("=", 1) for o in row["overrides"].split() if "=" in o)
-        label = f"{row['job']}: " + " ".join(f"{k}={values.get(k, '')}" for k in varying)
+        label = f"{row['job']}: " + " ".join(f"{k}={_short(values.get(k, ''))}" for k in varying)
         ax.plot(*zip(*curve), "o-", markersize=3, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(curves[0][0]["objective"])
