@@ -211,3 +211,37 @@ def test_eval_on_the_device_equals_the_cpu(device, tmp_path, tokenizer, eval_dat
     assert rm_here["tasks"]["reward_model"]["sums"]["margin"] == pytest.approx(
         rm_cpu["tasks"]["reward_model"]["sums"]["margin"], abs=1e-4
     )
+
+
+def test_a_hub_model_fine_tunes_on_the_device_with_the_default_precision(device, tmp_path, chat_dir, monkeypatch):
+    """`init_from=<hub id>` of a Qwen2-layout folder (q/k/v biases, sharded safetensors, a tokenizer.json with its
+    ChatML template) from the local Hugging Face cache: SFT trains on the device in the default precision (auto:
+    bf16-mixed on a CUDA GPU with bf16), and load_model(device="auto") decodes it there in bf16."""
+    from huggingface_hub import constants
+
+    from minillm.generate import load_model
+    from minillm.hf_tokenizer import open_tokenizer
+    from tests.test_hf_tokenizer import CHATML, hf_tokenizer_folder
+    from tests.test_pretrained import as_transformers_saves_it
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    repo = cache / "models--Qwen--Qwen2.5-0.5B-Instruct"
+    tok = open_tokenizer(hf_tokenizer_folder(tmp_path / "tok", CHATML))
+    torch.manual_seed(0)
+    model = MiniGPT(micro_config(tok.vocab_size, attention_bias=True, rope_theta=1e6))
+    as_transformers_saves_it(save_pretrained(model, tok, repo / "snapshots" / "abc123"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    overrides = micro_overrides(tmp_path, chat_dir, "init_from=Qwen/Qwen2.5-0.5B-Instruct", stage="sft")
+    placement = [o for o in on_device(device) if not o.startswith("trainer.precision")]  # the default: auto
+    run = build([o for o in overrides if not o.startswith("model.")] + placement + ["trainer.max_steps=3"])
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    assert run.config.trainer.precision == ("bf16-mixed" if bf16 else "32-true")
+    assert run.module.model.config.attention_bias and run.module.model.config.rope_theta == 1e6
+    assert run.fit() == 0 and run.module.device.type == device
+    losses = train_losses(tmp_path / "run")
+    assert losses and all(math.isfinite(x) for x in losses)
+    loaded, _ = load_model(str(tmp_path / "run" / "final"), device="auto")
+    weight = loaded.lm_head.weight
+    assert weight.device.type == device and weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
