@@ -377,8 +377,19 @@ def fit_or_explain(run: Run) -> int:
 def check_before_hydra(argv: Sequence[str]) -> None:
     """Hydra creates the run dir and its train.log before `main` runs: check the run dir first, so that a
     refused command writes nothing and says why (instead of a raw OSError from Hydra's logging set-up)."""
-    if any(a.startswith("-") or a.startswith("hparams_search=") for a in argv):  # --help, --cfg, a sweep (-m or a
-        return  # search preset: a run dir per job): Hydra's own
+    search = next((a.split("=", 1)[1] for a in argv if a.startswith("hparams_search=")), None)
+    if search is not None and (CONF_DIR / "hparams_search" / f"{search}.yaml").is_file():
+        import importlib.util
+
+        if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:  # our presets use it
+            print(
+                f"error: hparams_search={search} needs Hydra's Optuna sweeper, the search extra: "
+                "pip install 'minillm-lab[search]' (in a checkout: pip install -e '.[search]')",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+    if any(a.startswith("-") for a in argv) or search is not None:  # --help, --cfg, a sweep (-m or a search
+        return  # preset: a run dir per job): Hydra's own
     try:
         run_dir = Path(to_config(compose(argv)).run_dir)  # a bad value is refused before the run dir is touched
     except ValueError as e:

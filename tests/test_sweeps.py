@@ -95,15 +95,31 @@ def sweep_cmd(tmp_path: Path, data_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "minillm.train", "-m", *overrides, *extra, f"outputs={tmp_path}/outputs"]
 
 
+def summary_rows(sweep: Path) -> dict[int, dict]:
+    with (sweep / "summary.csv").open(newline="") as f:
+        return {int(r["job"]): r for r in csv.DictReader(f)}
+
+
 @pytest.mark.slow
 def test_a_sweep_summarizes_every_job_goes_on_after_a_failure_and_resumes(tmp_path, data_dir):
     command = sweep_cmd(tmp_path, data_dir, "trainer.max_steps=4,6,0")  # job 2 fails: max_steps=0 trains nothing
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    sweeps_dir = tmp_path / "outputs" / "sweeps" / "pretrain_tiny"
+
+    # Ctrl-C during job 0 (at its step 3): the job is recorded as interrupted and the sweep stops
+    env = os.environ | {"MINILLM_FAULT_SIGNAL_AT_STEP": "3", "MINILLM_FAULT_SIGNAL": "SIGINT"}
+    stopped = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900, env=env)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    (sweep,) = sweeps_dir.iterdir()
+    assert {j: r["status"] for j, r in summary_rows(sweep).items()} == {0: "interrupted"}
+
+    # the same command with resume=auto: the same sweep dir; job 0 continues from its checkpoint, job 2 fails and
+    # the others still run; the table is printed and written, and the exit code names the failure
+    done = subprocess.run([*command, "resume=auto"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "1 of 3 jobs did not finish: 2 (failed)" in done.stderr
-    (sweep,) = (tmp_path / "outputs" / "sweeps" / "pretrain_tiny").iterdir()
-    with (sweep / "summary.csv").open(newline="") as f:
-        rows = {int(r["job"]): r for r in csv.DictReader(f)}
+    assert list(sweeps_dir.iterdir()) == [sweep]
+    assert "resume=auto: resuming from" in (sweep / "0" / "train.log").read_text()
+    rows = summary_rows(sweep)
     assert [rows[j]["status"] for j in (0, 1, 2)] == ["done", "done", "failed"]
     assert rows[2]["error"].startswith("trainer.max_steps=0 trains nothing")
     for j, validations in ((0, 1), (1, 2)):  # val_check_interval=3: after step 3, and after step 6
@@ -117,19 +133,12 @@ def test_a_sweep_summarizes_every_job_goes_on_after_a_failure_and_resumes(tmp_pa
     assert "| job | trainer.max_steps | status |" in done.stdout  # the table is printed at the end too
     assert (sweep / "summary.png").stat().st_size > 1000
 
-    # job 1 interrupted after its last checkpoint (no final/ yet); the same command with resume=auto
-    (sweep / "1" / "finished.json").unlink()
+    # once more: the finished jobs are skipped, and say so
     final_1 = (sweep / "1" / "final" / "model.safetensors").read_bytes()
-    for f in (sweep / "1" / "final").iterdir():
-        f.unlink()
     again = subprocess.run([*command, "resume=auto"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert again.returncode == 1, again.stderr[-3000:]
-    assert list((tmp_path / "outputs" / "sweeps" / "pretrain_tiny").iterdir()) == [sweep]  # the same sweep dir
-    with (sweep / "summary.csv").open(newline="") as f:
-        rows = {int(r["job"]): r for r in csv.DictReader(f)}
-    assert [rows[j]["status"] for j in (0, 1, 2)] == ["skipped", "done", "failed"]
-    assert (sweep / "1" / "final" / "model.safetensors").read_bytes() == final_1  # resumed from its checkpoint
-    assert "Restoring" in (sweep / "1" / "train.log").read_text() or "resum" in again.stdout + again.stderr
+    assert [summary_rows(sweep)[j]["status"] for j in (0, 1, 2)] == ["skipped", "skipped", "failed"]
+    assert (sweep / "1" / "final" / "model.safetensors").read_bytes() == final_1
 
 
 @pytest.mark.slow
@@ -194,3 +203,15 @@ def test_the_sweep_command_rebuilds_the_summary_of_a_dir_or_the_newest(tmp_path,
         sweep.main([f"dir={tmp_path}"])
     with pytest.raises(SystemExit, match="no sweep under"):
         sweep.main([f"sweeps={tmp_path / 'nothing'}"])
+
+
+def test_a_search_preset_without_the_optuna_sweeper_says_which_extra_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from minillm import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "optuna" in name else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        train.check_before_hydra(["stage=pretrain", "hparams_search=tiny_optuna"])
+    assert exit_.value.code == 2 and "pip install 'minillm-lab[search]'" in capsys.readouterr().err
