@@ -87,16 +87,17 @@ test: $(STAMP)
 # (transformers/TRL in .venv-ref).
 test-slow: $(STAMP) $(REF_STAMP) chromium
 	$(PY) -m pytest -q -m slow
+	$(REF_VENV)/bin/python -m pytest -q -m ref
 
 # The browser test's Chromium and its driver: Debian's packages, installed when missing on a Linux machine where we
 # are root and apt-get exists (tests/test_chat_page.py skips elsewhere, saying why).
 chromium:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; \
+			export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium chromium-driver >/dev/null || \
+				{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
 		else echo "chromium/chromedriver missing and not installable here: the chat page test will be skipped"; fi; \
 	fi
-	$(REF_VENV)/bin/python -m pytest -q -m ref
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINTED)
