@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import socket
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 SUMMARY = "summary"  # summary.csv, summary.md, summary.png
@@ -92,7 +95,10 @@ class SweepJob:
             text = str(error).strip() or type(error).__name__
             self.error = text.removeprefix("error: ").splitlines()[0][:300]
         self.write()
-        write_summary(self.dir.parent)
+        try:
+            write_summary(self.dir.parent)
+        except Exception as e:  # noqa: BLE001 (the job is done; its record is written; `minillm sweep` redoes this)
+            log.warning("could not rewrite the summary of %s: %s", self.dir.parent, e)
 
     def write(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +141,7 @@ def job_row(job_dir: Path) -> dict:
         "job": record["num"],
         "status": record["status"],
         "error": record.get("error") or "",
-        "overrides": " ".join(record["overrides"]),
+        "overrides": list(record["overrides"]),  # summary.csv: joined by spaces
         "wall_s": record.get("wall_s"),
         "run_dir": str(job_dir),
     }
@@ -176,9 +182,14 @@ def sorted_rows(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
+def overrides_of(row: dict) -> dict[str, str]:
+    """{key: value} of a row's overrides."""
+    return dict(o.split("=", 1) for o in row["overrides"] if "=" in o)
+
+
 def swept(rows: list[dict]) -> tuple[list[str], list[str]]:
     """(the overrides every job shares, the keys whose values differ between jobs)."""
-    split = [dict(o.split("=", 1) for o in row["overrides"].split() if "=" in o) for row in rows]
+    split = [overrides_of(row) for row in rows]
     shared = set.intersection(*(set(s.items()) for s in split)) if split else set()
     varying = sorted({k for s in split for k, v in s.items() if (k, v) not in shared})
     return sorted(f"{k}={v}" for k, v in shared), varying
@@ -223,7 +234,7 @@ def markdown(rows: list[dict], sweep_dir: Path) -> str:
         "|" + "---|" * len(head),
     ]
     for row in rows:
-        values = dict(o.split("=", 1) for o in row["overrides"].split() if "=" in o)
+        values = overrides_of(row)
         error = row["error"] if len(row["error"]) <= 100 else row["error"][:99] + "…"  # whole in summary.csv
         status = row["status"] + (f": {error}" if error else "")
         cells = [row["job"], *(_short(values.get(k, "")) for k in varying), status]
@@ -252,7 +263,7 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
     _, varying = swept(rows)
     fig, ax = plt.subplots(figsize=(7, 4))
     for row, curve in curves:
-        values = dict(o.split("=", 1) for o in row["overrides"].split() if "=" in o)
+        values = overrides_of(row)
         label = f"{row['job']}: " + " ".join(f"{k}={_short(values.get(k, ''))}" for k in varying)
         ax.plot(*zip(*curve), "o-", markersize=3, label=label)
     ax.set_xlabel("step")
@@ -273,11 +284,11 @@ def write_summary(sweep_dir: Path) -> tuple[list[dict], list[Path]]:
         return rows, []
     names = list(dict.fromkeys([*COLUMNS, "objective", "run_dir", *(k for r in rows for k in r)]))
     written = []
-    tmp = sweep_dir / f".{SUMMARY}.csv.tmp"
+    tmp = sweep_dir / f".{SUMMARY}.csv.{os.getpid()}.tmp"  # jobs of a parallel launcher write it too
     with tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, "overrides": " ".join(row["overrides"])} for row in rows)
     os.replace(tmp, sweep_dir / f"{SUMMARY}.csv")
     written.append(sweep_dir / f"{SUMMARY}.csv")
     (sweep_dir / f"{SUMMARY}.md").write_text(markdown(rows, sweep_dir), encoding="utf-8")

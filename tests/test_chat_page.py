@@ -2,6 +2,7 @@
 against a live server on a random-weights model. Slow; `make test-slow` installs Debian's chromium and
 chromium-driver on Linux."""
 
+import asyncio
 import json
 import shutil
 import threading
@@ -33,13 +34,19 @@ from tests.test_serve import free_port  # noqa: E402
 CONTEXT = 128
 
 
-def recording(app, bodies: list):
-    """The ASGI app, noting the JSON body of every chat completion request it receives."""
+def recording(app, bodies: list, delay: dict):
+    """The ASGI app, noting the JSON body of every chat completion request it receives; with delay["s"] > 0 every
+    piece of a response is held back that long (a reply that streams slowly enough to be stopped)."""
 
     async def wrapped(scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
             return await app(scope, receive, send)
         chunks = []
+
+        async def slow_send(message):
+            if delay["s"] and message["type"] == "http.response.body" and message.get("body"):
+                await asyncio.sleep(delay["s"])
+            await send(message)
 
         async def receive_and_note():
             message = await receive()
@@ -49,18 +56,19 @@ def recording(app, bodies: list):
                     bodies.append(json.loads(b"".join(chunks)))
             return message
 
-        return await app(scope, receive_and_note, send)
+        return await app(scope, receive_and_note, slow_send)
 
     return wrapped
 
 
 @pytest.fixture(scope="module")
 def page(tokenizer):
-    """(the page's url, the model, the request bodies the server received)."""
+    """(the page's url, the model, the request bodies the server received, the response delay to set)."""
     torch.manual_seed(0)
     model = MiniGPT(micro_config(tokenizer.vocab_size, block_size=CONTEXT)).eval()
     bodies: list = []
-    app = recording(serve.create_app(model, tokenizer, "page-test", max_batch=4, default_max_tokens=16), bodies)
+    delay = {"s": 0.0}
+    app = recording(serve.create_app(model, tokenizer, "page-test", max_batch=4, default_max_tokens=16), bodies, delay)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -69,7 +77,7 @@ def page(tokenizer):
     while not server.started and time.time() < deadline:
         time.sleep(0.02)
     assert server.started
-    yield f"http://127.0.0.1:{port}", model, bodies
+    yield f"http://127.0.0.1:{port}", model, bodies, delay
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -106,12 +114,23 @@ def say(driver, text: str) -> str:
     done = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]"))
     set_field(driver, "input", text)
     driver.find_element(By.ID, "input").send_keys(Keys.ENTER)
-    WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) > done)
+    WebDriverWait(driver, 60).until(
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done]")) > done
+            or d.find_element(By.ID, "error").is_displayed()
+        )
+    )
+    error = driver.find_element(By.ID, "error")
+    assert not error.is_displayed(), error.text
     return driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")[-1].get_attribute("textContent")
 
 
 def test_the_chat_page_streams_replies_keeps_and_clears_the_history_and_shows_errors(page, browser, tmp_path):
-    url, model, bodies = page
+    url, model, bodies, delay = page
+
+    def page_requests() -> list[dict]:  # the streamed ones: the test's own checks ask unstreamed
+        return [b for b in bodies if b["stream"]]
+
     browser.get(url + "/")
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "model").text == "page-test")
     info = browser.find_element(By.ID, "model-info").text
@@ -126,7 +145,7 @@ def test_the_chat_page_streams_replies_keeps_and_clears_the_history_and_shows_er
         ".observe(document.getElementById('messages'), {subtree: true, childList: true});"
     )
     first = say(browser, "Hello there")
-    sent = bodies[-1]
+    sent = page_requests()[-1]
     assert sent["stream"] is True and sent["temperature"] == 0 and sent["max_tokens"] == 12
     assert sent["messages"] == [
         {"role": "system", "content": "You are terse."},
@@ -136,8 +155,10 @@ def test_the_chat_page_streams_replies_keeps_and_clears_the_history_and_shows_er
     assert browser.execute_script("return window.updates") >= 2
 
     second = say(browser, "And then?")  # the second turn carries the first, reply included
-    assert bodies[-2]["messages"][1:] == [{"role": "user", "content": "Hello there"}]  # the first request, untouched
-    sent = bodies[-1]
+    assert page_requests()[-2]["messages"][1:] == [
+        {"role": "user", "content": "Hello there"}
+    ]  # the first request, untouched
+    sent = page_requests()[-1]
     assert sent["messages"][1:] == [
         {"role": "user", "content": "Hello there"},
         {"role": "assistant", "content": first},
@@ -150,7 +171,7 @@ def test_the_chat_page_streams_replies_keeps_and_clears_the_history_and_shows_er
     browser.find_element(By.ID, "clear").click()  # a new conversation: the server gets no earlier turn
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
     say(browser, "Hi again")
-    assert bodies[-1]["messages"][1:] == [{"role": "user", "content": "Hi again"}]
+    assert page_requests()[-1]["messages"][1:] == [{"role": "user", "content": "Hi again"}]
 
     long_message = "apple moon " * CONTEXT  # more tokens than the context: the server answers 400
     browser.find_element(By.ID, "input").send_keys(long_message, Keys.ENTER)
@@ -161,4 +182,30 @@ def test_the_chat_page_streams_replies_keeps_and_clears_the_history_and_shows_er
     assert browser.find_element(By.ID, "input").get_attribute("value").strip() == long_message.strip()  # to edit
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 1  # the refused turn was taken back
     say(browser, "Short one")  # and the conversation goes on without it
-    assert [m["content"] for m in bodies[-1]["messages"] if m["role"] == "user"] == ["Hi again", "Short one"]
+    assert [m["content"] for m in page_requests()[-1]["messages"] if m["role"] == "user"] == ["Hi again", "Short one"]
+
+    # Stop: a reply that streams slowly is cut where it is, and the part shown stays in the conversation
+    browser.find_element(By.ID, "clear").click()  # (a short conversation: the context is 128 tokens)
+    delay["s"] = 0.15  # each piece of the reply held back
+    set_field(browser, "max_tokens", "60")
+    set_field(browser, "input", "Tell me more")
+    browser.find_element(By.ID, "input").send_keys(Keys.ENTER)
+
+    def last_reply(d) -> str:
+        return d.find_elements(By.CSS_SELECTOR, ".msg.assistant .text")[-1].get_attribute("textContent")
+
+    WebDriverWait(browser, 30).until(last_reply)  # the first piece is there
+    browser.find_element(By.ID, "stop").click()
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].get_attribute("data-done")
+    )
+    delay["s"] = 0.0
+    partial, stopped = last_reply(browser), page_requests()[-1]
+    full = the_same_request_unstreamed(url, stopped)
+    assert partial and full.startswith(partial) and len(partial) < len(full)
+    assert browser.find_element(By.ID, "send").is_enabled() and not browser.find_element(By.ID, "stop").is_enabled()
+    say(browser, "Go on")
+    assert page_requests()[-1]["messages"][-2:] == [
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": "Go on"},
+    ]

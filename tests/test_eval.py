@@ -88,6 +88,7 @@ def test_eval_json_has_every_field(tmp_path, tokenizer, eval_data, capsys):
             "eval.pairs=[sums]",
             "eval.max_new_tokens=4",
             "eval.limit=50",
+            "device=cpu",
         ]
     )
     result = json.loads((folder / "eval.json").read_text())

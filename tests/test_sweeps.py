@@ -36,11 +36,18 @@ def fake_job(sweep: Path, num: int, overrides: list[str], losses: list[float] | 
 
 def test_the_summary_sorts_by_the_best_objective_and_names_what_each_job_did(tmp_path):
     sweep = tmp_path / "sweep"
-    fake_job(sweep, 0, ["model=tiny", "optim.lr=1e-3"], [3.0, 2.5, 2.6], "done", wall_s=10.0)
-    fake_job(sweep, 1, ["model=tiny", "optim.lr=3e-3"], [2.8, 2.2, 2.4], "done", wall_s=11.0)
-    fake_job(sweep, 2, ["model=tiny", "optim.lr=1"], None, "failed", error="trainer.max_steps=0 trains nothing")
+    fake_job(sweep, 0, ["model=tiny", "prompt=To be", "optim.lr=1e-3"], [3.0, 2.5, 2.6], "done", wall_s=10.0)
+    fake_job(sweep, 1, ["model=tiny", "prompt=To be", "optim.lr=3e-3"], [2.8, 2.2, 2.4], "done", wall_s=11.0)
+    fake_job(
+        sweep,
+        2,
+        ["model=tiny", "prompt=To be", "optim.lr=1"],
+        None,
+        "failed",
+        error="trainer.max_steps=0 trains nothing",
+    )
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    fake_job(sweep, 3, ["model=tiny", "optim.lr=3"], [2.9], "running", pid=int(dead.stdout))  # its process is gone
+    fake_job(sweep, 3, ["model=tiny", "prompt=To be", "optim.lr=3"], [2.9], "running", pid=int(dead.stdout))  # gone
     rows, written = write_summary(sweep)
     assert [r["job"] for r in rows] == [1, 0, 3, 2]  # best val/loss first: 2.2 < 2.5 < 2.9, no value last
     assert [r["status"] for r in rows] == ["done", "done", "interrupted", "failed"]
@@ -48,7 +55,7 @@ def test_the_summary_sorts_by_the_best_objective_and_names_what_each_job_did(tmp
     assert rows[0]["tokens_per_s"] == 1001 and rows[3]["error"] == "trainer.max_steps=0 trains nothing"
     assert {p.name for p in written} >= {"summary.csv", "summary.md"}
     table = (sweep / "summary.md").read_text()
-    assert "Every job: model=tiny" in table and "| job | optim.lr | status |" in table  # only the swept key
+    assert "Every job: model=tiny prompt=To be" in table and "| job | optim.lr | status |" in table  # the swept key
     assert "| 1 | 3e-3 | done | 2.2000 | 4 | 2.4000 | 6 | 1001 |" in table
     assert "failed: trainer.max_steps=0 trains nothing" in table
     with (sweep / "summary.csv").open(newline="") as f:

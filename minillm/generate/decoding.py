@@ -62,8 +62,9 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token per row of (B, V) probabilities, by inverting each row's cumulative distribution at one uniform
     draw (B random numbers; `torch.multinomial` draws B × V exponentials, a quarter of a decoding step at B = 16,
     V = 8192 on a CPU). Tokens of probability 0 (filtered by top-k / top-p) are never drawn."""
-    cdf = probs.double().cumsum(-1)  # fp64: the tail of an 8192-way sum keeps its resolution
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64  # MPS has no float64
+    cdf = probs.to(wide).cumsum(-1)  # fp64: the tail of an 8192-way sum keeps its resolution
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=wide) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 

@@ -314,7 +314,7 @@ class RLHFModule(LMModule):
     def rollout_seed(self) -> int:
         """The sampling seed of this rollout: (seed, rollout index, rank), so a resumed run draws the same completions
         and the ranks of a multi-process run draw independent ones."""
-        return self.seed * 1_000_003 + self.rollouts + self.global_rank * 100_003
+        return self.seed * 1_000_003 + self.rollouts + (self.global_rank << 32)
 
     def ptx_loss(self, update: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the SFT loss of stage.ptx_batch_size conversations drawn for optimizer step `update` — mean over their
