@@ -234,5 +234,7 @@ def test_plain_gpt_smoke(tmp_path):
     rows = {r["model"]: r for r in out["rows"]}
     assert set(rows) == {"minillm", "plain GPT"} and rows["plain GPT"]["vs plain"] == 1
     assert rows["minillm"]["params"] == 6_524_160  # model=tiny, vocabulary 8192
-    assert all(r["tok/s"] > 0 and 0 < r["MFU"] < 1 for r in rows.values())
+    # MFU against a peak measured on 256 x 256 matmuls (kept small here): the model's larger matmuls can beat it, so
+    # only its sign is a property; the real run measures the peak on 2048 x 2048
+    assert all(r["tok/s"] > 0 and r["MFU"] > 0 for r in rows.values())
     assert json.loads((tmp_path / "plain_gpt.json").read_text())["context"] == 256
