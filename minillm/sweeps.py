@@ -18,6 +18,7 @@ No torch here.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+
+from minillm.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +106,7 @@ class SweepJob:
     def write(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         record = {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
-        tmp = self.dir / f".{JOB_FILE}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, self.dir / JOB_FILE)
+        write_text_atomic(self.dir / JOB_FILE, json.dumps(record, indent=2, ensure_ascii=False))
 
 
 def read_job(job_dir: Path) -> dict:
@@ -122,8 +123,8 @@ def _alive(record: dict) -> bool:
         os.kill(record["pid"], 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True
+    except OSError:  # alive, another user's
+        pass
     return True
 
 
@@ -166,7 +167,7 @@ def job_row(job_dir: Path) -> dict:
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted((p.parent for p in Path(sweep_dir).glob(f"*/{JOB_FILE}")), key=lambda p: read_job(p)["num"])
+    return sorted(p.parent for p in Path(sweep_dir).glob(f"*/{JOB_FILE}"))
 
 
 def sorted_rows(rows: list[dict]) -> list[dict]:
@@ -283,16 +284,13 @@ def write_summary(sweep_dir: Path) -> tuple[list[dict], list[Path]]:
     if not rows:
         return rows, []
     names = list(dict.fromkeys([*COLUMNS, "objective", "run_dir", *(k for r in rows for k in r)]))
-    written = []
-    tmp = sweep_dir / f".{SUMMARY}.csv.{os.getpid()}.tmp"  # jobs of a parallel launcher write it too
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=names)
-        writer.writeheader()
-        writer.writerows({**row, "overrides": " ".join(row["overrides"])} for row in rows)
-    os.replace(tmp, sweep_dir / f"{SUMMARY}.csv")
-    written.append(sweep_dir / f"{SUMMARY}.csv")
-    (sweep_dir / f"{SUMMARY}.md").write_text(markdown(rows, sweep_dir), encoding="utf-8")
-    written.append(sweep_dir / f"{SUMMARY}.md")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**row, "overrides": " ".join(row["overrides"])} for row in rows)
+    written = [sweep_dir / f"{SUMMARY}.csv", sweep_dir / f"{SUMMARY}.md"]
+    write_text_atomic(written[0], table.getvalue())  # atomic: the jobs of a parallel launcher write them too
+    write_text_atomic(written[1], markdown(rows, sweep_dir))
     png = plot_curves(rows, sweep_dir / f"{SUMMARY}.png")
     if png is not None:
         written.append(png)

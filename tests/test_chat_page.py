@@ -5,8 +5,6 @@ chromium-driver on Linux."""
 import asyncio
 import json
 import shutil
-import threading
-import time
 import urllib.request
 
 import pytest
@@ -29,7 +27,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from tests.test_serve import free_port  # noqa: E402
+from tests.test_serve import live_server  # noqa: E402
 
 CONTEXT = 128
 
@@ -69,17 +67,8 @@ def page(tokenizer):
     bodies: list = []
     delay = {"s": 0.0}
     app = recording(serve.create_app(model, tokenizer, "page-test", max_batch=4, default_max_tokens=16), bodies, delay)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    yield f"http://127.0.0.1:{port}", model, bodies, delay
-    server.should_exit = True
-    thread.join(timeout=10)
+    with live_server(app) as url:
+        yield url, model, bodies, delay
 
 
 @pytest.fixture

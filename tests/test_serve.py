@@ -2,6 +2,7 @@
 uvicorn server on a free port."""
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -32,10 +33,9 @@ def model(tokenizer):
     return MiniGPT(micro_config(tokenizer.vocab_size)).eval()
 
 
-@pytest.fixture(scope="module")
-def server(model, tokenizer):
-    """(base url, app) of a live server on a free port."""
-    app = serve.create_app(model, tokenizer, "micro", max_batch=8, default_max_tokens=16)
+@contextlib.contextmanager
+def live_server(app):
+    """`app` served by uvicorn in a thread on a free port; yields its root url."""
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -44,9 +44,19 @@ def server(model, tokenizer):
     while not srv.started and time.time() < deadline:
         time.sleep(0.02)
     assert srv.started
-    yield f"http://127.0.0.1:{port}/v1", app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    """(base url, app) of a live server on a free port."""
+    app = serve.create_app(model, tokenizer, "micro", max_batch=8, default_max_tokens=16)
+    with live_server(app) as url:
+        yield f"{url}/v1", app
 
 
 @pytest.fixture
